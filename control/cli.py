@@ -1,0 +1,222 @@
+"""The ``espgate`` command line.
+
+espgate serve [--config FILE]          run the headend (embedded default
+                                       without --config)
+espgate check-config [FILE]            parse and check, print a summary
+espgate show sessions|counters         ask a running daemon
+espgate demo [--json PATH]             the main job: a real strongSwan
+                                       client through the headend in a lab
+espgate selftest [--json PATH] [--cases A,B]
+                                       real peers in namespaces, a JSON
+                                       verdict per case
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from control import config as configmod
+
+DEFAULT_SOCKET = configmod.ServerConfig().control_socket
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except configmod.ConfigError as exc:
+        print(f"espgate: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="espgate", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the headend daemon")
+    p.add_argument("--config", "-c", help="TOML config (default: embedded)")
+    p.add_argument("--control-socket", help="override server.control_socket")
+    p.add_argument("--listen", help="override server.listen")
+    p.add_argument("--log-level", choices=configmod.LOG_LEVELS)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("check-config", help="check a config file")
+    p.add_argument("file", nargs="?", help="TOML config (default: embedded)")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("show", help="ask a running daemon")
+    p.add_argument("what", choices=["sessions", "counters"])
+    p.add_argument("--socket", default=DEFAULT_SOCKET)
+    p.add_argument("--json", action="store_true", help="print raw JSON")
+    p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("demo", help="run the main job in a lab of namespaces")
+    p.add_argument("--json", default="results/run.json", help="results file")
+    p.add_argument(
+        "--bytes",
+        type=int,
+        default=128 * 1024 * 1024,
+        help="size of the checked TCP transfer",
+    )
+    p.add_argument("--esp", default="aes128gcm16", choices=configmod.ESP_PROPOSALS)
+    p.add_argument("--keep-logs", help="directory to keep the lab's logs in")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("selftest", help="real peers in namespaces, JSON verdicts")
+    p.add_argument("--json", default="results/selftest.json", help="results file")
+    p.add_argument("--cases", help="comma-separated case names (default: all)")
+    p.add_argument("--list", action="store_true", help="list the cases")
+    p.add_argument("--keep-logs", help="directory to keep the lab's logs in")
+    p.set_defaults(func=_cmd_selftest)
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from control.daemon import serve
+
+    config = configmod.load(args.config)
+    overrides: dict[str, Any] = {}
+    if args.control_socket:
+        overrides["control_socket"] = args.control_socket
+    if args.listen:
+        overrides["listen"] = args.listen
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    if overrides:
+        config = configmod.replace_server(config, **overrides)
+    _setup_logging(config.server.log_level)
+    serve(config)
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    config = configmod.load(args.file)
+    print(f"{config.source}: ok")
+    for pool in config.pools.values():
+        print(f"  pool {pool.name}: {pool.first} - {pool.last} ({pool.size})")
+    for prof in config.profiles:
+        print(
+            f"  profile {prof.name}: match {', '.join(prof.match_identity)}, "
+            f"auth {prof.auth}, pool {prof.pool}, esp {', '.join(prof.esp)}"
+        )
+    return 0
+
+
+def request(path: str, cmd: str, timeout: float = 5.0) -> dict[str, Any]:
+    """Send one command to a daemon's control socket and return its answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    answer: dict[str, Any] = json.loads(data)
+    return answer
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    try:
+        answer = request(args.socket, f"show-{args.what}")
+    except OSError as exc:
+        print(
+            f"espgate: cannot reach the daemon at {args.socket}: {exc}", file=sys.stderr
+        )
+        return 1
+    if args.json or args.what != "sessions":
+        print(json.dumps(answer, indent=2))
+        return 0
+    print(format_sessions(answer["sessions"]))
+    return 0
+
+
+def format_sessions(sessions: list[dict[str, Any]]) -> str:
+    """Render sessions as an aligned table, one row per CHILD SA."""
+    header = (
+        "identity",
+        "outside",
+        "inside",
+        "spi in/out",
+        "pkts in/out",
+        "bytes in/out",
+    )
+    rows = [header]
+    for s in sessions:
+        for c in s["children"] or [None]:
+            if c is None:
+                rows.append(
+                    (s["identity"], s["outside"], str(s["inside"]), "-", "-", "-")
+                )
+                continue
+            rows.append(
+                (
+                    s["identity"],
+                    s["outside"],
+                    str(s["inside"]),
+                    f"{c['spi_in']}/{c['spi_out']}",
+                    f"{c['packets_in']}/{c['packets_out']}",
+                    f"{c['bytes_in']}/{c['bytes_out']}",
+                )
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+        for r in rows
+    ]
+    lines.append(f"{len(sessions)} session(s)")
+    return "\n".join(lines)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from control.demo import run_demo
+
+    _setup_logging("info")
+    result = run_demo(
+        Path(args.json), nbytes=args.bytes, esp=args.esp, keep_logs=args.keep_logs
+    )
+    ok = (
+        result.get("ike_established")
+        and result.get("transfer_sha256_match")
+        and result.get("ping_loss_pct") == 0
+    )
+    return 0 if ok else 1
+
+
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    from control import selftest
+
+    if args.list:
+        for name, case in selftest.CASES.items():
+            print(f"{name:24} {case.summary}")
+        return 0
+    _setup_logging("info")
+    names = args.cases.split(",") if args.cases else None
+    results = selftest.run(names, Path(args.json), keep_logs=args.keep_logs)
+    return 0 if all(r["passed"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

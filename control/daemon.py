@@ -1,0 +1,459 @@
+"""The headend daemon: the one asyncio (uvloop) adapter around the sans-I/O core.
+
+Theory of operation::
+
+    UDP 500  --uvloop endpoint-->  IkeResponder.datagram_received
+    UDP 4500 --fastpath worker-->  ESP: decrypted into the session's TUN
+                                   IKE (non-ESP marker): call_soon_threadsafe
+                                   -> IkeResponder.datagram_received
+    IkeResponder.datagrams_to_send -> port 500 transport / Engine.send_ike
+    IkeResponder.next_event        -> ChildSAUp: TUN + route + SAs to the engine
+                                      ChildSADown / IkeSADown: SAs, TUN removed
+    IkeResponder.get_timer         -> one loop.call_at, re-armed after each step
+
+The engine owns the port 4500 socket because ESP arrives there; its worker
+thread hands IKE datagrams back to the loop.  Nothing raised while handling a
+datagram escapes into the loop: it is logged and counted.
+
+The control socket (a root-only Unix socket) answers one JSON request per
+connection: ``{"cmd": "show-sessions"}`` or ``{"cmd": "show-counters"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from control.config import Config
+from control.ikebind import build_responder_config
+from control.pool import AddressPool
+
+log = logging.getLogger("espgate.daemon")
+
+Address = tuple[str, int]
+
+
+@dataclass
+class Session:
+    """What the daemon keeps per IKE SA beyond the responder's own state."""
+
+    session_id: str
+    index: int
+    identity: str
+    remote: Address
+    tun_fd: int | None = None
+    tun_name: str | None = None
+    inside_address: str | None = None
+    children: list[tuple[int, int]] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+
+
+class _IkeProtocol(asyncio.DatagramProtocol):
+    def __init__(self, receive: Callable[[bytes, Address], None]):
+        self.receive = receive
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:  # type: ignore[override]
+        self.receive(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("port 500 socket error: %s", exc)
+
+
+class Headend:
+    """Run the IKE responder, the ESP engine and the control socket."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.pools = {name: AddressPool(pool) for name, pool in config.pools.items()}
+        self.sessions: dict[str, Session] = {}
+        self.counters: dict[str, int] = {
+            "ike_rx_500": 0,
+            "ike_rx_4500": 0,
+            "ike_tx": 0,
+            "handler_errors": 0,
+            "sessions_up": 0,
+            "sessions_down": 0,
+        }
+        self._next_index = 1
+        self._local_cache: dict[str, str] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._stopping: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._transport500: asyncio.DatagramTransport | None = None
+        self._sock4500: socket.socket | None = None
+        self._ctl_server: asyncio.AbstractServer | None = None
+        self.engine: Any = None
+        self.responder: Any = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then tear every session down."""
+        from control.ike.responder import IkeResponder
+        from fastpath import Engine
+
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._stopping = asyncio.Event()
+        srv = self.config.server
+        self._check_forwarding()
+
+        # sockets: 500 in the loop, 4500 to the engine
+        self._transport500, _ = await loop.create_datagram_endpoint(
+            lambda: _IkeProtocol(self._on_port500),
+            local_addr=(srv.listen, srv.ike_port),
+        )
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        sock.bind((srv.listen, srv.natt_port))
+        sock.setblocking(False)
+        self._sock4500 = sock
+
+        # engine and responder
+        eng = self.config.engine
+        self.engine = Engine(sock.fileno(), batch=eng.batch, crypto=eng.crypto)
+        responder_config = build_responder_config(self.config, self.pools)
+        self.responder = IkeResponder(responder_config)
+        self.engine.start(self._on_port4500_thread)
+
+        # control socket and signals
+        await self._start_control_socket()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        log.info(
+            "listening on %s ports %d/%d, engine %s, %d profile(s)",
+            srv.listen,
+            srv.ike_port,
+            srv.natt_port,
+            eng.crypto,
+            len(self.config.profiles),
+        )
+        try:
+            await self._stopping.wait()
+        finally:
+            await self._shutdown()
+
+    def stop(self) -> None:
+        """Ask a running daemon to stop (from the loop's thread)."""
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def _shutdown(self) -> None:
+        log.info("stopping: %d session(s)", len(self.sessions))
+        # tell clients we are going, give them a moment to answer
+        now = time.monotonic()
+        for session_id in list(self.sessions):
+            self._guard(self.responder.delete_ike_sa, session_id, now)
+        self._flush()
+        if self.sessions:
+            await asyncio.sleep(0.3)
+        for session in list(self.sessions.values()):
+            self._teardown(session, "daemon stopping")
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.engine is not None:
+            self.engine.stop()
+        if self._transport500 is not None:
+            self._transport500.close()
+        if self._sock4500 is not None:
+            self._sock4500.close()
+        if self._ctl_server is not None:
+            self._ctl_server.close()
+            await self._ctl_server.wait_closed()
+            path = Path(self.config.server.control_socket)
+            path.unlink(missing_ok=True)
+        log.info("stopped")
+
+    def _check_forwarding(self) -> None:
+        try:
+            forwarding = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
+        except OSError:
+            return
+        if forwarding != "1":
+            log.warning("net.ipv4.ip_forward is 0: traffic will not leave the headend")
+
+    # -- datagrams in ------------------------------------------------------
+
+    def _on_port500(self, data: bytes, addr: Address) -> None:
+        self.counters["ike_rx_500"] += 1
+        self._receive(data, addr, self.config.server.ike_port)
+
+    def _on_port4500_thread(self, data: bytes, addr: tuple[str, int]) -> None:
+        # called on the engine's worker thread
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._on_port4500, data, addr)
+
+    def _on_port4500(self, data: bytes, addr: Address) -> None:
+        self.counters["ike_rx_4500"] += 1
+        self._receive(data, addr, self.config.server.natt_port)
+
+    def _receive(self, data: bytes, remote: Address, port: int) -> None:
+        local = (self._local_address(remote[0]), port)
+        self._guard(
+            self.responder.datagram_received, data, local, remote, time.monotonic()
+        )
+        self._after_step()
+
+    def _local_address(self, remote_ip: str) -> str:
+        listen = self.config.server.listen
+        if not ipaddress.ip_address(listen).is_unspecified:
+            return listen
+        cached = self._local_cache.get(remote_ip)
+        if cached is None:
+            # the source address the kernel would use towards this peer
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((remote_ip, 9))
+                cached = probe.getsockname()[0]
+            self._local_cache[remote_ip] = cached
+        return cached
+
+    # -- after each responder step: send, apply events, re-arm the timer ----
+
+    def _after_step(self) -> None:
+        self._flush()
+        while (event := self._guard(self.responder.next_event)) is not None:
+            self._guard(self._apply, event)
+        self._flush()
+        self._arm_timer()
+
+    def _flush(self) -> None:
+        for dgram in self.responder.datagrams_to_send():
+            self.counters["ike_tx"] += 1
+            try:
+                if dgram.local[1] == self.config.server.natt_port:
+                    self.engine.send_ike(dgram.data, dgram.remote)
+                else:
+                    assert self._transport500 is not None
+                    self._transport500.sendto(dgram.data, dgram.remote)
+            except OSError as exc:
+                log.error("sending IKE to %s failed: %s", dgram.remote, exc)
+
+    def _arm_timer(self) -> None:
+        assert self._loop is not None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.responder.get_timer()
+        if deadline is None:
+            return
+        delay = max(0.0, deadline - time.monotonic())
+        self._timer = self._loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._guard(self.responder.handle_timer, time.monotonic())
+        self._after_step()
+
+    def _guard(self, func: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return func(*args)
+        except Exception:
+            self.counters["handler_errors"] += 1
+            log.exception("error in %s", getattr(func, "__name__", func))
+            return None
+
+    # -- events ------------------------------------------------------------
+
+    def _apply(self, event: Any) -> None:
+        from control.ike import responder as ike
+
+        if isinstance(event, ike.IkeSAUp):
+            self._session(event.session_id, event.identity, event.remote)
+            log.info(
+                "ike sa %s up: %s from %s:%d (profile %s)",
+                event.session_id,
+                event.identity,
+                *event.remote,
+                event.profile,
+            )
+        elif isinstance(event, ike.ChildSAUp):
+            self._child_up(event)
+        elif isinstance(event, ike.ChildSADown):
+            self._child_down(event.session_id, event.spi_in, event.spi_out)
+        elif isinstance(event, ike.IkeSADown):
+            session = self.sessions.get(event.session_id)
+            if session is not None:
+                self._teardown(session, event.reason)
+
+    def _session(self, session_id: str, identity: str, remote: Address) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            session = Session(session_id, self._next_index, identity, tuple(remote))
+            self._next_index += 1
+            self.sessions[session_id] = session
+            self.counters["sessions_up"] += 1
+        return session
+
+    def _child_up(self, ev: Any) -> None:
+        from fastpath import SAParams, open_tun
+
+        session = self._session(ev.session_id, ev.identity, ev.remote)
+        session.remote = tuple(ev.remote)
+        if session.tun_fd is None:
+            fd, name = open_tun(f"egs{session.index}", self.config.engine.tun_mtu)
+            session.tun_fd, session.tun_name = fd, name
+            self.engine.add_session(session.index, fd)
+        if ev.inside_address and session.inside_address != str(ev.inside_address):
+            session.inside_address = str(ev.inside_address)
+            assert session.tun_name is not None
+            _route(session.tun_name, f"{ev.inside_address}/32")
+        if not ev.udp_encap:
+            # FIXME: raw ESP (IP protocol 50) is not in the engine yet; such a
+            # client still gets ESP-in-UDP from us and will drop it.
+            log.warning(
+                "session %s: client not behind NAT, raw ESP unsupported",
+                session.session_id,
+            )
+        common = {"session": session.index, "peer": tuple(ev.remote), "esn": ev.esn}
+        self.engine.install_sa(
+            SAParams(
+                spi=ev.spi_in,
+                inbound=True,
+                key=ev.key_in,
+                salt=ev.salt_in,
+                remote_ts=tuple(ev.remote_ts),
+                **common,
+            )
+        )
+        self.engine.install_sa(
+            SAParams(
+                spi=ev.spi_out,
+                inbound=False,
+                key=ev.key_out,
+                salt=ev.salt_out,
+                **common,
+            )
+        )
+        session.children.append((ev.spi_in, ev.spi_out))
+        log.info(
+            "child sa %08x/%08x up for %s, inside %s via %s",
+            ev.spi_in,
+            ev.spi_out,
+            session.identity,
+            ev.inside_address,
+            session.tun_name,
+        )
+
+    def _child_down(self, session_id: str, spi_in: int, spi_out: int) -> None:
+        session = self.sessions.get(session_id)
+        if session is None or (spi_in, spi_out) not in session.children:
+            return
+        session.children.remove((spi_in, spi_out))
+        self.engine.remove_sa(spi_in, True)
+        self.engine.remove_sa(spi_out, False)
+        log.info("child sa %08x/%08x down for %s", spi_in, spi_out, session.identity)
+
+    def _teardown(self, session: Session, reason: str) -> None:
+        for spi_in, spi_out in list(session.children):
+            self._child_down(session.session_id, spi_in, spi_out)
+        if session.tun_fd is not None:
+            self.engine.remove_session(session.index)
+            os.close(session.tun_fd)  # the kernel removes the device and route
+            session.tun_fd = None
+        self.sessions.pop(session.session_id, None)
+        self.counters["sessions_down"] += 1
+        log.info(
+            "session %s (%s) down: %s", session.session_id, session.identity, reason
+        )
+
+    # -- control socket ----------------------------------------------------
+
+    async def _start_control_socket(self) -> None:
+        path = Path(self.config.server.control_socket)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        old = os.umask(0o177)
+        try:
+            self._ctl_server = await asyncio.start_unix_server(
+                self._control_client, path=str(path)
+            )
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+
+    async def _control_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5.0)
+            try:
+                request = json.loads(line or b"{}")
+                answer = self.control(str(request.get("cmd", "")))
+            except (ValueError, AttributeError) as exc:
+                answer = {"error": f"bad request: {exc}"}
+            writer.write(json.dumps(answer).encode() + b"\n")
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def control(self, cmd: str) -> dict[str, Any]:
+        """Answer one control-socket command."""
+        if cmd == "show-sessions":
+            return {"sessions": [self._describe(s) for s in self.sessions.values()]}
+        if cmd == "show-counters":
+            return {
+                "daemon": dict(self.counters),
+                "ike": dict(self.responder.counters),
+                "engine": self.engine.counters(),
+                "pools": {
+                    n: {"size": p.size, "in_use": p.in_use}
+                    for n, p in self.pools.items()
+                },
+            }
+        return {"error": f"unknown command {cmd!r}"}
+
+    def _describe(self, session: Session) -> dict[str, Any]:
+        children = []
+        for spi_in, spi_out in session.children:
+            rx = self.engine.sa_counters(spi_in, True)
+            tx = self.engine.sa_counters(spi_out, False)
+            children.append(
+                {
+                    "spi_in": f"{spi_in:08x}",
+                    "spi_out": f"{spi_out:08x}",
+                    "engine": "userspace",
+                    "packets_in": rx["packets"],
+                    "bytes_in": rx["bytes"],
+                    "packets_out": tx["packets"],
+                    "bytes_out": tx["bytes"],
+                    "drops_in": rx.get("drops", {}),
+                }
+            )
+        return {
+            "session": session.session_id,
+            "identity": session.identity,
+            "outside": f"{session.remote[0]}:{session.remote[1]}",
+            "inside": session.inside_address,
+            "tun": session.tun_name,
+            "up_seconds": round(time.time() - session.created, 1),
+            "children": children,
+        }
+
+
+def _route(ifname: str, prefix: str) -> None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=ifname)[0]
+        ipr.route("replace", dst=prefix, oif=index)
+
+
+def serve(config: Config) -> None:
+    """Run the daemon on uvloop until it is stopped."""
+    import uvloop
+
+    uvloop.run(Headend(config).run())

@@ -1,0 +1,605 @@
+"""Responder tasks: one per exchange concern, each with a process and a build step.
+
+Theory of operation: for every request the manager (`control.ike.responder`)
+picks the tasks of its exchange from `EXCHANGE_TASKS`, runs every task's
+`process` in that order, then every task's `build`, so the response payloads
+come out in task order. A task that must refuse the whole exchange sets
+`Exchange.fatal`; the manager then answers with that notify alone. A task
+that refuses only the CHILD SA sets `Exchange.child_error` and later tasks
+leave the CHILD SA out.
+
+    IKE_SA_INIT      IkeInitTask (no SA exists yet; run on its own)
+    IKE_AUTH         AuthTask -> ConfigTask -> ChildCreateTask
+    INFORMATIONAL    DeleteTask -> LivenessTask
+    CREATE_CHILD_SA  ChildRekeyTask (refuses for now)
+
+Which payloads each request may carry, and how many, is data: `REQUEST_RULES`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from control.ike import trafficsel
+from control.ike.crypto import (
+    derive_child_keys,
+    derive_ike_keys,
+    nat_detection_hash,
+    new_key_exchange,
+    new_sk_cipher,
+    psk_auth,
+)
+from control.ike.events import Address, ChildSADown, ChildSAUp, Event
+from control.ike.messages import (
+    IKE_VERSION,
+    AuthMethod,
+    AuthPayload,
+    CfgAttribute,
+    CfgType,
+    ConfigAttribute,
+    CPPayload,
+    DecodeError,
+    DeletePayload,
+    ExchangeType,
+    Header,
+    HeaderFlag,
+    IDiPayload,
+    IDrPayload,
+    KEPayload,
+    Message,
+    NoncePayload,
+    NotifyPayload,
+    NotifyType,
+    Payload,
+    PayloadType,
+    ProtocolError,
+    ProtocolId,
+    SAPayload,
+    TSiPayload,
+    TSrPayload,
+    UnknownPayload,
+    push_message,
+)
+from control.ike.profiles import Identity, IkeAlgorithms, Profile
+from control.ike.proposals import select_esp, select_ike
+from control.ike.sa import ChildSA, IkeSA
+
+if TYPE_CHECKING:
+    from control.ike.responder import IkeResponder
+
+NONCE_SIZE = 32
+MANY = 255
+
+# RFC 7296 1.2-1.4 and 3.x: payloads a request of each exchange may carry,
+# as (minimum, maximum) counts; unknown non-critical payloads are skipped.
+REQUEST_RULES: dict[int, dict[int, tuple[int, int]]] = {
+    ExchangeType.IKE_SA_INIT: {
+        PayloadType.SA: (1, 1),
+        PayloadType.KE: (1, 1),
+        PayloadType.NONCE: (1, 1),
+        PayloadType.NOTIFY: (0, MANY),
+        PayloadType.VENDOR_ID: (0, MANY),
+        PayloadType.CERTREQ: (0, MANY),
+    },
+    ExchangeType.IKE_AUTH: {
+        PayloadType.IDI: (1, 1),
+        PayloadType.IDR: (0, 1),
+        PayloadType.AUTH: (0, 1),
+        PayloadType.CERT: (0, MANY),
+        PayloadType.CERTREQ: (0, MANY),
+        PayloadType.CP: (0, 1),
+        PayloadType.SA: (0, 1),
+        PayloadType.TSI: (0, 1),
+        PayloadType.TSR: (0, 1),
+        PayloadType.NOTIFY: (0, MANY),
+        PayloadType.VENDOR_ID: (0, MANY),
+        PayloadType.EAP: (0, 1),
+    },
+    ExchangeType.INFORMATIONAL: {
+        PayloadType.DELETE: (0, MANY),
+        PayloadType.NOTIFY: (0, MANY),
+        PayloadType.CP: (0, 1),
+        PayloadType.VENDOR_ID: (0, MANY),
+    },
+    ExchangeType.CREATE_CHILD_SA: {
+        PayloadType.SA: (1, 1),
+        PayloadType.NONCE: (1, 1),
+        PayloadType.KE: (0, 1),
+        PayloadType.TSI: (0, 1),
+        PayloadType.TSR: (0, 1),
+        PayloadType.NOTIFY: (0, MANY),
+        PayloadType.VENDOR_ID: (0, MANY),
+    },
+}
+
+# payloads a response to one of our requests may carry
+RESPONSE_RULES: dict[int, dict[int, tuple[int, int]]] = {
+    ExchangeType.INFORMATIONAL: {
+        PayloadType.DELETE: (0, MANY),
+        PayloadType.NOTIFY: (0, MANY),
+        PayloadType.VENDOR_ID: (0, MANY),
+    },
+}
+
+
+def check_rules(payloads: list[Payload], rules: dict[int, tuple[int, int]]) -> None:
+    """Raise DecodeError unless each payload type appears an allowed number of times."""
+    counts: dict[int, int] = {}
+    for payload in payloads:
+        if isinstance(payload, UnknownPayload):
+            continue
+        ptype = payload.payload_type
+        if ptype not in rules:
+            raise DecodeError(f"payload {ptype} not allowed here")
+        counts[ptype] = counts.get(ptype, 0) + 1
+    for ptype, (low, high) in rules.items():
+        if not low <= counts.get(ptype, 0) <= high:
+            raise DecodeError(f"payload {ptype} appears {counts.get(ptype, 0)} times")
+
+
+def first(payloads: list[Payload], cls: type[Payload]) -> Payload | None:
+    return next((p for p in payloads if isinstance(p, cls)), None)
+
+
+def notifies(payloads: list[Payload], ntype: int) -> list[NotifyPayload]:
+    return [
+        p for p in payloads if isinstance(p, NotifyPayload) and p.notify_type == ntype
+    ]
+
+
+def address_bytes(address: Address) -> bytes:
+    return ipaddress.ip_address(address[0]).packed
+
+
+# -- IKE_SA_INIT ------------------------------------------------------------------
+
+
+@dataclass
+class InitResult:
+    ike: IkeSA | None
+    response: bytes
+
+
+class IkeInitTask:
+    """Answer an IKE_SA_INIT request: proposal, key exchange, nonces, NAT detection."""
+
+    def __init__(self, responder: IkeResponder) -> None:
+        self.responder = responder
+
+    def run(
+        self, message: Message, data: bytes, local: Address, remote: Address, now: float
+    ) -> InitResult:
+        """Process the request; return the new half-open SA and our response.
+
+        Raises DecodeError for junk (the caller drops it); a refusal comes back
+        as a response carrying only the notify, with no SA.
+        """
+        header = message.header
+        check_rules(message.payloads, REQUEST_RULES[ExchangeType.IKE_SA_INIT])
+        try:
+            return self._accept(message, data, local, remote, now)
+        except ProtocolError as exc:
+            self.responder.counters[f"init_refused_{NotifyType(exc.notify).name}"] += 1
+            # RFC 7296 1.2: an error response to IKE_SA_INIT has a zero SPIr
+            reply = Message(
+                Header(
+                    header.spi_i,
+                    bytes(8),
+                    0,
+                    IKE_VERSION,
+                    ExchangeType.IKE_SA_INIT,
+                    HeaderFlag.RESPONSE,
+                    0,
+                ),
+                [NotifyPayload(ProtocolId.NONE, exc.notify, b"", exc.data)],
+            )
+            return InitResult(None, push_message(reply))
+
+    def _accept(
+        self, message: Message, data: bytes, local: Address, remote: Address, now: float
+    ) -> InitResult:
+        responder = self.responder
+        header = message.header
+        sa = first(message.payloads, SAPayload)
+        ke = first(message.payloads, KEPayload)
+        nonce = first(message.payloads, NoncePayload)
+        assert isinstance(sa, SAPayload) and isinstance(ke, KEPayload)
+        assert isinstance(nonce, NoncePayload)
+
+        # proposal and group: the union of what the profiles accept
+        allowed: list[IkeAlgorithms] = []
+        groups: list[int] = []
+        for profile in responder.config.profiles:
+            allowed += [a for a in profile.ike_proposals if a not in allowed]
+            groups += [g for g in profile.dh_groups if g not in groups]
+        choice = select_ike(sa.proposals, allowed, groups, ke.group)
+
+        # key exchange, nonce and our SPI
+        kex = new_key_exchange(choice.dh_group, responder.rng)
+        shared = kex.exchange(ke.data)
+        nonce_r = responder.rng(NONCE_SIZE)
+        spi_r = responder.new_ike_spi()
+
+        # RFC 7296 2.23: compare the peer's NAT_DETECTION hashes (computed with
+        # a zero SPIr) against the addresses this packet really carried
+        zero = bytes(8)
+        sources = notifies(message.payloads, NotifyType.NAT_DETECTION_SOURCE_IP)
+        dests = notifies(message.payloads, NotifyType.NAT_DETECTION_DESTINATION_IP)
+        remote_hash = nat_detection_hash(
+            header.spi_i, zero, address_bytes(remote), remote[1]
+        )
+        local_hash = nat_detection_hash(
+            header.spi_i, zero, address_bytes(local), local[1]
+        )
+        peer_behind_nat = bool(sources) and all(n.data != remote_hash for n in sources)
+        self_behind_nat = bool(dests) and all(n.data != local_hash for n in dests)
+
+        # keys (RFC 7296 2.14)
+        a = choice.algorithms
+        keys = derive_ike_keys(
+            responder.prf_for(a.prf),
+            a.encr,
+            a.key_length,
+            a.integ,
+            shared,
+            nonce.data,
+            nonce_r,
+            header.spi_i,
+            spi_r,
+        )
+        rng = responder.rng
+        cipher_in = new_sk_cipher(a.encr, a.integ, keys.sk_ei, keys.sk_ai, rng)
+        cipher_out = new_sk_cipher(a.encr, a.integ, keys.sk_er, keys.sk_ar, rng)
+
+        # response: SA, KE, Nonce, and our NAT detection if the peer sent its own
+        payloads: list[Payload] = [
+            SAPayload([choice.reply()]),
+            KEPayload(choice.dh_group, kex.public),
+            NoncePayload(nonce_r),
+        ]
+        if sources or dests:
+            payloads += [
+                NotifyPayload(
+                    ProtocolId.NONE,
+                    NotifyType.NAT_DETECTION_SOURCE_IP,
+                    b"",
+                    nat_detection_hash(
+                        header.spi_i, spi_r, address_bytes(local), local[1]
+                    ),
+                ),
+                NotifyPayload(
+                    ProtocolId.NONE,
+                    NotifyType.NAT_DETECTION_DESTINATION_IP,
+                    b"",
+                    nat_detection_hash(
+                        header.spi_i, spi_r, address_bytes(remote), remote[1]
+                    ),
+                ),
+            ]
+        reply = Message(
+            Header(
+                header.spi_i,
+                spi_r,
+                0,
+                IKE_VERSION,
+                ExchangeType.IKE_SA_INIT,
+                HeaderFlag.RESPONSE,
+                0,
+            ),
+            payloads,
+        )
+        response = push_message(reply)
+        ike = IkeSA(
+            spi_i=header.spi_i,
+            spi_r=spi_r,
+            local=local,
+            remote=remote,
+            created=now,
+            algorithms=a,
+            dh_group=choice.dh_group,
+            prf=responder.prf_for(a.prf),
+            nonce_i=nonce.data,
+            nonce_r=nonce_r,
+            init_request=data,
+            init_response=response,
+            keys=keys,
+            cipher_in=cipher_in,
+            cipher_out=cipher_out,
+            peer_behind_nat=peer_behind_nat,
+            self_behind_nat=self_behind_nat,
+            half_open_deadline=now + responder.config.half_open_timeout,
+        )
+        return InitResult(ike, response)
+
+
+# -- tasks on an existing IKE SA --------------------------------------------------
+
+
+@dataclass
+class Exchange:
+    """One request being answered, shared by the tasks of its exchange."""
+
+    ike: IkeSA
+    request: list[Payload]
+    now: float
+    response: list[Payload] = field(default_factory=list)
+    fatal: ProtocolError | None = None
+    child_error: int | None = None
+    authenticated: bool = False
+    delete_ike: bool = False
+    events: list[Event] = field(default_factory=list)
+
+
+class Task:
+    def __init__(self, responder: IkeResponder) -> None:
+        self.responder = responder
+
+    def process(self, ex: Exchange) -> None:
+        """Read this task's payloads from the request and decide."""
+
+    def build(self, ex: Exchange) -> None:
+        """Append this task's payloads to the response."""
+
+
+class AuthTask(Task):
+    """Identities, profile lookup and PSK authentication both ways (RFC 7296 2.15)."""
+
+    profile: Profile
+    local_id: Identity
+
+    def process(self, ex: Exchange) -> None:
+        ike = ex.ike
+        idi = first(ex.request, IDiPayload)
+        idr = first(ex.request, IDrPayload)
+        auth = first(ex.request, AuthPayload)
+        assert isinstance(idi, IDiPayload)
+        identity = Identity(idi.id_type, idi.data)
+        wanted = (
+            Identity(idr.id_type, idr.data) if isinstance(idr, IDrPayload) else None
+        )
+        profiles = self.responder.config.profiles
+
+        # profile: admits the identity, preferring one whose local id was asked for
+        candidates = [p for p in profiles if p.admits(identity)]
+        candidates.sort(key=lambda p: p.local_id != wanted)
+        if not candidates:
+            return self._fail(ex, "unknown identity %s", identity)
+        profile = candidates[0]
+        if ike.algorithms not in profile.ike_proposals or (
+            ike.dh_group not in profile.dh_groups
+        ):
+            return self._fail(ex, "profile %s refuses the IKE algorithms", profile.name)
+
+        # RFC 7296 2.15: AUTH = prf(prf(PSK, "Key Pad for IKEv2"), RealMessage1 |
+        # NonceRData | prf(SK_pi, IDi'))
+        # TODO: EAP (an IKE_AUTH without AUTH) and certificates.
+        if (
+            not isinstance(auth, AuthPayload)
+            or auth.method != AuthMethod.SHARED_KEY_MIC
+        ):
+            return self._fail(ex, "%s offers no shared key auth", identity)
+        expected = psk_auth(
+            ike.prf,
+            profile.psk,
+            ike.init_request,
+            ike.nonce_r,
+            ike.keys.sk_pi,
+            idi.push_body(),
+        )
+        if not hmac.compare_digest(expected, auth.data):
+            return self._fail(ex, "wrong PSK from %s", identity)
+
+        # our identity: the one asked for if it is ours, else the profile's
+        local_ids = {p.local_id for p in profiles}
+        self.local_id = profile.local_id
+        if wanted is not None and wanted in local_ids:
+            self.local_id = wanted
+        self.profile = profile
+        ike.profile = profile
+        ike.identity = str(identity)
+        ex.authenticated = True
+        self.responder.counters["auth_ok"] += 1
+
+        # RFC 7296 2.4: INITIAL_CONTACT means older SAs of this peer are gone
+        if notifies(ex.request, NotifyType.INITIAL_CONTACT):
+            self.responder.drop_identity(ike.identity, ike, ex.now)
+
+    def _fail(self, ex: Exchange, what: str, arg: object) -> None:
+        self.responder.counters["auth_failed"] += 1
+        ex.ike.log.warning("authentication failed: " + what, arg)
+        ex.fatal = ProtocolError(NotifyType.AUTHENTICATION_FAILED)
+
+    def build(self, ex: Exchange) -> None:
+        ike = ex.ike
+        idr = IDrPayload(self.local_id.type, self.local_id.data)
+        # RFC 7296 2.15: RealMessage2 | NonceIData | prf(SK_pr, IDr')
+        data = psk_auth(
+            ike.prf,
+            self.profile.psk,
+            ike.init_response,
+            ike.nonce_i,
+            ike.keys.sk_pr,
+            idr.push_body(),
+        )
+        ex.response += [idr, AuthPayload(AuthMethod.SHARED_KEY_MIC, data)]
+
+
+class ConfigTask(Task):
+    """Config mode: hand out an inside address and DNS (RFC 7296 2.19, 3.15)."""
+
+    def process(self, ex: Exchange) -> None:
+        ike = ex.ike
+        cp = first(ex.request, CPPayload)
+        if not isinstance(cp, CPPayload) or cp.cfg_type != CfgType.CFG_REQUEST:
+            # RFC 7296 3.10.1: we require config mode, so say so
+            ex.child_error = NotifyType.FAILED_CP_REQUIRED
+            return
+        assert ike.identity is not None
+        try:
+            address = self.responder.config.allocate_address(
+                ike.identity, ike.session_id
+            )
+        except Exception:
+            ike.log.exception("address allocator failed")
+            address = None
+        if address is None:
+            # RFC 7296 3.15.4: no address, no CHILD SA; the IKE SA stays
+            self.responder.counters["address_failed"] += 1
+            ex.child_error = NotifyType.INTERNAL_ADDRESS_FAILURE
+            return
+        ike.inside_address = address
+
+    def build(self, ex: Exchange) -> None:
+        ike = ex.ike
+        if ike.inside_address is None:
+            assert ex.child_error is not None
+            ex.response.append(NotifyPayload(ProtocolId.NONE, ex.child_error))
+            return
+        assert ike.profile is not None
+        attrs = [
+            ConfigAttribute(
+                CfgAttribute.INTERNAL_IP4_ADDRESS, ike.inside_address.packed
+            )
+        ]
+        for server in ike.profile.dns:
+            address = ipaddress.ip_address(server)
+            kind = (
+                CfgAttribute.INTERNAL_IP4_DNS
+                if address.version == 4
+                else CfgAttribute.INTERNAL_IP6_DNS
+            )
+            attrs.append(ConfigAttribute(kind, address.packed))
+        ex.response.append(CPPayload(CfgType.CFG_REPLY, attrs))
+
+
+class ChildCreateTask(Task):
+    """The CHILD SA of IKE_AUTH: ESP proposal, narrowed selectors, keys."""
+
+    child: ChildSA | None = None
+
+    def process(self, ex: Exchange) -> None:
+        ike = ex.ike
+        sa = first(ex.request, SAPayload)
+        tsi = first(ex.request, TSiPayload)
+        tsr = first(ex.request, TSrPayload)
+        if ex.child_error is not None or not isinstance(sa, SAPayload):
+            return
+        # RFC 7296 1.2: SAi2 comes with TSi and TSr
+        if not isinstance(tsi, TSiPayload) or not isinstance(tsr, TSrPayload):
+            ex.child_error = NotifyType.TS_UNACCEPTABLE
+            return
+        assert ike.profile is not None and ike.inside_address is not None
+        # RFC 7296 1.3.1: USE_TRANSPORT_MODE is ignored; tunnel mode it is
+        try:
+            choice = select_esp(sa.proposals, ike.profile.esp_proposals)
+            ts_i = trafficsel.narrow_tsi(tsi.selectors, ike.inside_address)
+            ts_r = trafficsel.narrow_tsr(tsr.selectors, ike.profile.local_ts)
+        except ProtocolError as exc:
+            ex.child_error = exc.notify
+            self.responder.counters[f"child_refused_{NotifyType(exc.notify).name}"] += 1
+            return
+
+        # keys (RFC 7296 2.17): i->r first, then r->i
+        key_length = choice.algorithms.key_length
+        keys = derive_child_keys(
+            ike.prf, ike.keys.sk_d, ike.nonce_i, ike.nonce_r, key_length
+        )
+        spi_in = self.responder.new_child_spi()
+        spi_out = int.from_bytes(choice.peer_spi, "big")
+        self.choice = choice
+        self.ts_i = ts_i
+        self.ts_r = ts_r
+        local_ts = [trafficsel.ts_to_string(t) for t in ts_r]
+        remote_ts = [trafficsel.ts_to_string(t) for t in ts_i]
+        self.child = ChildSA(spi_in, spi_out, key_length, local_ts, remote_ts)
+        ike.children[spi_in] = self.child
+        assert ike.identity is not None
+        ex.events.append(
+            ChildSAUp(
+                session_id=ike.session_id,
+                identity=ike.identity,
+                remote=ike.remote,
+                inside_address=ike.inside_address,
+                spi_in=spi_in,
+                spi_out=spi_out,
+                key_in=keys.key_i,
+                salt_in=keys.salt_i,
+                key_out=keys.key_r,
+                salt_out=keys.salt_r,
+                esn=False,
+                local_ts=local_ts,
+                remote_ts=remote_ts,
+                udp_encap=ike.nat_detected,
+            )
+        )
+
+    def build(self, ex: Exchange) -> None:
+        if self.child is None:
+            # INTERNAL_ADDRESS_FAILURE / FAILED_CP_REQUIRED went out with config
+            error = ex.child_error
+            if error is not None and ex.ike.inside_address is not None:
+                ex.response.append(NotifyPayload(ProtocolId.NONE, error))
+            return
+        ex.response += [
+            SAPayload([self.choice.reply(self.child.spi_in.to_bytes(4, "big"))]),
+            TSiPayload(self.ts_i),
+            TSrPayload(self.ts_r),
+        ]
+
+
+class DeleteTask(Task):
+    """Delete payloads from the peer (RFC 7296 1.4.1)."""
+
+    def process(self, ex: Exchange) -> None:
+        ike = ex.ike
+        self.deleted: list[ChildSA] = []
+        for payload in ex.request:
+            if not isinstance(payload, DeletePayload):
+                continue
+            if payload.protocol == ProtocolId.IKE:
+                ex.delete_ike = True
+                continue
+            if payload.protocol != ProtocolId.ESP:
+                continue
+            for spi in payload.spis:
+                # the peer names its inbound SPI, which is our outbound one
+                spi_out = int.from_bytes(spi, "big")
+                child = next(
+                    (c for c in ike.children.values() if c.spi_out == spi_out), None
+                )
+                if child is None:
+                    continue
+                del ike.children[child.spi_in]
+                self.deleted.append(child)
+                ex.events.append(ChildSADown(ike.session_id, child.spi_in, spi_out))
+
+    def build(self, ex: Exchange) -> None:
+        # RFC 7296 1.4.1: the IKE SA delete gets an empty response; a CHILD SA
+        # delete gets a Delete with our inbound SPIs of the same pairs
+        if ex.delete_ike or not self.deleted:
+            return
+        spis = [c.spi_in.to_bytes(4, "big") for c in self.deleted]
+        ex.response.append(DeletePayload(ProtocolId.ESP, 4, spis))
+
+
+class LivenessTask(Task):
+    """Empty INFORMATIONAL requests are liveness checks: an empty answer (2.4)."""
+
+
+class ChildRekeyTask(Task):
+    """CREATE_CHILD_SA; refused until rekeying is implemented."""
+
+    # TODO: CHILD SA rekey (RFC 7296 2.8) and IKE SA rekey.
+    def process(self, ex: Exchange) -> None:
+        ex.fatal = ProtocolError(NotifyType.NO_ADDITIONAL_SAS)
+
+
+EXCHANGE_TASKS: dict[int, tuple[Callable[[IkeResponder], Task], ...]] = {
+    ExchangeType.IKE_AUTH: (AuthTask, ConfigTask, ChildCreateTask),
+    ExchangeType.INFORMATIONAL: (DeleteTask, LivenessTask),
+    ExchangeType.CREATE_CHILD_SA: (ChildRekeyTask,),
+}

@@ -1,0 +1,57 @@
+"""Bind the checked daemon config to the IKEv2 core's configuration.
+
+The core knows profiles and two callbacks for addresses; this module maps
+``[[profiles]]`` tables onto :class:`control.ike.profiles.Profile` and routes
+each address request to the pool of the profile that admits the identity
+(the core picks that same profile: the first that admits it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from control.config import Config
+from control.ike.messages import EncrId
+from control.ike.profiles import EspAlgorithms, Identity, Profile, ResponderConfig
+from control.pool import AddressPool
+
+_ESP = {
+    "aes128gcm16": EspAlgorithms(EncrId.ENCR_AES_GCM_16, 128),
+    "aes256gcm16": EspAlgorithms(EncrId.ENCR_AES_GCM_16, 256),
+}
+
+
+def build_responder_config(
+    config: Config, pools: dict[str, AddressPool]
+) -> ResponderConfig:
+    """Return the core's configuration for ``config``, drawing on ``pools``."""
+    profiles = [
+        Profile(
+            name=p.name,
+            remote_ids=list(p.match_identity),
+            local_id=Identity.from_string(p.local_identity),
+            psk=p.psk,
+            esp_proposals=[_ESP[name] for name in p.esp],
+            local_ts=list(p.local_ts),
+            dns=list(p.dns),
+        )
+        for p in config.profiles
+    ]
+    pool_of = {p.name: p.pool for p in config.profiles}
+
+    def allocate(identity: str, session_id: str) -> ipaddress.IPv4Address | None:
+        ident = Identity.from_string(identity)
+        for profile in profiles:
+            if profile.admits(ident):
+                name = pool_of[profile.name]
+                return pools[name].allocate(session_id) if name else None
+        return None
+
+    def release(address: ipaddress.IPv4Address) -> None:
+        for pool in pools.values():
+            if pool.release(address):
+                return
+
+    return ResponderConfig(
+        profiles=profiles, allocate_address=allocate, release_address=release
+    )

@@ -1,0 +1,255 @@
+"""Three network namespaces wired as client, headend and inside server.
+
+Theory of operation::
+
+    {prefix}-cli                 {prefix}-hub                   {prefix}-srv
+    198.18.1.2/24 --veth-- 198.18.1.1/24   198.19.1.1/24 --veth-- 198.19.1.2/24
+     {prefix}o1             {prefix}o0       {prefix}i0            {prefix}i1
+                           ip_forward=1                  route 198.18.128.0/24
+                                                          via 198.19.1.1
+
+The "outer" link carries IKE and ESP between the client and the headend; the
+"inside" link leads to the protected network. Each veth pair is created with
+both ends placed straight into their namespaces, so no interface name ever
+exists in the host namespace. IPv6 is switched off and both links get
+permanent neighbour entries, so a capture on the outer link sees only the
+IPv4 packets the peers send (no ND, MLD or ARP chatter). Entering the context
+refuses to touch namespaces that already exist unless `reuse_stale=True`;
+leaving it deletes the namespaces, which also deletes their veths, whatever
+happened inside the block.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from control.lab.procs import netns_argv
+
+log = logging.getLogger("espgate.lab")
+
+__all__ = ["CommandError", "Topology", "TopologyError", "list_netns"]
+
+
+class TopologyError(RuntimeError):
+    """The lab namespaces could not be set up as asked."""
+
+
+class CommandError(subprocess.CalledProcessError):
+    """A lab command exited non-zero; the message carries its stderr."""
+
+    def __str__(self) -> str:
+        detail = (self.stderr or "").strip()
+        return f"{super().__str__()}: {detail}" if detail else super().__str__()
+
+
+def list_netns() -> list[str]:
+    """Return the names of the named network namespaces on this host."""
+    out = subprocess.run(
+        ["ip", "netns", "list"], check=True, capture_output=True, text=True
+    ).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _netns_pids(ns: str) -> list[int]:
+    out = subprocess.run(
+        ["ip", "netns", "pids", ns], capture_output=True, text=True
+    ).stdout
+    return [int(tok) for tok in out.split()]
+
+
+class Topology:
+    """Create the cli/hub/srv namespaces on enter and delete them on exit."""
+
+    pool = "198.18.128.0/24"
+    inside_net = "198.19.1.0/24"
+    outer_net = "198.18.1.0/24"
+    hub_outer_ip = "198.18.1.1"
+    cli_outer_ip = "198.18.1.2"
+    hub_inside_ip = "198.19.1.1"
+    srv_ip = "198.19.1.2"
+
+    def __init__(
+        self,
+        prefix: str = "eg",
+        workdir: Path | None = None,
+        *,
+        reuse_stale: bool = False,
+    ) -> None:
+        # interface names are {prefix}o0 etc.; Linux allows 15 characters
+        assert 1 <= len(prefix) <= 12, f"Prefix too long for interface names: {prefix}"
+        self.prefix = prefix
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.reuse_stale = reuse_stale
+        self.hub = f"{prefix}-hub"
+        self.cli = f"{prefix}-cli"
+        self.srv = f"{prefix}-srv"
+        self.hub_outer_if = f"{prefix}o0"
+        self.cli_outer_if = f"{prefix}o1"
+        self.hub_inside_if = f"{prefix}i0"
+        self.srv_if = f"{prefix}i1"
+        self._created: list[str] = []
+
+    @property
+    def namespaces(self) -> tuple[str, str, str]:
+        """Return the three namespace names (hub, cli, srv)."""
+        return (self.hub, self.cli, self.srv)
+
+    def __enter__(self) -> Topology:
+        try:
+            self._clear_stale()
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        log.info("lab topology %s up", self.prefix)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def run(
+        self,
+        ns: str | None,
+        argv: Sequence[str],
+        check: bool = True,
+        timeout: float = 30.0,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `argv` inside namespace `ns` (host when None) and capture text."""
+        return _run(netns_argv(ns, argv), check=check, timeout=timeout, input=input)
+
+    def close(self) -> None:
+        """Delete every namespace this topology created."""
+        for ns in reversed(self._created):
+            pids = _netns_pids(ns)
+            if pids:
+                log.warning("namespace %s still has processes %s", ns, pids)
+            res = _run(["ip", "netns", "del", ns], check=False)
+            if res.returncode != 0:
+                log.error("could not delete namespace %s: %s", ns, res.stderr.strip())
+        self._created.clear()
+
+    def _clear_stale(self) -> None:
+        stale = [ns for ns in self.namespaces if ns in list_netns()]
+        if not stale:
+            return
+        if not self.reuse_stale:
+            raise TopologyError(
+                f"Namespaces already exist: {', '.join(stale)} "
+                "(left by an earlier run? pass reuse_stale=True to delete them)"
+            )
+        for ns in stale:
+            pids = _netns_pids(ns)
+            if pids:
+                raise TopologyError(
+                    f"Stale namespace {ns} still runs processes {pids}; stop them first"
+                )
+            log.info("deleting stale namespace %s", ns)
+            _run(["ip", "netns", "del", ns])
+
+    def _build(self) -> None:
+        # namespaces, loopback, no IPv6 (keeps ND and MLD off the captures)
+        for ns in self.namespaces:
+            _run(["ip", "netns", "add", ns])
+            self._created.append(ns)
+            self.run(ns, ["ip", "link", "set", "lo", "up"])
+            self.run(
+                ns,
+                [
+                    "sysctl", "-q", "-w",
+                    "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                ],
+            )  # fmt: skip
+
+        # both veth links, each end created directly inside its namespace
+        links = [
+            (self.hub, self.hub_outer_if, self.hub_outer_ip,
+             self.cli, self.cli_outer_if, self.cli_outer_ip),
+            (self.hub, self.hub_inside_if, self.hub_inside_ip,
+             self.srv, self.srv_if, self.srv_ip),
+        ]  # fmt: skip
+        for ns_a, if_a, ip_a, ns_b, if_b, ip_b in links:
+            _run(
+                [
+                    "ip", "link", "add", if_a, "netns", ns_a, "type", "veth",
+                    "peer", "name", if_b, "netns", ns_b,
+                ]
+            )  # fmt: skip
+            for ns, ifname, ip in ((ns_a, if_a, ip_a), (ns_b, if_b, ip_b)):
+                self.run(ns, ["ip", "addr", "add", f"{ip}/24", "dev", ifname])
+                self.run(ns, ["ip", "link", "set", ifname, "up"])
+            self._pin_neighbours(ns_a, if_a, ip_a, ns_b, if_b, ip_b)
+
+        # forwarding in the hub, and the way back to the pool from the server
+        self.run(self.hub, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        self.run(self.srv, ["ip", "route", "add", self.pool, "via", self.hub_inside_ip])
+        if self.workdir is not None:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            (self.workdir / "topology.json").write_text(
+                json.dumps(self.describe(), indent=2) + "\n"
+            )
+
+    def _pin_neighbours(
+        self, ns_a: str, if_a: str, ip_a: str, ns_b: str, if_b: str, ip_b: str
+    ) -> None:
+        mac_a = self._mac(ns_a, if_a)
+        mac_b = self._mac(ns_b, if_b)
+        for ns, ifname, peer_ip, peer_mac in (
+            (ns_a, if_a, ip_b, mac_b),
+            (ns_b, if_b, ip_a, mac_a),
+        ):
+            self.run(
+                ns,
+                [
+                    "ip", "neigh", "replace", peer_ip, "lladdr", peer_mac,
+                    "dev", ifname, "nud", "permanent",
+                ],
+            )  # fmt: skip
+
+    def _mac(self, ns: str, ifname: str) -> str:
+        out = self.run(ns, ["ip", "-j", "link", "show", "dev", ifname]).stdout
+        return str(json.loads(out)[0]["address"])
+
+    def describe(self) -> dict[str, str]:
+        """Return names and addresses of the topology as a flat dict."""
+        return {
+            "hub": self.hub,
+            "cli": self.cli,
+            "srv": self.srv,
+            "hub_outer_if": self.hub_outer_if,
+            "cli_outer_if": self.cli_outer_if,
+            "hub_inside_if": self.hub_inside_if,
+            "srv_if": self.srv_if,
+            "hub_outer_ip": self.hub_outer_ip,
+            "cli_outer_ip": self.cli_outer_ip,
+            "hub_inside_ip": self.hub_inside_ip,
+            "srv_ip": self.srv_ip,
+            "pool": self.pool,
+            "inside_net": self.inside_net,
+        }
+
+
+def _run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = 30.0,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(
+        list(argv), capture_output=True, text=True, timeout=timeout, input=input
+    )
+    if check and res.returncode != 0:
+        raise CommandError(res.returncode, list(argv), res.stdout, res.stderr)
+    return res

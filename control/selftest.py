@@ -1,0 +1,346 @@
+"""``espgate selftest``: real peers in namespaces, one JSON verdict per case.
+
+Every case gets a fresh :class:`HeadendLab`: three namespaces (client, hub,
+server), ``espgate serve`` in the hub with a generated config, and one or more
+real strongSwan clients in the client namespace.  A case returns a detail
+dict and a list of failed checks; it passes when that list is empty.  The
+lab is torn down after each case, whatever happened, so a failing case
+cannot poison the next one.
+
+Cases check traffic, not only that an SA came up: a ping through the tunnel,
+a SHA-256-checked TCP transfer, and a capture on the hub's outer interface
+that must show only IKE and ESP-in-UDP and never the transfer's plaintext.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from control.cli import request
+from control.lab import (
+    Capture,
+    ProcessSet,
+    StrongSwanClient,
+    Topology,
+    ping,
+    tcp_transfer,
+)
+
+log = logging.getLogger("espgate.selftest")
+
+PSK = "espgate-selftest-psk-0123456789"
+SERVER_ID = "vpn.espgate.example"
+CLIENT_ID = "client1@espgate.example"
+
+CONFIG_TEMPLATE = """\
+[server]
+listen = "{listen}"
+control_socket = "{socket}"
+log_level = "debug"
+
+[engine]
+crypto = "{crypto}"
+
+[pools.lab]
+range = "{pool_range}"
+
+[[profiles]]
+name = "lab"
+match_identity = ["*@espgate.example"]
+local_identity = "fqdn:{server_id}"
+auth = "psk"
+psk = "{psk}"
+pool = "lab"
+dns = ["198.19.1.53"]
+local_ts = ["{inside_net}"]
+esp = ["aes128gcm16", "aes256gcm16"]
+"""
+
+
+class HeadendLab:
+    """A Topology with ``espgate serve`` running in its hub namespace."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        prefix: str = "egst",
+        *,
+        crypto: str = "ipsec-mb",
+        pool_range: str = "198.18.128.10-198.18.128.250",
+    ):
+        self.workdir = workdir
+        self.prefix = prefix
+        self.crypto = crypto
+        self.pool_range = pool_range
+        self.socket = str(workdir / "espgate.sock")
+        self.topo: Topology | None = None
+        self.procs: ProcessSet | None = None
+        self.clients: list[StrongSwanClient] = []
+
+    def __enter__(self) -> HeadendLab:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.topo = Topology(self.prefix, self.workdir, reuse_stale=True)
+        self.topo.__enter__()
+        try:
+            self.procs = ProcessSet(self.workdir)
+            self.procs.__enter__()
+            self._start_headend()
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self.procs is not None:
+                self.procs.stop_all()
+        finally:
+            if self.topo is not None:
+                self.topo.__exit__(*exc)
+
+    def _start_headend(self) -> None:
+        assert self.topo is not None and self.procs is not None
+        config = self.workdir / "espgate.toml"
+        config.write_text(
+            CONFIG_TEMPLATE.format(
+                listen=self.topo.hub_outer_ip,
+                socket=self.socket,
+                crypto=self.crypto,
+                pool_range=self.pool_range,
+                server_id=SERVER_ID,
+                psk=PSK,
+                inside_net=self.topo.inside_net,
+            )
+        )
+        config.chmod(0o600)
+        espgate = str(Path(sys.executable).with_name("espgate"))
+        self.procs.start(
+            "espgate", [espgate, "serve", "--config", str(config)], ns=self.topo.hub
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if os.path.exists(self.socket):
+                try:
+                    request(self.socket, "show-counters", timeout=2)
+                    return
+                except OSError:
+                    pass
+            time.sleep(0.1)
+        raise RuntimeError("espgate did not open its control socket within 15 s")
+
+    def client(self, name: str = "c1", **kwargs: Any) -> StrongSwanClient:
+        """Start a strongSwan client in the client namespace."""
+        assert self.topo is not None and self.procs is not None
+        kwargs.setdefault("psk", PSK.encode())
+        kwargs.setdefault("remote_id", SERVER_ID)
+        kwargs.setdefault("local_id", CLIENT_ID)
+        kwargs.setdefault("remote_ts", self.topo.inside_net)
+        client = StrongSwanClient(
+            self.topo, self.workdir / f"strongswan-{name}", **kwargs
+        )
+        client.start(self.procs)
+        self.clients.append(client)
+        return client
+
+    def show(self, what: str = "sessions") -> dict[str, Any]:
+        return request(self.socket, f"show-{what}")
+
+
+def check_traffic(
+    lab: HeadendLab, client: StrongSwanClient, nbytes: int, capture: bool = True
+) -> tuple[dict[str, Any], list[str]]:
+    """Ping and a checked transfer through the tunnel, optionally captured."""
+    assert lab.topo is not None
+    topo = lab.topo
+    failures: list[str] = []
+    detail: dict[str, Any] = {}
+    cap_path = lab.workdir / "outer.pcap"
+    cap = Capture(topo.hub, topo.hub_outer_if, cap_path) if capture else None
+    if cap is not None:
+        cap.__enter__()
+    try:
+        detail["ping"] = ping(topo.cli, topo.srv_ip, count=5, interval=0.2)
+        detail["transfer"] = tcp_transfer(
+            topo,
+            src_ns=topo.cli,
+            dst_ns=topo.srv,
+            dst_addr=topo.srv_ip,
+            nbytes=nbytes,
+            timeout=120,
+        )
+    finally:
+        if cap is not None:
+            cap.__exit__(None, None, None)
+    if detail["ping"]["loss_pct"] != 0:
+        failures.append(f"ping loss {detail['ping']['loss_pct']}%")
+    if not detail["transfer"]["match"]:
+        failures.append("transfer SHA-256 mismatch")
+    if cap is not None:
+        summary = cap.summary()
+        detail["capture"] = summary
+        by = summary["by_proto"]
+        if summary["plaintext_marker_seen"]:
+            failures.append("plaintext marker seen on the outer interface")
+        if by.get("other", 0) or by.get("esp", 0):
+            failures.append(f"non IKE/ESP-in-UDP packets on the outer interface: {by}")
+        if by.get("udp4500", 0) < 100:
+            failures.append(f"too few ESP-in-UDP packets captured: {by}")
+    return detail, failures
+
+
+def _session_checks(
+    lab: HeadendLab, vip: str | None
+) -> tuple[dict[str, Any], list[str]]:
+    failures = []
+    sessions = lab.show()["sessions"]
+    if len(sessions) != 1:
+        failures.append(f"expected 1 session at the headend, saw {len(sessions)}")
+        return {"sessions": sessions}, failures
+    s = sessions[0]
+    if s["inside"] != vip:
+        failures.append(f"headend says inside {s['inside']}, client has {vip}")
+    child = s["children"][0] if s["children"] else None
+    if child is None or child["packets_in"] == 0 or child["packets_out"] == 0:
+        failures.append(f"no packets counted on the CHILD SA: {child}")
+    return {"session": s}, failures
+
+
+def _case_psk(esp: str, key_bits: int) -> Callable[[HeadendLab], tuple[dict, list]]:
+    def case(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+        client = lab.client(esp=esp)
+        detail: dict[str, Any] = {}
+        if not client.initiate():
+            return {"client_log": str(client.log_path)}, ["tunnel did not come up"]
+        vip = client.virtual_ip()
+        detail["inside_address"] = vip
+        failures = [] if vip else ["no inside address from config mode"]
+        sas = client.sa_summary()
+        detail["client_sa"] = sas
+        if str(sas.get("encr_keysize")) != str(key_bits):
+            failures.append(f"client SA is not AES-GCM-{key_bits}: {sas}")
+        traffic, more = check_traffic(lab, client, 32 * 1024 * 1024)
+        detail.update(traffic)
+        failures += more
+        sess, more = _session_checks(lab, vip)
+        detail.update(sess)
+        failures += more
+
+        # the client hangs up: the headend must drop the session
+        client.terminate()
+        deadline = time.monotonic() + 10
+        while lab.show()["sessions"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if lab.show()["sessions"]:
+            failures.append("session still listed after the client's delete")
+        return detail, failures
+
+    return case
+
+
+def _case_wrong_psk(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    client = lab.client(psk=b"not-the-right-psk-at-all-1234")
+    up = client.initiate(timeout=10)
+    failures = ["tunnel came up with a wrong PSK"] if up else []
+    sessions = lab.show()["sessions"]
+    if sessions:
+        failures.append(f"headend kept {len(sessions)} session(s)")
+    counters = lab.show("counters")
+    return {"initiated": up, "ike_counters": counters["ike"]}, failures
+
+
+def _case_pool_exhausted(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    first = lab.client("c1")
+    second = lab.client("c2", local_id="client2@espgate.example")
+    failures = []
+    if not first.initiate():
+        failures.append("first client did not connect")
+    up = second.initiate(timeout=10)
+    vip = second.virtual_ip() if up else None
+    if vip:
+        failures.append(f"second client got {vip} from a one-address pool")
+    return {"first": first.virtual_ip(), "second_up": up, "second_vip": vip}, failures
+
+
+@dataclass(frozen=True)
+class Case:
+    summary: str
+    func: Callable[[HeadendLab], tuple[dict[str, Any], list[str]]]
+    lab: dict[str, Any]
+
+
+CASES: dict[str, Case] = {
+    "psk-gcm128": Case(
+        "PSK, ESP AES-GCM-128: ping, checked transfer, capture",
+        _case_psk("aes128gcm16", 128),
+        {},
+    ),
+    "psk-gcm256": Case(
+        "PSK, ESP AES-GCM-256: ping, checked transfer, capture",
+        _case_psk("aes256gcm16", 256),
+        {},
+    ),
+    "psk-gcm128-openssl": Case(
+        "as psk-gcm128 with the OpenSSL crypto backend",
+        _case_psk("aes128gcm16", 128),
+        {"crypto": "openssl"},
+    ),
+    "ikev2-wrong-psk-rejected": Case(
+        "a wrong PSK gets AUTHENTICATION_FAILED", _case_wrong_psk, {}
+    ),
+    "pool-exhausted": Case(
+        "INTERNAL_ADDRESS_FAILURE when the pool is empty",
+        _case_pool_exhausted,
+        {"pool_range": "198.18.128.10-198.18.128.10"},
+    ),
+}
+
+
+def run(
+    names: list[str] | None, json_path: Path, keep_logs: str | None = None
+) -> list[dict[str, Any]]:
+    """Run the named cases (all by default) and write their verdicts."""
+    names = names or list(CASES)
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise SystemExit(f"espgate: unknown selftest case(s): {', '.join(unknown)}")
+    results = []
+    base = (
+        Path(keep_logs) if keep_logs else Path(tempfile.mkdtemp(prefix="espgate-st-"))
+    )
+    for name in names:
+        case = CASES[name]
+        started = time.monotonic()
+        workdir = base / name
+        shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            with HeadendLab(workdir, **case.lab) as lab:
+                detail, failures = case.func(lab)
+        except Exception as exc:
+            detail, failures = {"traceback": traceback.format_exc()}, [repr(exc)]
+        passed = not failures
+        detail["failures"] = failures
+        detail["seconds"] = round(time.monotonic() - started, 1)
+        if not passed:
+            detail["logs"] = str(workdir)
+        results.append({"case": name, "passed": passed, "detail": detail})
+        print(
+            f"{'PASS' if passed else 'FAIL'} {name} ({detail['seconds']} s)"
+            + ("" if passed else f": {'; '.join(failures)}"),
+            flush=True,
+        )
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if not keep_logs and all(r["passed"] for r in results):
+        shutil.rmtree(base, ignore_errors=True)
+    return results

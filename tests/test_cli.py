@@ -1,0 +1,52 @@
+"""The command line: config errors, the sessions table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from control.cli import format_sessions, main
+
+ESPGATE = str(Path(sys.executable).with_name("espgate"))
+
+
+def test_check_config_default_ok(capsys):
+    assert main(["check-config"]) == 0
+    assert "profile remote-access" in capsys.readouterr().out
+
+
+def test_check_config_error_exit_2_names_file_line_field(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nike_port = 70000\n[[profiles]]\nname = "x"\n')
+    proc = subprocess.run([ESPGATE, "check-config", str(bad)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2
+    assert f"{bad}:2: server.ike_port: port 70000 out of range" in proc.stderr
+
+
+def test_serve_bad_config_exit_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[engine]\ncrypto = 'rot13'\n")
+    proc = subprocess.run([ESPGATE, "serve", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "engine.crypto" in proc.stderr and ":2:" in proc.stderr
+
+
+def test_show_without_daemon_says_so(tmp_path):
+    proc = subprocess.run([ESPGATE, "show", "sessions", "--socket",
+                           str(tmp_path / "none.sock")], capture_output=True, text=True)
+    assert proc.returncode == 1 and "cannot reach the daemon" in proc.stderr
+
+
+def test_format_sessions_one_row_per_child():
+    sessions = [{
+        "identity": "alice@example.net", "outside": "198.18.1.2:4500",
+        "inside": "198.18.128.10",
+        "children": [{"spi_in": "c0000001", "spi_out": "00abcdef", "packets_in": 3,
+                      "packets_out": 4, "bytes_in": 300, "bytes_out": 400}],
+    }]
+    text = format_sessions(sessions)
+    assert "alice@example.net" in text and "c0000001/00abcdef" in text
+    assert "3/4" in text and text.endswith("1 session(s)")

@@ -1,0 +1,100 @@
+"""Config loading: the embedded default, and errors that name file, line, field."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from control import config
+from control.config import ConfigError
+
+GOOD = """\
+[server]
+listen = "198.18.1.1"
+
+[pools.office]
+range = "198.18.128.10-198.18.128.20"
+
+[[profiles]]
+name = "staff"
+local_identity = "fqdn:vpn.example.net"
+psk = "a-long-enough-secret"
+pool = "office"
+"""
+
+
+def test_load_default_embedded():
+    cfg = config.load()
+    assert cfg.profiles[0].auth == "psk"
+    assert cfg.pools["default"].first == ipaddress.IPv4Address("198.18.128.10")
+    assert cfg.engine.crypto == "ipsec-mb"
+
+
+def test_parse_minimal_fills_defaults():
+    cfg = config.parse(GOOD, "t.toml")
+    assert cfg.server.ike_port == 500 and cfg.server.natt_port == 4500
+    assert cfg.profiles[0].esp == config.ESP_PROPOSALS
+    assert cfg.pools["office"].size == 11
+
+
+def test_repr_hides_psk():
+    cfg = config.parse(GOOD, "t.toml")
+    assert "a-long-enough-secret" not in repr(cfg)
+
+
+def test_parse_pool_prefix_excludes_network_and_broadcast():
+    cfg = config.parse(GOOD.replace("198.18.128.10-198.18.128.20", "198.18.64.0/30"),
+                       "t.toml")
+    assert str(cfg.pools["office"].first) == "198.18.64.1"
+    assert str(cfg.pools["office"].last) == "198.18.64.2"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "line", "field", "problem"),
+    [
+        ('pool = "office"', 'pool = "lab"', 11, "profiles[0].pool", "unknown pool"),
+        ('listen = "198.18.1.1"', 'listen = "nowhere"', 2, "server.listen",
+         "not an IP address"),
+        ('range = "198.18.128.10-198.18.128.20"', 'range = "x-y"', 5,
+         "pools.office.range", "expected"),
+        ('psk = "a-long-enough-secret"', 'psk = "short"', 10, "profiles[0].psk",
+         "shorter"),
+        ('psk = "a-long-enough-secret"', "psk = 12", 10, "profiles[0].psk",
+         "expected str"),
+        ('name = "staff"', 'name = "staff"\nmtu = 3', 9, "profiles[0].mtu",
+         "unknown field"),
+    ],
+)
+def test_parse_error_names_file_line_field(old, new, line, field, problem):
+    with pytest.raises(ConfigError) as info:
+        config.parse(GOOD.replace(old, new), "/etc/espgate.toml")
+    err = info.value
+    assert (err.source, err.line, err.fieldname) == ("/etc/espgate.toml", line, field)
+    assert problem in err.problem
+    assert str(err).startswith(f"/etc/espgate.toml:{line}: {field}: ")
+
+
+def test_parse_second_profile_error_points_at_second_table():
+    text = GOOD + '\n[[profiles]]\nname = "b"\nlocal_identity = "fqdn:x"\n' \
+        'psk = "another-long-secret"\npool = "gone"\n'
+    with pytest.raises(ConfigError) as info:
+        config.parse(text, "t.toml")
+    assert info.value.fieldname == "profiles[1].pool"
+    assert info.value.line == 17
+
+
+def test_parse_syntax_error_has_line():
+    with pytest.raises(ConfigError) as info:
+        config.parse("[server]\nlisten = \n", "bad.toml")
+    assert info.value.line == 2 and info.value.fieldname == "syntax"
+
+
+def test_parse_missing_profiles():
+    with pytest.raises(ConfigError, match="profiles: missing"):
+        config.parse("[server]\n", "t.toml")
+
+
+def test_load_missing_file_names_it(tmp_path):
+    with pytest.raises(ConfigError, match="nope.toml: file"):
+        config.load(tmp_path / "nope.toml")
