@@ -75,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-logs", help="directory to keep the lab's logs in")
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("bench", help="benchmarks (espgate bench --help)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_bench)
+
     p = sub.add_parser("selftest", help="real peers in namespaces, JSON verdicts")
     p.add_argument("--json", default="results/selftest.json", help="results file")
     p.add_argument("--cases", help="comma-separated case names (default: all)")
@@ -203,6 +208,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         and result.get("ping_loss_pct") == 0
     )
     return 0 if ok else 1
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from bench.cli import main as bench_main
+
+    return int(bench_main(args.rest) or 0)
 
 
 def _cmd_selftest(args: argparse.Namespace) -> int:
