@@ -37,6 +37,7 @@ from typing import Any
 from control.config import Config
 from control.ikebind import build_responder_config
 from control.pool import AddressPool
+from control.routes import add_route
 
 log = logging.getLogger("espgate.daemon")
 
@@ -222,7 +223,7 @@ class Headend:
     # -- after each responder step: send, apply events, re-arm the timer ----
 
     def _after_step(self) -> None:
-        self._flush()
+        # SAs and routes go in before the response that lets the client send
         while (event := self._guard(self.responder.next_event)) is not None:
             self._guard(self._apply, event)
         self._flush()
@@ -282,6 +283,14 @@ class Headend:
             self._child_up(event)
         elif isinstance(event, ike.ChildSADown):
             self._child_down(event.session_id, event.spi_in, event.spi_out)
+        elif isinstance(event, ike.PeerMoved):
+            moved = self.sessions.get(event.session_id)
+            if moved is not None and moved.remote != tuple(event.remote):
+                log.info("session %s moved %s:%d -> %s:%d", moved.session_id,
+                         *moved.remote, *event.remote)
+                moved.remote = tuple(event.remote)
+                if moved.tun_fd is not None:
+                    self.engine.set_peer(moved.index, tuple(event.remote))
         elif isinstance(event, ike.IkeSADown):
             session = self.sessions.get(event.session_id)
             if session is not None:
@@ -308,7 +317,7 @@ class Headend:
         if ev.inside_address and session.inside_address != str(ev.inside_address):
             session.inside_address = str(ev.inside_address)
             assert session.tun_name is not None
-            _route(session.tun_name, f"{ev.inside_address}/32")
+            add_route(session.tun_name, f"{ev.inside_address}/32")
         if not ev.udp_encap:
             # FIXME: raw ESP (IP protocol 50) is not in the engine yet; such a
             # client still gets ESP-in-UDP from us and will drop it.
@@ -442,14 +451,6 @@ class Headend:
             "up_seconds": round(time.time() - session.created, 1),
             "children": children,
         }
-
-
-def _route(ifname: str, prefix: str) -> None:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        index = ipr.link_lookup(ifname=ifname)[0]
-        ipr.route("replace", dst=prefix, oif=index)
 
 
 def serve(config: Config) -> None:

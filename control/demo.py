@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import tempfile
 import time
@@ -60,7 +61,7 @@ def run_demo(
     }
     started = time.monotonic()
     try:
-        with HeadendLab(workdir, prefix="egdemo") as lab:
+        with HeadendLab(workdir, prefix="egdemo", embedded=True) as lab:
             assert lab.topo is not None
             topo = lab.topo
             client = lab.client(esp=esp)
@@ -116,6 +117,11 @@ def run_demo(
         result["error"] = str(exc)
         log.error("demo failed: %s (logs in %s)", exc, workdir)
     result["seconds"] = round(time.monotonic() - started, 1)
+    ok = (result["ike_established"] and result["transfer_sha256_match"]
+          and result["ping_loss_pct"] == 0)
+    if ok and not keep_logs:
+        shutil.rmtree(workdir, ignore_errors=True)
+        result["logs"] = None
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     ok = (
@@ -123,5 +129,6 @@ def run_demo(
         and result["transfer_sha256_match"]
         and result["ping_loss_pct"] == 0
     )
-    print(f"{'OK' if ok else 'FAILED'}: results in {json_path}", flush=True)
+    print(f"{'OK' if ok else 'FAILED'}: results in {json_path}"
+          + ("" if ok else f", logs in {workdir}"), flush=True)
     return result

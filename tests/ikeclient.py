@@ -469,7 +469,7 @@ class IkeClient:
         child = None
         sa = next((p for p in payloads if isinstance(p, SAPayload)), None)
         if sa is not None:
-            child = self._child(sa, payloads)
+            child = self._child(sa, payloads, self.nonce_i + self.nonce_r)
         return AuthResult(
             (idr.id_type, idr.data),
             inside,
@@ -478,7 +478,9 @@ class IkeClient:
             [p.notify_type for p in payloads if isinstance(p, NotifyPayload)],
         )
 
-    def _child(self, sa: SAPayload, payloads: list[Payload]) -> ChildResult:
+    def _child(
+        self, sa: SAPayload, payloads: list[Payload], seed: bytes
+    ) -> ChildResult:
         assert len(sa.proposals) == 1
         proposal = sa.proposals[0]
         assert proposal.protocol == ProtocolId.ESP and len(proposal.spi) == 4
@@ -490,7 +492,7 @@ class IkeClient:
         assert [t.id for t in esn] == [0]
         # RFC 7296 2.17: KEYMAT = prf+(SK_d, Ni | Nr); i->r first; GCM adds salt
         k = key_length // 8
-        keymat = self.prf_plus(self.sk_d, self.nonce_i + self.nonce_r, 2 * (k + 4))
+        keymat = self.prf_plus(self.sk_d, seed, 2 * (k + 4))
         tsi = next(p for p in payloads if isinstance(p, TSiPayload))
         tsr = next(p for p in payloads if isinstance(p, TSrPayload))
         return ChildResult(
@@ -517,9 +519,62 @@ class IkeClient:
     def delete_ike(self) -> bytes:
         return self.informational([DeletePayload(ProtocolId.IKE, 0, [])])
 
-    def delete_child(self) -> bytes:
-        spi = self.esp_spi.to_bytes(4, "big")
+    def delete_child(self, spi_value: int | None = None) -> bytes:
+        spi = (spi_value or self.esp_spi).to_bytes(4, "big")
         return self.informational([DeletePayload(ProtocolId.ESP, 4, [spi])])
+
+    def create_child(
+        self,
+        rekey: bool = False,
+        pfs_group: int | None = None,
+        ike: bool = False,
+        extra_groups: tuple[int, ...] = (),
+    ) -> bytes:
+        """Build a CREATE_CHILD_SA request for a new or rekeyed CHILD SA."""
+        payloads: list[Payload] = []
+        if rekey:
+            old = self.esp_spi.to_bytes(4, "big")
+            payloads.append(NotifyPayload(ProtocolId.ESP, NotifyType.REKEY_SA, old))
+        self.old_esp_spi = self.esp_spi
+        self.esp_spi = int.from_bytes(os.urandom(4), "big") | 0x1000
+        proposal = self.esp_proposal()
+        if ike:
+            proposal = self.ike_proposal()
+            proposal.spi = os.urandom(8)
+        elif pfs_group is not None:
+            for group in (pfs_group, *extra_groups):
+                dh = Transform.make(TransformType.DH, group)
+                proposal.transforms.insert(-1, dh)
+        self.child_nonce = os.urandom(32)
+        payloads += [SAPayload([proposal]), NoncePayload(self.child_nonce)]
+        self.child_pfs = pfs_group
+        if pfs_group is not None:
+            self.dh_group = pfs_group
+            self._new_key()
+            payloads.append(KEPayload(pfs_group, self.public))
+        payloads += [TSiPayload(self.tsi), TSrPayload(self.tsr)]
+        mid = self.next_mid
+        self.next_mid += 1
+        return self.seal(
+            ExchangeType.CREATE_CHILD_SA, mid, payloads, HeaderFlag.INITIATOR
+        )
+
+    def handle_create_child_response(self, data: bytes) -> ChildResult:
+        """Derive the new CHILD SA's keys: prf+(SK_d, [g^ir new |] Ni | Nr)."""
+        payloads = self.open_response(data)
+        errors = [p for p in payloads if isinstance(p, NotifyPayload) and p.is_error]
+        if errors:
+            raise ServerRefused(errors[0].notify_type, errors[0].data)
+        nonce = next(p for p in payloads if isinstance(p, NoncePayload))
+        shared = b""
+        if self.child_pfs is not None:
+            ke = next(p for p in payloads if isinstance(p, KEPayload))
+            assert ke.group == self.child_pfs
+            shared = self._shared(ke.data)
+        sa = next(p for p in payloads if isinstance(p, SAPayload))
+        dh = [t.id for t in sa.proposals[0].of_type(TransformType.DH)]
+        assert dh == ([self.child_pfs] if self.child_pfs is not None else [])
+        return self._child(sa, payloads, shared + self.child_nonce + nonce.data)
 
     def open_response(self, data: bytes) -> list[Payload]:
         header, payloads = self.open(data)

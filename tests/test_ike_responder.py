@@ -8,6 +8,7 @@ Exchanges are written in RFC 7296 notation in the step comments:
 from __future__ import annotations
 
 import ipaddress
+import logging
 from typing import Any
 
 import pytest
@@ -15,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from control.ike.messages import (
-    CfgAttribute,
     DeletePayload,
     EncrId,
     ExchangeType,
@@ -40,10 +40,11 @@ from control.ike.responder import (
 )
 
 try:
-    from tests.ikeclient import AuthResult, IkeClient, ServerRefused
+    from tests.ikeclient import AuthResult, ChildResult, IkeClient, ServerRefused
 except ImportError:  # pytest's rootdir-relative import without tests/__init__.py
     from ikeclient import (  # type: ignore[no-redef]
         AuthResult,
+        ChildResult,
         IkeClient,
         ServerRefused,
     )
@@ -516,13 +517,13 @@ def test_critical_unknown_payload_in_auth_is_refused() -> None:
     assert r.sessions() == []
 
 
-def test_responder_request_flags_and_response_flags() -> None:
+def test_sa_init_response_sets_only_the_response_flag() -> None:
     r = make_responder()
     client = IkeClient()
     (reply,) = exchange(r, client.init_request())
     header = pull_message(reply.data).header
     assert header.flags == HeaderFlag.RESPONSE and header.message_id == 0
-    assert CfgAttribute.INTERNAL_IP4_ADDRESS == 1
+    assert header.spi_i == client.spi_i and header.spi_r != bytes(8)
 
 
 def test_allocator_exception_becomes_internal_address_failure() -> None:
@@ -574,3 +575,129 @@ def test_mutated_messages_never_raise_or_break_the_responder(
     assert r.counters["internal_error"] == 0
     r.datagrams_to_send()
     events(r)
+
+
+def _child_up(r: IkeResponder) -> ChildSAUp:
+    (event,) = events(r)
+    assert isinstance(event, ChildSAUp)
+    return event
+
+
+def _check_keys(up: ChildSAUp, child: ChildResult) -> None:
+    assert up.spi_in == child.spi_r and up.spi_out == child.spi_i
+    assert (up.key_in, up.salt_in) == (child.key_ir, child.salt_ir)
+    assert (up.key_out, up.salt_out) == (child.key_ri, child.salt_ri)
+
+
+def test_create_child_sa_after_delete_succeeds() -> None:
+    r = make_responder()
+    client = IkeClient()
+    connect(r, client)
+    exchange(r, client.delete_child(), local=SERVER_NATT, remote=CLIENT_NATT)
+    events(r)
+    # HDR, SK {SA, Ni, TSi, TSr} --> <-- HDR, SK {SA, Nr, TSi, TSr}
+    (reply,) = exchange(r, client.create_child(), local=SERVER_NATT, remote=CLIENT_NATT)
+    child = client.handle_create_child_response(reply.data)
+    up = _child_up(r)
+    _check_keys(up, child)
+    assert up.remote_ts == ["198.18.100.10/32"]
+
+
+@pytest.mark.parametrize("group", [19, 31])
+def test_rekey_child_with_pfs_keys_match_and_old_sa_stays(group: int) -> None:
+    r = make_responder()
+    client = IkeClient()
+    connect(r, client)
+    (_, old) = events(r)
+    # HDR, SK {N(REKEY_SA), SA, Ni, KEi, TSi, TSr} --> <-- HDR, SK {SA, Nr, KEr, ...}
+    request = client.create_child(rekey=True, pfs_group=group)
+    (reply,) = exchange(r, request, local=SERVER_NATT, remote=CLIENT_NATT)
+    child = client.handle_create_child_response(reply.data)
+    new = _child_up(r)
+    _check_keys(new, child)
+    assert new.key_in != old.key_in
+    assert len(r.sessions()[0]["child_spis"]) == 2
+    # make before break: the initiator then deletes the old CHILD SA
+    delete = client.delete_child(client.old_esp_spi)
+    exchange(r, delete, local=SERVER_NATT, remote=CLIENT_NATT)
+    assert events(r) == [ChildSADown(old.session_id, old.spi_in, old.spi_out)]
+
+
+def test_rekey_unknown_child_gets_child_sa_not_found() -> None:
+    r = make_responder()
+    client = IkeClient()
+    connect(r, client)
+    client.esp_spi = 0x7777
+    (reply,) = exchange(
+        r, client.create_child(rekey=True), local=SERVER_NATT, remote=CLIENT_NATT
+    )
+    with pytest.raises(ServerRefused) as refused:
+        client.handle_create_child_response(reply.data)
+    assert refused.value.notify == NotifyType.CHILD_SA_NOT_FOUND
+
+
+def test_rekey_with_unaccepted_pfs_group_gets_no_proposal_chosen() -> None:
+    r = make_responder(dh_groups=[19, 31])
+    client = IkeClient()
+    connect(r, client)
+    events(r)
+    request = client.create_child(rekey=True, pfs_group=20)
+    (reply,) = exchange(r, request, local=SERVER_NATT, remote=CLIENT_NATT)
+    with pytest.raises(ServerRefused) as refused:
+        client.handle_create_child_response(reply.data)
+    assert refused.value.notify == NotifyType.NO_PROPOSAL_CHOSEN
+    assert events(r) == [] and r.sessions()[0]["state"] == "established"
+
+
+def test_ike_rekey_is_refused_with_no_additional_sas() -> None:
+    r = make_responder()
+    client = IkeClient()
+    connect(r, client)
+    events(r)
+    request = client.create_child(ike=True)
+    (reply,) = exchange(r, request, local=SERVER_NATT, remote=CLIENT_NATT)
+    with pytest.raises(ServerRefused) as refused:
+        client.handle_create_child_response(reply.data)
+    assert refused.value.notify == NotifyType.NO_ADDITIONAL_SAS
+    assert r.sessions()[0]["state"] == "established"
+
+
+def test_rekey_with_ke_in_unaccepted_group_gets_invalid_ke() -> None:
+    r = make_responder(dh_groups=[19, 31])
+    client = IkeClient()
+    connect(r, client)
+    events(r)
+    request = client.create_child(rekey=True, pfs_group=20, extra_groups=(31,))
+    (reply,) = exchange(r, request, local=SERVER_NATT, remote=CLIENT_NATT)
+    with pytest.raises(ServerRefused) as refused:
+        client.handle_create_child_response(reply.data)
+    assert refused.value.notify == NotifyType.INVALID_KE_PAYLOAD
+    assert refused.value.data == (31).to_bytes(2, "big")
+    assert events(r) == []
+
+
+def test_logs_never_contain_psk_or_keys(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="espgate.ike")
+    r = make_responder()
+    with pytest.raises(ServerRefused):
+        connect(r, IkeClient(psk=b"a wrong but secret psk"))
+    client = IkeClient()
+    result = connect(r, client)
+    exchange(r, client.delete_ike(), local=SERVER_NATT, remote=CLIENT_NATT)
+    assert result.child is not None and "ike sa up" in caplog.text
+    text = caplog.text + "".join(repr(e) for e in events(r)) + repr(r.sessions())
+    for secret in (PSK, b"a wrong but secret psk", result.child.key_ir, client.sk_d):
+        assert secret.hex() not in text and repr(secret) not in text
+    assert PSK.decode() not in text
+
+
+def test_first_admitting_profile_is_used() -> None:
+    r = make_responder()
+    second = Profile("all", ["*"], Identity.from_string("vpn.example.net"), b"other")
+    r.config.profiles.append(second)
+    connect(r, IkeClient())
+    assert events(r)[0].profile == "staff"
+    with pytest.raises(ServerRefused):
+        connect(r, IkeClient(psk=b"other"))
+    connect(r, IkeClient(identity="someone@example.org", psk=b"other"))
+    assert events(r)[0].profile == "all"

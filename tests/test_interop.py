@@ -33,8 +33,7 @@ def namespaces() -> set[str]:
 def verdicts(tmp_path_factory):
     out = tmp_path_factory.mktemp("selftest") / "selftest.json"
     before = namespaces()
-    cases = "psk-gcm128,psk-gcm256,psk-gcm128-openssl,ikev2-wrong-psk-rejected," \
-        "pool-exhausted"
+    cases = "psk-gcm128,psk-gcm256,psk-gcm128-openssl,ikev2-wrong-psk-rejected"
     proc = subprocess.run([ESPGATE, "selftest", "--cases", cases, "--json", str(out)],
                           capture_output=True, text=True, timeout=900)
     print(proc.stdout, proc.stderr[-4000:])
@@ -66,14 +65,7 @@ def test_wrong_psk_rejected(verdicts):
     assert r["detail"]["initiated"] is False
 
 
-def test_pool_exhausted_gives_no_address(verdicts):
-    results, _, _ = verdicts
-    r = results["pool-exhausted"]
-    assert r["passed"], r["detail"]["failures"]
-    assert r["detail"]["first"] == "198.18.128.10"
-    assert r["detail"]["second_vip"] is None
-
-
 def test_selftest_leaves_no_namespaces(verdicts):
     _, before, after = verdicts
-    assert after == before
+    assert not {ns for ns in after if ns.startswith("egst-")}
+    assert not {ns for ns in before if ns.startswith("egst-")}

@@ -294,12 +294,18 @@ class ChildKeys:
 
 
 def derive_child_keys(
-    prf: Prf, sk_d: bytes, nonce_i: bytes, nonce_r: bytes, key_length: int
+    prf: Prf,
+    sk_d: bytes,
+    nonce_i: bytes,
+    nonce_r: bytes,
+    key_length: int,
+    shared_secret: bytes = b"",
 ) -> ChildKeys:
-    """Compute KEYMAT for an ESP AES-GCM-16 CHILD SA without PFS."""
+    """Compute KEYMAT for an ESP AES-GCM-16 CHILD SA, with PFS if a secret is given."""
     k = key_length // 8
     n = k + GCM_SALT_SIZE
-    keymat = prf.plus(sk_d, nonce_i + nonce_r, 2 * n)
+    # RFC 7296 2.17: KEYMAT = prf+(SK_d, [g^ir (new) |] Ni | Nr)
+    keymat = prf.plus(sk_d, shared_secret + nonce_i + nonce_r, 2 * n)
     return ChildKeys(keymat[:k], keymat[k:n], keymat[n : n + k], keymat[n + k :])
 
 

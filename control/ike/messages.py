@@ -205,6 +205,14 @@ class NotifyType(IntEnum):
 NOTIFY_ERROR_MAX = 16383
 
 
+def notify_name(value: int) -> str:
+    """Name a notify type for counters and logs, also when we do not know it."""
+    try:
+        return NotifyType(value).name
+    except ValueError:
+        return f"NOTIFY_{value}"
+
+
 class DecodeError(ValueError):
     """A malformed message; `notify` is the error type a peer would get."""
 

@@ -131,6 +131,7 @@ class Profile:
     esp_proposals: list[EspAlgorithms] = field(default_factory=default_esp_proposals)
     local_ts: list[str] = field(default_factory=lambda: ["0.0.0.0/0"])
     dns: list[str] = field(default_factory=list)
+    # preference order; also the groups accepted for PFS in CREATE_CHILD_SA
     dh_groups: list[int] = field(default_factory=default_dh_groups)
 
     def admits(self, identity: Identity) -> bool:

@@ -54,13 +54,14 @@ class EspChoice:
     number: int
     peer_spi: bytes
     algorithms: EspAlgorithms
+    dh_group: int = DhGroup.NONE
 
     def reply(self, our_spi: bytes) -> Proposal:
         a = self.algorithms
-        transforms = [
-            Transform.make(TransformType.ENCR, a.encr, a.key_length),
-            Transform.make(TransformType.ESN, EsnId.NO_ESN),
-        ]
+        transforms = [Transform.make(TransformType.ENCR, a.encr, a.key_length)]
+        if self.dh_group != DhGroup.NONE:
+            transforms.append(Transform.make(TransformType.DH, self.dh_group))
+        transforms.append(Transform.make(TransformType.ESN, EsnId.NO_ESN))
         return Proposal(self.number, ProtocolId.ESP, our_spi, transforms)
 
 
@@ -141,8 +142,19 @@ def select_ike(
     )
 
 
-def select_esp(offered: list[Proposal], allowed: list[EspAlgorithms]) -> EspChoice:
-    """Choose an ESP proposal for a CHILD SA created in IKE_AUTH."""
+def select_esp(
+    offered: list[Proposal],
+    allowed: list[EspAlgorithms],
+    groups: list[int] | None = None,
+    ke_group: int | None = None,
+) -> EspChoice:
+    """Choose an ESP proposal; `groups` given means DH (PFS) is negotiated too.
+
+    In IKE_AUTH `groups` is None and DH transforms are ignored (RFC 7296 1.2:
+    the first CHILD SA is keyed from the IKE SA). In CREATE_CHILD_SA a KE
+    payload in `ke_group` must match the chosen group, else INVALID_KE_PAYLOAD.
+    """
+    fallback: EspChoice | None = None
     for proposal in offered:
         # RFC 7296 3.3.1: ESP proposals carry the sender's 4-octet inbound SPI
         if proposal.protocol != ProtocolId.ESP or len(proposal.spi) != 4:
@@ -151,10 +163,37 @@ def select_esp(offered: list[Proposal], allowed: list[EspAlgorithms]) -> EspChoi
         esns = _ids(proposal, TransformType.ESN)
         if esns and EsnId.NO_ESN not in esns:
             continue
-        # RFC 7296 1.2: KE transforms in the IKE_AUTH SA are not used, so the
-        # DH transforms are ignored here
         encrs = _encrs(proposal)
-        for a in allowed:
-            if (a.encr, a.key_length) in encrs and _integ_ok(proposal, IntegId.NONE):
-                return EspChoice(proposal.number, proposal.spi, a)
-    raise ProtocolError(NotifyType.NO_PROPOSAL_CHOSEN, "no acceptable ESP proposal")
+        algorithms = next(
+            (a for a in allowed if (a.encr, a.key_length) in encrs),
+            None,
+        )
+        if algorithms is None or not _integ_ok(proposal, IntegId.NONE):
+            continue
+        if groups is None:
+            return EspChoice(proposal.number, proposal.spi, algorithms)
+        dh = _ids(proposal, TransformType.DH)
+        candidates = [g for g in groups if g in dh and g != DhGroup.NONE]
+        # RFC 7296 1.3.1: without a KE payload only "no PFS" can be chosen
+        if ke_group is None:
+            if not dh or DhGroup.NONE in dh:
+                return EspChoice(proposal.number, proposal.spi, algorithms)
+            if candidates and fallback is None:
+                fallback = EspChoice(
+                    proposal.number, proposal.spi, algorithms, candidates[0]
+                )
+            continue
+        if ke_group in candidates:
+            return EspChoice(proposal.number, proposal.spi, algorithms, ke_group)
+        if candidates and fallback is None:
+            fallback = EspChoice(
+                proposal.number, proposal.spi, algorithms, candidates[0]
+            )
+    if fallback is None:
+        raise ProtocolError(NotifyType.NO_PROPOSAL_CHOSEN, "no acceptable ESP proposal")
+    # RFC 7296 1.3.1: a KE in the wrong group gets INVALID_KE_PAYLOAD
+    raise ProtocolError(
+        NotifyType.INVALID_KE_PAYLOAD,
+        f"KE group {ke_group}, want {fallback.dh_group}",
+        fallback.dh_group.to_bytes(2, "big"),
+    )

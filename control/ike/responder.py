@@ -23,8 +23,11 @@ Choices worth knowing: a failed IKE_AUTH (wrong PSK, unknown identity, no
 acceptable profile) answers AUTHENTICATION_FAILED and forgets the SA. When
 the address allocator returns None the IKE SA stays up without a CHILD SA, as
 RFC 7296 3.15.4 describes; the client normally deletes it. Events are only
-emitted for SAs that authenticated: a half-open SA dies silently.
-`PeerMoved` (beyond the core API) reports an authenticated address change.
+emitted for SAs that authenticated: a half-open SA dies silently. INITIAL_CONTACT
+replaces older SAs of the same identity. CREATE_CHILD_SA creates or rekeys
+CHILD SAs (with PFS when offered); IKE SA rekeying is refused with
+NO_ADDITIONAL_SAS for now. `PeerMoved` (beyond the core API) reports an
+authenticated change of the peer's address.
 """
 
 from __future__ import annotations
@@ -53,16 +56,17 @@ from control.ike.messages import (
     IKE_VERSION,
     DecodeError,
     DeletePayload,
+    EncryptedPayload,
     ExchangeType,
     Header,
     HeaderFlag,
     IDType,
     Message,
     NotifyPayload,
-    NotifyType,
     Payload,
     ProtocolError,
     ProtocolId,
+    notify_name,
     pull_message,
 )
 from control.ike.profiles import (
@@ -131,8 +135,6 @@ class IkeResponder:
         self._child_spis: set[int] = set()
         self._out: list[Datagram] = []
         self._events: collections.deque[Event | PeerMoved] = collections.deque()
-        self._last_request: dict[bytes, bytes] = {}
-        self._queued: dict[bytes, list[tuple[list[Payload], Callable[..., None]]]] = {}
         self._prfs: dict[int, Prf] = {}
 
     # -- public API -----------------------------------------------------------
@@ -201,10 +203,13 @@ class IkeResponder:
         if child is None:
             return False
 
+        # RFC 7296 1.4.1: the peer answers with its half of the pair; either
+        # way the CHILD SA is gone once the exchange completes
         def done(payloads: list[Payload]) -> None:
             if ike.children.pop(spi_in, None) is not None:
                 self._child_down(ike, child)
 
+        # send, or queue behind a request already in flight (window of one)
         delete = DeletePayload(ProtocolId.ESP, 4, [spi_in.to_bytes(4, "big")])
         self._request(ike, [delete], done, now)
         return True
@@ -247,9 +252,8 @@ class IkeResponder:
                 self._child_spis.add(spi)
                 return spi
 
-    def drop_identity(self, identity: str, keep: IkeSA, now: float) -> None:
-        """Forget other established SAs of `identity` (INITIAL_CONTACT)."""
-        del now
+    def drop_identity(self, identity: str, keep: IkeSA) -> None:
+        """Forget other SAs of `identity` (INITIAL_CONTACT)."""
         for ike in list(self._sas.values()):
             if ike is not keep and ike.identity == identity:
                 self._kill(ike, "replaced by initial contact")
@@ -280,6 +284,12 @@ class IkeResponder:
         if not header.is_initiator:
             self.counters["drop_flags"] += 1
             return
+        # RFC 7296 3.14: every message after IKE_SA_INIT is encrypted
+        if not message.payloads or not isinstance(
+            message.payloads[-1], EncryptedPayload
+        ):
+            self.counters["drop_unencrypted"] += 1
+            return
         if header.is_response:
             self._receive_response(ike, message, data, now)
         else:
@@ -298,6 +308,7 @@ class IkeResponder:
         ):
             self.counters["drop_junk"] += 1
             return
+        # TODO: COOKIE challenges (RFC 7296 2.6) once half-open SAs pile up.
         # RFC 7296 2.1: a retransmitted IKE_SA_INIT gets the same answer
         known = self._half_open.get((header.spi_i, remote))
         if known is not None:
@@ -314,7 +325,7 @@ class IkeResponder:
             return
         except ProtocolError as exc:
             # the peer's public value failed validation: junk before auth
-            self.counters[f"drop_init_{NotifyType(exc.notify).name}"] += 1
+            self.counters[f"drop_init_{notify_name(exc.notify)}"] += 1
             return
         self._send(result.response, local, remote)
         if result.ike is not None:
@@ -322,7 +333,6 @@ class IkeResponder:
             self._sas[ike.spi_r] = ike
             self._half_open[(ike.spi_i, remote)] = ike
             self.counters["ike_sa_init"] += 1
-            ike.log.debug("half-open from %s:%d", remote[0], remote[1])
 
     def _receive_request(
         self,
@@ -338,7 +348,7 @@ class IkeResponder:
 
         # RFC 7296 2.1: the request we answered last gets the same response
         if mid == ike.expected_request_id - 1 and ike.last_response is not None:
-            if self._last_request.get(ike.spi_r) == hashlib.sha256(data).digest() or (
+            if ike.last_request_digest == hashlib.sha256(data).digest() or (
                 self._verify(ike, message, data) is not None
             ):
                 self.counters["retransmitted_response"] += 1
@@ -358,12 +368,8 @@ class IkeResponder:
             self.counters["drop_integrity"] += 1
             return
         except DecodeError as exc:
-            self._refuse(
-                ike, message, local, remote, ProtocolError(exc.notify, "", exc.data)
-            )
-            return
-        except AssertionError:
-            self.counters["drop_decode"] += 1
+            error = ProtocolError(exc.notify, "", exc.data)
+            self._refuse(ike, message, data, local, remote, error)
             return
 
         # RFC 7296 2.23: an authenticated request may come from a new address
@@ -371,9 +377,8 @@ class IkeResponder:
         try:
             check_rules(payloads, REQUEST_RULES[header.exchange])
         except DecodeError as exc:
-            self._refuse(
-                ike, message, local, remote, ProtocolError(exc.notify, "", exc.data)
-            )
+            error = ProtocolError(exc.notify, "", exc.data)
+            self._refuse(ike, message, data, local, remote, error)
             return
         self._run_tasks(ike, message, payloads, data, local, remote, now)
 
@@ -382,7 +387,7 @@ class IkeResponder:
     ) -> list[Payload] | None:
         try:
             return open_message(data, message, ike.cipher_in)
-        except (IntegrityError, DecodeError, AssertionError):
+        except (IntegrityError, DecodeError):
             return None
 
     def _run_tasks(
@@ -413,23 +418,7 @@ class IkeResponder:
                 task.build(ex)
 
         # answer, and cache the answer for retransmitted requests
-        reply = seal_message(
-            Header(
-                ike.spi_i,
-                ike.spi_r,
-                0,
-                IKE_VERSION,
-                header.exchange,
-                HeaderFlag.RESPONSE,
-                header.message_id,
-            ),
-            ex.response,
-            ike.cipher_out,
-        )
-        ike.expected_request_id += 1
-        ike.last_response = reply
-        self._last_request[ike.spi_r] = hashlib.sha256(data).digest()
-        self._send(reply, local, remote)
+        self._answer(ike, header, ex.response, data, local, remote)
 
         # consequences: the SA comes up, goes away, or children change
         if header.exchange == ExchangeType.IKE_AUTH:
@@ -454,10 +443,40 @@ class IkeResponder:
         if ex.delete_ike:
             self._kill(ike, "deleted by peer")
 
+    def _answer(
+        self,
+        ike: IkeSA,
+        request: Header,
+        payloads: list[Payload],
+        data: bytes,
+        local: Address,
+        remote: Address,
+    ) -> None:
+        # RFC 7296 2.1/2.2: the response carries the request's message ID and
+        # is kept for retransmitted copies of that request
+        reply = seal_message(
+            Header(
+                ike.spi_i,
+                ike.spi_r,
+                0,
+                IKE_VERSION,
+                request.exchange,
+                HeaderFlag.RESPONSE,
+                request.message_id,
+            ),
+            payloads,
+            ike.cipher_out,
+        )
+        ike.expected_request_id += 1
+        ike.last_response = reply
+        ike.last_request_digest = hashlib.sha256(data).digest()
+        self._send(reply, local, remote)
+
     def _refuse(
         self,
         ike: IkeSA,
         message: Message,
+        data: bytes,
         local: Address,
         remote: Address,
         error: ProtocolError,
@@ -465,23 +484,9 @@ class IkeResponder:
         # RFC 7296 2.21.2/2.21.3: an integrity-checked request that we cannot
         # parse is answered with the error; in IKE_AUTH the SA is then gone
         header = message.header
-        self.counters[f"refused_{NotifyType(error.notify).name}"] += 1
-        reply = seal_message(
-            Header(
-                ike.spi_i,
-                ike.spi_r,
-                0,
-                IKE_VERSION,
-                header.exchange,
-                HeaderFlag.RESPONSE,
-                header.message_id,
-            ),
-            [NotifyPayload(ProtocolId.NONE, error.notify, b"", error.data)],
-            ike.cipher_out,
-        )
-        ike.expected_request_id += 1
-        ike.last_response = reply
-        self._send(reply, local, remote)
+        self.counters[f"refused_{notify_name(error.notify)}"] += 1
+        notify = NotifyPayload(ProtocolId.NONE, error.notify, b"", error.data)
+        self._answer(ike, header, [notify], data, local, remote)
         if header.exchange == ExchangeType.IKE_AUTH:
             self._kill(ike, "malformed IKE_AUTH")
 
@@ -524,15 +529,14 @@ class IkeResponder:
         on_response: Callable[..., None],
         now: float,
     ) -> None:
-        self._queued.setdefault(ike.spi_r, []).append((payloads, on_response))
+        ike.queued.append((payloads, on_response))
         if ike.pending is None:
             self._send_queued(ike, now)
 
     def _send_queued(self, ike: IkeSA, now: float) -> None:
-        queue = self._queued.get(ike.spi_r)
-        if not queue or ike.state == IkeState.DEAD:
+        if not ike.queued or ike.state == IkeState.DEAD:
             return
-        payloads, on_response = queue.pop(0)
+        payloads, on_response = ike.queued.pop(0)
         mid = ike.next_our_request_id
         ike.next_our_request_id += 1
         # RFC 7296 3.1: we are the original responder, so I stays clear
@@ -577,8 +581,6 @@ class IkeResponder:
         ike.set_state(IkeState.ESTABLISHED)
         ike.established_at = now
         ike.half_open_deadline = None
-        ike.key_exchange = None
-        self._half_open.pop((ike.spi_i, ike.remote), None)
         for key, value in list(self._half_open.items()):
             if value is ike:
                 del self._half_open[key]
@@ -610,8 +612,7 @@ class IkeResponder:
         ike.set_state(IkeState.DEAD)
         ike.pending = None
         self._sas.pop(ike.spi_r, None)
-        self._queued.pop(ike.spi_r, None)
-        self._last_request.pop(ike.spi_r, None)
+        ike.queued.clear()
         for key, value in list(self._half_open.items()):
             if value is ike:
                 del self._half_open[key]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from control.ike.crypto import IkeKeys, KeyExchange, Prf, SkCipher
+from control.ike.crypto import IkeKeys, Prf, SkCipher
 from control.ike.events import Address
 from control.ike.profiles import IkeAlgorithms, Profile
 
@@ -98,15 +98,18 @@ class IkeSA:
     # responder window (RFC 7296 2.3)
     expected_request_id: int = 1
     last_response: bytes | None = field(default=None, repr=False)
+    last_request_digest: bytes | None = field(default=None, repr=False)
     # initiator window
     next_our_request_id: int = 0
     pending: PendingRequest | None = field(default=None, repr=False)
+    queued: list[tuple[list[Any], Callable[[list[Any]], None]]] = field(
+        default_factory=list, repr=False
+    )
     # authenticated peer and what it got
     profile: Profile | None = None
     identity: str | None = None
     inside_address: ipaddress.IPv4Address | None = None
     children: dict[int, ChildSA] = field(default_factory=dict)
-    key_exchange: KeyExchange | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.log = SessionLogger(logger, {"session": self.session_id})

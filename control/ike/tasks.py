@@ -11,7 +11,7 @@ leave the CHILD SA out.
     IKE_SA_INIT      IkeInitTask (no SA exists yet; run on its own)
     IKE_AUTH         AuthTask -> ConfigTask -> ChildCreateTask
     INFORMATIONAL    DeleteTask -> LivenessTask
-    CREATE_CHILD_SA  ChildRekeyTask (refuses for now)
+    CREATE_CHILD_SA  ChildRekeyTask (new or rekeyed CHILD SA; IKE rekey refused)
 
 Which payloads each request may carry, and how many, is data: `REQUEST_RULES`.
 """
@@ -44,6 +44,7 @@ from control.ike.messages import (
     CPPayload,
     DecodeError,
     DeletePayload,
+    DhGroup,
     ExchangeType,
     Header,
     HeaderFlag,
@@ -59,13 +60,15 @@ from control.ike.messages import (
     ProtocolError,
     ProtocolId,
     SAPayload,
+    TrafficSelector,
     TSiPayload,
     TSrPayload,
     UnknownPayload,
+    notify_name,
     push_message,
 )
 from control.ike.profiles import Identity, IkeAlgorithms, Profile
-from control.ike.proposals import select_esp, select_ike
+from control.ike.proposals import EspChoice, select_esp, select_ike
 from control.ike.sa import ChildSA, IkeSA
 
 if TYPE_CHECKING:
@@ -183,7 +186,7 @@ class IkeInitTask:
         try:
             return self._accept(message, data, local, remote, now)
         except ProtocolError as exc:
-            self.responder.counters[f"init_refused_{NotifyType(exc.notify).name}"] += 1
+            self.responder.counters[f"init_refused_{notify_name(exc.notify)}"] += 1
             # RFC 7296 1.2: an error response to IKE_SA_INIT has a zero SPIr
             reply = Message(
                 Header(
@@ -363,12 +366,11 @@ class AuthTask(Task):
         )
         profiles = self.responder.config.profiles
 
-        # profile: admits the identity, preferring one whose local id was asked for
-        candidates = [p for p in profiles if p.admits(identity)]
-        candidates.sort(key=lambda p: p.local_id != wanted)
-        if not candidates:
+        # profile: the first that admits the remote identity (the daemon's
+        # address callbacks rely on that same rule)
+        profile = next((p for p in profiles if p.admits(identity)), None)
+        if profile is None:
             return self._fail(ex, "unknown identity %s", identity)
-        profile = candidates[0]
         if ike.algorithms not in profile.ike_proposals or (
             ike.dh_group not in profile.dh_groups
         ):
@@ -406,7 +408,7 @@ class AuthTask(Task):
 
         # RFC 7296 2.4: INITIAL_CONTACT means older SAs of this peer are gone
         if notifies(ex.request, NotifyType.INITIAL_CONTACT):
-            self.responder.drop_identity(ike.identity, ike, ex.now)
+            self.responder.drop_identity(ike.identity, ike)
 
     def _fail(self, ex: Exchange, what: str, arg: object) -> None:
         self.responder.counters["auth_failed"] += 1
@@ -480,9 +482,11 @@ class ChildCreateTask(Task):
     """The CHILD SA of IKE_AUTH: ESP proposal, narrowed selectors, keys."""
 
     child: ChildSA | None = None
+    choice: EspChoice
+    ts_i: list[TrafficSelector]
+    ts_r: list[TrafficSelector]
 
     def process(self, ex: Exchange) -> None:
-        ike = ex.ike
         sa = first(ex.request, SAPayload)
         tsi = first(ex.request, TSiPayload)
         tsr = first(ex.request, TSrPayload)
@@ -492,32 +496,60 @@ class ChildCreateTask(Task):
         if not isinstance(tsi, TSiPayload) or not isinstance(tsr, TSrPayload):
             ex.child_error = NotifyType.TS_UNACCEPTABLE
             return
-        assert ike.profile is not None and ike.inside_address is not None
-        # RFC 7296 1.3.1: USE_TRANSPORT_MODE is ignored; tunnel mode it is
         try:
-            choice = select_esp(sa.proposals, ike.profile.esp_proposals)
-            ts_i = trafficsel.narrow_tsi(tsi.selectors, ike.inside_address)
-            ts_r = trafficsel.narrow_tsr(tsr.selectors, ike.profile.local_ts)
+            self.negotiate(ex, sa, tsi, tsr, ex.ike.nonce_i, ex.ike.nonce_r)
         except ProtocolError as exc:
             ex.child_error = exc.notify
-            self.responder.counters[f"child_refused_{NotifyType(exc.notify).name}"] += 1
-            return
+            self.responder.counters[f"child_refused_{notify_name(exc.notify)}"] += 1
+
+    def negotiate(
+        self,
+        ex: Exchange,
+        sa: SAPayload,
+        tsi: TSiPayload,
+        tsr: TSrPayload,
+        nonce_i: bytes,
+        nonce_r: bytes,
+        ke: KEPayload | None = None,
+        pfs: bool = False,
+    ) -> None:
+        """Choose proposal and selectors, derive keys, record the new CHILD SA."""
+        ike = ex.ike
+        assert ike.profile is not None and ike.identity is not None
+        if ike.inside_address is None:
+            # remote access: every CHILD SA carries the inside address
+            raise ProtocolError(NotifyType.TS_UNACCEPTABLE, "no inside address")
+
+        # proposal (with PFS in CREATE_CHILD_SA) and selectors (RFC 7296 2.9)
+        # RFC 7296 1.3.1: USE_TRANSPORT_MODE is ignored; tunnel mode it is
+        choice = select_esp(
+            sa.proposals,
+            ike.profile.esp_proposals,
+            ike.profile.dh_groups if pfs else None,
+            ke.group if ke is not None else None,
+        )
+        ts_i = trafficsel.narrow_tsi(tsi.selectors, ike.inside_address)
+        ts_r = trafficsel.narrow_tsr(tsr.selectors, ike.profile.local_ts)
+        shared = b""
+        self.ke_reply: KEPayload | None = None
+        if choice.dh_group != DhGroup.NONE:
+            assert ke is not None
+            kex = new_key_exchange(choice.dh_group, self.responder.rng)
+            shared = kex.exchange(ke.data)
+            self.ke_reply = KEPayload(choice.dh_group, kex.public)
 
         # keys (RFC 7296 2.17): i->r first, then r->i
         key_length = choice.algorithms.key_length
         keys = derive_child_keys(
-            ike.prf, ike.keys.sk_d, ike.nonce_i, ike.nonce_r, key_length
+            ike.prf, ike.keys.sk_d, nonce_i, nonce_r, key_length, shared
         )
         spi_in = self.responder.new_child_spi()
         spi_out = int.from_bytes(choice.peer_spi, "big")
-        self.choice = choice
-        self.ts_i = ts_i
-        self.ts_r = ts_r
+        self.choice, self.ts_i, self.ts_r = choice, ts_i, ts_r
         local_ts = [trafficsel.ts_to_string(t) for t in ts_r]
         remote_ts = [trafficsel.ts_to_string(t) for t in ts_i]
         self.child = ChildSA(spi_in, spi_out, key_length, local_ts, remote_ts)
         ike.children[spi_in] = self.child
-        assert ike.identity is not None
         ex.events.append(
             ChildSAUp(
                 session_id=ike.session_id,
@@ -549,6 +581,63 @@ class ChildCreateTask(Task):
             TSiPayload(self.ts_i),
             TSrPayload(self.ts_r),
         ]
+
+
+class ChildRekeyTask(ChildCreateTask):
+    """CREATE_CHILD_SA: a new CHILD SA, or the rekey of one (RFC 7296 1.3.1, 1.3.3).
+
+    A rekey only creates the new SA (make before break); the old one goes when
+    the initiator deletes it with an INFORMATIONAL exchange (RFC 7296 2.8).
+    """
+
+    def process(self, ex: Exchange) -> None:
+        ike = ex.ike
+        sa = first(ex.request, SAPayload)
+        nonce = first(ex.request, NoncePayload)
+        ke = first(ex.request, KEPayload)
+        tsi = first(ex.request, TSiPayload)
+        tsr = first(ex.request, TSrPayload)
+        assert isinstance(sa, SAPayload) and isinstance(nonce, NoncePayload)
+        # TODO: IKE SA rekey (RFC 7296 1.3.2); refused so the peer reauthenticates.
+        if any(p.protocol == ProtocolId.IKE for p in sa.proposals):
+            ex.fatal = ProtocolError(NotifyType.NO_ADDITIONAL_SAS)
+            return
+        # RFC 7296 1.3.3: REKEY_SA names the SA by the initiator's inbound SPI
+        for notify in notifies(ex.request, NotifyType.REKEY_SA):
+            spi_out = int.from_bytes(notify.spi, "big")
+            if not any(c.spi_out == spi_out for c in ike.children.values()):
+                ex.fatal = ProtocolError(NotifyType.CHILD_SA_NOT_FOUND)
+                return
+        # RFC 7296 1.3.1: a CHILD SA request carries TSi and TSr
+        if not isinstance(tsi, TSiPayload) or not isinstance(tsr, TSrPayload):
+            ex.fatal = ProtocolError(NotifyType.INVALID_SYNTAX)
+            return
+        self.nonce_r = self.responder.rng(NONCE_SIZE)
+        try:
+            self.negotiate(
+                ex,
+                sa,
+                tsi,
+                tsr,
+                nonce.data,
+                self.nonce_r,
+                ke if isinstance(ke, KEPayload) else None,
+                pfs=True,
+            )
+        except ProtocolError as exc:
+            self.responder.counters[f"child_refused_{notify_name(exc.notify)}"] += 1
+            ex.fatal = exc
+
+    def build(self, ex: Exchange) -> None:
+        assert self.child is not None
+        # RFC 7296 1.3.1: HDR, SK {SA, Nr, [KEr], TSi, TSr}
+        ex.response += [
+            SAPayload([self.choice.reply(self.child.spi_in.to_bytes(4, "big"))]),
+            NoncePayload(self.nonce_r),
+        ]
+        if self.ke_reply is not None:
+            ex.response.append(self.ke_reply)
+        ex.response += [TSiPayload(self.ts_i), TSrPayload(self.ts_r)]
 
 
 class DeleteTask(Task):
@@ -588,14 +677,6 @@ class DeleteTask(Task):
 
 class LivenessTask(Task):
     """Empty INFORMATIONAL requests are liveness checks: an empty answer (2.4)."""
-
-
-class ChildRekeyTask(Task):
-    """CREATE_CHILD_SA; refused until rekeying is implemented."""
-
-    # TODO: CHILD SA rekey (RFC 7296 2.8) and IKE SA rekey.
-    def process(self, ex: Exchange) -> None:
-        ex.fatal = ProtocolError(NotifyType.NO_ADDITIONAL_SAS)
 
 
 EXCHANGE_TASKS: dict[int, tuple[Callable[[IkeResponder], Task], ...]] = {
