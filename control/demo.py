@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import tempfile
@@ -61,7 +62,8 @@ def run_demo(
     }
     started = time.monotonic()
     try:
-        with HeadendLab(workdir, prefix="egdemo", embedded=True) as lab:
+        with HeadendLab(workdir, prefix=f"egd{os.getpid() % 100000}",
+                        embedded=True) as lab:
             assert lab.topo is not None
             topo = lab.topo
             client = lab.client(esp=esp)

@@ -75,7 +75,7 @@ class HeadendLab:
     def __init__(
         self,
         workdir: Path,
-        prefix: str = "egst",
+        prefix: str | None = None,
         *,
         crypto: str = "ipsec-mb",
         pool_range: str = "198.18.128.10-198.18.128.250",
@@ -83,10 +83,11 @@ class HeadendLab:
     ):
         """Set up a lab; ``embedded`` runs the daemon on its built-in default."""
         self.workdir = workdir
+        # unique per process, so concurrent runs never share namespace names
+        self.prefix = prefix or f"egst{os.getpid() % 100000}"
         self.embedded = embedded
         self.psk = PSK
         self.server_id = SERVER_ID
-        self.prefix = prefix
         self.crypto = crypto
         self.pool_range = pool_range
         self.socket = str(workdir / "espgate.sock")
