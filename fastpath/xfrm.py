@@ -102,6 +102,8 @@ NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
+NLM_F_CAPPED = 0x100
+NETLINK_CAP_ACK = 10
 NETLINK_EXT_ACK = 11
 NLMSGERR_ATTR_MSG = 1
 
@@ -187,8 +189,12 @@ _CURLFT = (
     ("curlft_use_time", "Q"),
 )
 
-# "no limit" for every lifetime, as the kernel expects from key managers
-LIFETIME_INFINITE = {name: XFRM_INF for name, _ in _lifetime_cfg_fields()}
+# no limit: XFRM_INF for byte and packet limits, but 0 for the expiry times (a
+# time of XFRM_INF is taken as already past and the entry dies within a second)
+LIFETIME_INFINITE = {
+    name: 0 if name.endswith("_seconds") else XFRM_INF
+    for name, _ in _lifetime_cfg_fields()
+}
 
 
 # -- attributes ---------------------------------------------------------------
@@ -505,19 +511,18 @@ def decode(data: bytes) -> Iterator[tuple[int, int, bytes]]:
 
 
 def _error_text(raw: bytes) -> str:
-    # extended ack: TLVs after the echoed request header (NLM_F_CAPPED leaves
-    # only the header, which is what we ask for)
-    offset = 16 + 4 + 16
+    # extended ack: TLVs after the echoed request, which NETLINK_CAP_ACK cuts
+    # down to its header (so keys in a refused NEWSA are not echoed back)
+    flags = struct.unpack_from("=H", raw, 6)[0]
+    echoed = 16 if flags & NLM_F_CAPPED else struct.unpack_from("=I", raw, 20)[0]
+    offset = 16 + 4 + ((echoed + 3) & ~3)
     while offset + 4 <= len(raw):
         length, kind = struct.unpack_from("=HH", raw, offset)
         if length < 4:
             break
         if kind == NLMSGERR_ATTR_MSG:
-            return (
-                raw[offset + 4 : offset + length]
-                .rstrip(b"\x00")
-                .decode(errors="replace")
-            )
+            text = raw[offset + 4 : offset + length].rstrip(b"\x00")
+            return text.decode(errors="replace")
         offset += (length + 3) & ~3
     return ""
 
@@ -528,7 +533,8 @@ class XfrmSocket:
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        self.sock.setsockopt(270, NETLINK_EXT_ACK, 1)  # SOL_NETLINK
+        self.sock.setsockopt(270, NETLINK_CAP_ACK, 1)  # SOL_NETLINK
+        self.sock.setsockopt(270, NETLINK_EXT_ACK, 1)
         self.sock.bind((0, 0))
         self._seq = 0
 
