@@ -45,8 +45,12 @@ STEPS = (
     "seq_move",
     "replay_state",
     "raw_esp",
+    "ipv6",
     "cleanup",
 )
+OUTER6_A, OUTER6_B = "2001:db8::1", "2001:db8::2"
+INNER6_A, INNER6_B = "2001:db8:1::1", "2001:db8:2::1"
+V6_AB, V6_BA = 0xC0DE0201, 0xC0DE0202
 
 
 # -- inside the guest -------------------------------------------------------------
@@ -82,6 +86,14 @@ class Lab:
             _sh("ip", "addr", "add", f"{inner}/32", "dev", "lo", ns=ns)
             _sh("ip", "route", "add", f"{peer_inner}/32", "via", peer_outer,
                 "src", inner, ns=ns)  # fmt: skip
+        for ns, dev, outer, inner, peer_outer, peer_inner in (
+            (NS_A, "egt-xg-va", OUTER6_A, INNER6_A, OUTER6_B, INNER6_B),
+            (NS_B, "egt-xg-vb", OUTER6_B, INNER6_B, OUTER6_A, INNER6_A),
+        ):
+            _sh("ip", "addr", "add", f"{outer}/64", "dev", dev, "nodad", ns=ns)
+            _sh("ip", "addr", "add", f"{inner}/128", "dev", "lo", ns=ns)
+            _sh("ip", "route", "add", f"{peer_inner}/128", "via", peer_outer,
+                "src", inner, ns=ns)  # fmt: skip
 
         # a foreign SA and policy (reqid 7) that clean-up must leave alone
         _sh("ip", "xfrm", "state", "add", "src", "198.18.9.1", "dst", "198.18.9.2",
@@ -95,15 +107,18 @@ class Lab:
         self.a = KernelEngine(netns=NS_A)
         self.b = KernelEngine(netns=NS_B)
 
-    def install(self, udp_encap: bool, spis: tuple[int, int], esn: bool) -> None:
+    def install(
+        self, udp_encap: bool, spis: tuple[int, int], esn: bool, v6: bool = False
+    ) -> None:
         from fastpath import SAParams
 
         port = 4500 if udp_encap else 500
         ab, ba = spis
+        oa, ob = (OUTER6_A, OUTER6_B) if v6 else (OUTER_A, OUTER_B)
         for eng, session, local, peer, out_spi, in_spi, kout, kin in (
-            (self.a, SESSION_A, OUTER_A, OUTER_B, ab, ba,
+            (self.a, SESSION_A, oa, ob, ab, ba,
              (KEY_AB, SALT_AB), (KEY_BA, SALT_BA)),
-            (self.b, SESSION_B, OUTER_B, OUTER_A, ba, ab,
+            (self.b, SESSION_B, ob, oa, ba, ab,
              (KEY_BA, SALT_BA), (KEY_AB, SALT_AB)),
         ):  # fmt: skip
             common: dict[str, Any] = {
@@ -247,9 +262,26 @@ def check_raw_esp(lab: Lab) -> None:
     assert lab.b.sa_counters(RAW_AB, True)["packets"] >= 2
 
 
+def check_ipv6(lab: Lab) -> None:
+    # IPv6 outer and inner addresses, ESP-in-UDP over IPv6
+    lab.install(udp_encap=True, spis=(V6_AB, V6_BA), esn=True, v6=True)
+    lab.a.install_policies(
+        SESSION_A, local=OUTER6_A, peer=OUTER6_B,
+        local_ts=(f"{INNER6_A}/128",), remote_ts=(f"{INNER6_B}/128",),
+    )  # fmt: skip
+    lab.b.install_policies(
+        SESSION_B, local=OUTER6_B, peer=OUTER6_A,
+        local_ts=(f"{INNER6_B}/128",), remote_ts=(f"{INNER6_A}/128",),
+    )  # fmt: skip
+    _sh("ping", "-6", "-q", "-c", "2", "-i", "0.2", "-W", "3", "-I", INNER6_A,
+        INNER6_B, ns=NS_A)  # fmt: skip
+    assert lab.b.sa_counters(V6_AB, True)["packets"] >= 2
+    assert lab.a.sa_counters(V6_BA, True)["packets"] >= 2
+
+
 def check_cleanup(lab: Lab) -> None:
     sas, pols = lab.a.cleanup()
-    assert (sas, pols) == (2, 3), (sas, pols)
+    assert (sas, pols) == (4, 6), (sas, pols)
     lab.b.cleanup()
     for ns in (NS_A, NS_B):
         assert _xfrm_listing(ns) == lab.before[ns], ns
@@ -332,6 +364,11 @@ def test_newae_sets_inbound_replay_window(guest_results: dict[str, str]) -> None
 @pytest.mark.guest
 def test_rekey_to_raw_esp_make_before_break(guest_results: dict[str, str]) -> None:
     _assert_step(guest_results, "raw_esp")
+
+
+@pytest.mark.guest
+def test_ipv6_esp_in_udp_passes(guest_results: dict[str, str]) -> None:
+    _assert_step(guest_results, "ipv6")
 
 
 @pytest.mark.guest
