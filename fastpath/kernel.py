@@ -25,6 +25,22 @@ read from :meth:`KernelEngine.encap_sockets`.
 Sequence numbers (RFC 4303 section 3.3.3): ``SAParams.next_seq`` is the next
 number to send; the kernel keeps the last one sent (``oseq``), so an SA is
 installed with ``oseq = next_seq - 1`` and read back as ``next_seq = oseq + 1``.
+
+Live migration of one CHILD SA pair (the daemon drives it)::
+
+    userspace -> kernel                     kernel -> userspace
+    1 k.install_sa(in, replay=               1 Engine.install_sa(in), add TUN
+      ReplayState.closed_below(top, w))        route for the inside address
+      top = Engine.sa_counters(in)           2 k.remove_policies(s, ("out",))
+            ["highest_seq"]                  3 n = k.sa_counters(out)["next_seq"]
+    2 n = Engine.sa_counters(out)            4 Engine.install_sa(out,
+          ["next_seq"]                         next_seq=n + MARGIN)
+    3 k.install_sa(out, next_seq=n+MARGIN)   5 k.remove_sa(in/out); close_encap
+    4 k.install_policies(s, ...)  # switch   6 reserve n + MARGIN in the store
+    5 Engine.remove_sa(out), (in) last
+
+MARGIN covers packets the source may still send between the read and the
+switch (a batch in flight); the sequence store must reserve above it first.
 """
 
 from __future__ import annotations
