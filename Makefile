@@ -10,7 +10,8 @@ APT_PACKAGES := build-essential python3-dev python3-venv pkg-config \
 	strongswan-charon strongswan-swanctl strongswan-pki \
 	libcharon-extra-plugins libcharon-extauth-plugins \
 	libstrongswan-standard-plugins libstrongswan-extra-plugins \
-	iperf3 iproute2 iputils-ping tcpdump procps util-linux
+	iperf3 iproute2 iputils-ping tcpdump procps util-linux \
+	qemu-system-x86 busybox-static
 
 SOURCES := pyproject.toml setup.py $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.h)
 
