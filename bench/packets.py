@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Progress, fmt, machine_info, summarize, write_outputs
+from bench.peer import write_config
 from control.lab import (
     ProcessSet,
     StrongSwanClient,
@@ -301,7 +302,7 @@ def _espgate(lab: Lab) -> Iterator[None]:
         return {"spi": spi, "key": os.urandom(16).hex(), "salt": os.urandom(4).hex()}
 
     c2h, h2c = sa(0x0EB0C001), sa(0x0EB0C002)
-    ends = {
+    ends: dict[str, dict[str, Any]] = {
         "cli": {
             "local": topo.cli_outer_ip, "peer": topo.hub_outer_ip,
             "inner": ESPGATE_INNER, "routes": [topo.inside_net],
@@ -321,8 +322,6 @@ def _espgate(lab: Lab) -> Iterator[None]:
             ready = wd / f"{end}.ready"
             ready.unlink(missing_ok=True)
             path = wd / f"{end}.json"
-            from bench.peer import write_config
-
             write_config(path, {**cfg, "ready": str(ready), "tun": "egbt%d"})
             peers[end] = procs.start(
                 f"peer-{end}", [sys.executable, "-m", "bench.peer", str(path)],
