@@ -75,13 +75,17 @@ class HeadendLab:
     def __init__(
         self,
         workdir: Path,
-        prefix: str = "egst",
+        prefix: str = os.environ.get("ESPGATE_LAB_PREFIX", "egst"),
         *,
         crypto: str = "ipsec-mb",
         pool_range: str = "198.18.128.10-198.18.128.250",
         embedded: bool = False,
+        clients: int = 1,
     ):
-        """Set up a lab; ``embedded`` runs the daemon on its built-in default."""
+        """Set up a lab; ``embedded`` runs the daemon on its built-in default.
+
+        ``clients`` is the number of client namespaces (one charon each).
+        """
         self.workdir = workdir
         self.embedded = embedded
         self.psk = PSK
@@ -89,6 +93,7 @@ class HeadendLab:
         self.prefix = prefix
         self.crypto = crypto
         self.pool_range = pool_range
+        self.nclients = clients
         self.socket = str(workdir / "espgate.sock")
         self.topo: Topology | None = None
         self.procs: ProcessSet | None = None
@@ -96,7 +101,9 @@ class HeadendLab:
 
     def __enter__(self) -> HeadendLab:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.topo = Topology(self.prefix, self.workdir, reuse_stale=True)
+        self.topo = Topology(
+            self.prefix, self.workdir, reuse_stale=True, clients=self.nclients
+        )
         self.topo.__enter__()
         try:
             self.procs = ProcessSet(self.workdir)
@@ -158,7 +165,7 @@ class HeadendLab:
         raise RuntimeError("espgate did not open its control socket within 15 s")
 
     def client(self, name: str = "c1", **kwargs: Any) -> StrongSwanClient:
-        """Start a strongSwan client in the client namespace."""
+        """Start a strongSwan client; ``client=N`` picks the N-th client namespace."""
         assert self.topo is not None and self.procs is not None
         kwargs.setdefault("psk", self.psk.encode())
         kwargs.setdefault("remote_id", self.server_id)
@@ -181,17 +188,18 @@ def check_traffic(
     """Ping and a checked transfer through the tunnel, optionally captured."""
     assert lab.topo is not None
     topo = lab.topo
+    link = client.link
     failures: list[str] = []
     detail: dict[str, Any] = {}
-    cap_path = lab.workdir / "outer.pcap"
-    cap = Capture(topo.hub, topo.hub_outer_if, cap_path) if capture else None
+    cap_path = lab.workdir / f"outer-{link.index}.pcap"
+    cap = Capture(topo.hub, link.hub_if, cap_path) if capture else None
     if cap is not None:
         cap.__enter__()
     try:
-        detail["ping"] = ping(topo.cli, topo.srv_ip, count=5, interval=0.2)
+        detail["ping"] = ping(link.ns, topo.srv_ip, count=5, interval=0.2)
         detail["transfer"] = tcp_transfer(
             topo,
-            src_ns=topo.cli,
+            src_ns=link.ns,
             dst_ns=topo.srv,
             dst_addr=topo.srv_ip,
             nbytes=nbytes,
@@ -266,6 +274,33 @@ def _case_psk(esp: str, key_bits: int) -> Callable[[HeadendLab], tuple[dict, lis
     return case
 
 
+def _case_two_clients(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    # distinct identities: INITIAL_CONTACT would replace a same-identity session
+    clients = [
+        lab.client(f"c{n}", client=n, local_id=f"client{n}@espgate.example")
+        for n in (1, 2)
+    ]
+    detail: dict[str, Any] = {}
+    failures: list[str] = []
+    for client in clients:
+        if not client.initiate():
+            return {"client_log": str(client.log_path)}, [
+                f"tunnel of client {client.link.index} did not come up"
+            ]
+    vips = [c.virtual_ip() for c in clients]
+    detail["inside_addresses"] = vips
+    if None in vips or len(set(vips)) != 2:
+        failures.append(f"expected two distinct inside addresses, got {vips}")
+    for client in clients:
+        traffic, more = check_traffic(lab, client, 8 * 1024 * 1024)
+        detail[f"client{client.link.index}"] = traffic
+        failures += [f"client {client.link.index}: {f}" for f in more]
+    sessions = lab.show()["sessions"]
+    if sorted(s["inside"] for s in sessions) != sorted(str(v) for v in vips):
+        failures.append(f"headend sessions do not match the clients: {sessions}")
+    return detail, failures
+
+
 def _case_wrong_psk(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
     client = lab.client(psk=b"not-the-right-psk-at-all-1234")
     up = client.initiate(timeout=10)
@@ -299,6 +334,11 @@ CASES: dict[str, Case] = {
         "as psk-gcm128 with the OpenSSL crypto backend",
         _case_psk("aes128gcm16", 128),
         {"crypto": "openssl"},
+    ),
+    "psk-two-clients": Case(
+        "two strongSwan clients in their own namespaces at once",
+        _case_two_clients,
+        {"clients": 2},
     ),
     "ikev2-wrong-psk-rejected": Case(
         "a wrong PSK gets AUTHENTICATION_FAILED", _case_wrong_psk, {}

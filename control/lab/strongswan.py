@@ -369,7 +369,10 @@ class _Charon:
 
 
 class StrongSwanClient(_Charon):
-    """A strongSwan road-warrior client in the lab's cli namespace."""
+    """A strongSwan road-warrior client in one of the lab's client namespaces.
+
+    `client` picks the namespace: 1 is `cli`, n the n-th of `Topology(clients=N)`.
+    """
 
     role = "client"
 
@@ -388,8 +391,10 @@ class StrongSwanClient(_Charon):
         remote_addr: str | None = None,
         extra_conf: Settings | None = None,
         charon_conf: Settings | None = None,
+        client: int = 1,
     ) -> None:
-        super().__init__(topo, workdir, topo.cli, psk=psk, charon_conf=charon_conf)
+        self.link = topo.client_link(client)
+        super().__init__(topo, workdir, self.link.ns, psk=psk, charon_conf=charon_conf)
         self.remote_id = remote_id
         self.local_id = local_id
         self.esp = esp
@@ -402,7 +407,7 @@ class StrongSwanClient(_Charon):
     def _swanctl_conf(self) -> dict[str, Any]:
         conn: dict[str, Any] = {
             "version": 2,
-            "local_addrs": self.topo.cli_outer_ip,
+            "local_addrs": self.link.outer_ip,
             "remote_addrs": self.remote_addr,
             "proposals": self.ike,
             "encap": True,
