@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from control.cli import request
 from control.config import load as load_config
 from control.lab import (
     Capture,
+    LabPki,
     ProcessSet,
     StrongSwanClient,
     Topology,
@@ -66,6 +68,7 @@ pool = "lab"
 dns = ["198.19.1.53"]
 local_ts = ["{inside_net}"]
 esp = ["aes128gcm16", "aes256gcm16"]
+{profile_extra}
 """
 
 
@@ -81,10 +84,14 @@ class HeadendLab:
         pool_range: str = "198.18.128.10-198.18.128.250",
         embedded: bool = False,
         clients: int = 1,
+        pki: dict[str, Any] | None = None,
+        auth: tuple[str, list[str]] = ("pre-share", ["pre-share"]),
     ):
         """Set up a lab; ``embedded`` runs the daemon on its built-in default.
 
         ``clients`` is the number of client namespaces (one charon each).
+        ``pki`` makes a test PKI (`LabPki.create` arguments) before the
+        headend starts; ``auth`` is the profile's local and remote auth.
         """
         self.workdir = workdir
         self.embedded = embedded
@@ -94,6 +101,9 @@ class HeadendLab:
         self.crypto = crypto
         self.pool_range = pool_range
         self.nclients = clients
+        self.pki_args = pki
+        self.pki: LabPki | None = None
+        self.auth = auth
         self.socket = str(workdir / "espgate.sock")
         self.topo: Topology | None = None
         self.procs: ProcessSet | None = None
@@ -108,6 +118,8 @@ class HeadendLab:
         try:
             self.procs = ProcessSet(self.workdir)
             self.procs.__enter__()
+            if self.pki_args is not None:
+                self.pki = LabPki.create(self.workdir, **self.pki_args)
             self._start_headend()
         except BaseException:
             self.__exit__(*sys.exc_info())
@@ -142,10 +154,22 @@ class HeadendLab:
                 server_id=SERVER_ID,
                 psk=PSK,
                 inside_net=self.topo.inside_net,
+                profile_extra=self._profile_extra(),
             )
         )
         config.chmod(0o600)
         return [espgate, "serve", "--config", str(config)]
+
+    def _profile_extra(self) -> str:
+        local, remote = self.auth
+        lines = [f'local_auth = "{local}"', f"remote_auth = {json.dumps(remote)}"]
+        if self.pki is not None:
+            lines += [
+                f'certificate = "{self.pki.server_cert_path}"',
+                f'private_key = "{self.pki.server_key_path}"',
+                f'ca = ["{self.pki.ca_path}"]',
+            ]
+        return "\n".join(lines)
 
     def _start_headend(self) -> None:
         assert self.topo is not None and self.procs is not None
@@ -274,6 +298,57 @@ def _case_psk(esp: str, key_bits: int) -> Callable[[HeadendLab], tuple[dict, lis
     return case
 
 
+def _cert_client(lab: HeadendLab, **kwargs: Any) -> StrongSwanClient:
+    """Start a client that authenticates by certificate and wants ours."""
+    assert lab.pki is not None
+    local, remote = lab.auth
+    conf: dict[str, Any] = {"remote": {"auth": "pubkey"}}
+    if "pre-share" not in remote:
+        conf["local"] = {"auth": "pubkey", "certs": "client.pem"}
+    if local == "pre-share":
+        conf["remote"] = {"auth": "psk"}
+    return lab.client(files=lab.pki.client_files(), extra_conf=conf, **kwargs)
+
+
+def _case_cert(keysize: int) -> Callable[[HeadendLab], tuple[dict, list]]:
+    def case(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+        client = _cert_client(lab)
+        if not client.initiate():
+            return {"client_log": str(client.log_path)}, ["tunnel did not come up"]
+        detail: dict[str, Any] = {"inside_address": client.virtual_ip()}
+        failures: list[str] = []
+        log_text = client.log_path.read_text(errors="replace")
+        # strongSwan names the method it verified our AUTH with
+        auth_lines = [
+            line.split("] ", 1)[-1]
+            for line in log_text.splitlines()
+            if "successful" in line and "authentication of" in line
+        ]
+        detail["client_auth_log"] = auth_lines
+        server_ok = [line for line in auth_lines if SERVER_ID in line]
+        if not server_ok:
+            failures.append("client did not log our authentication as successful")
+        elif lab.auth[0] != "pre-share" and not re.search(r"SHA2|_DER", server_ok[0]):
+            # RFC 7427 schemes read RSA_EMSA_PKCS1_SHA2_256, ECDSA_WITH_SHA384_DER
+            failures.append(f"server auth not by RFC 7427 signature: {server_ok[0]}")
+        elif lab.auth[0] == "pre-share" and "pre-shared key" not in server_ok[0]:
+            failures.append(f"server auth not by PSK: {server_ok[0]}")
+        if keysize and lab.pki is not None:
+            key = lab.pki.server.key
+            size = getattr(key, "key_size", 0) or key.curve.key_size  # type: ignore[union-attr]
+            detail["server_key_bits"] = size
+            if size != keysize:
+                failures.append(f"server key is {size} bits, wanted {keysize}")
+        traffic, more = check_traffic(lab, client, 8 * 1024 * 1024)
+        detail.update(traffic)
+        failures += more
+        sess, more = _session_checks(lab, detail["inside_address"])
+        detail.update(sess)
+        return detail, failures + more
+
+    return case
+
+
 def _case_two_clients(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
     # distinct identities: INITIAL_CONTACT would replace a same-identity session
     clients = [
@@ -334,6 +409,31 @@ CASES: dict[str, Case] = {
         "as psk-gcm128 with the OpenSSL crypto backend",
         _case_psk("aes128gcm16", 128),
         {"crypto": "openssl"},
+    ),
+    "rsa-cert": Case(
+        "RSA certificates both ways, RFC 7427 signatures: traffic",
+        _case_cert(2048),
+        {"pki": {"kind": "rsa"}, "auth": ("rsa-sig", ["rsa-sig"])},
+    ),
+    "ecdsa-cert": Case(
+        "ECDSA P-384 certificates both ways: traffic",
+        _case_cert(384),
+        {"pki": {"kind": "p384"}, "auth": ("ecdsa-sig", ["ecdsa-sig"])},
+    ),
+    "ecdsa-p256-cert": Case(
+        "ECDSA P-256 certificates both ways: traffic",
+        _case_cert(256),
+        {"pki": {"kind": "p256"}, "auth": ("ecdsa-sig", ["pubkey"])},
+    ),
+    "rsa-cert-chain": Case(
+        "RSA leaves under an intermediate CA, chains sent both ways: traffic",
+        _case_cert(2048),
+        {"pki": {"kind": "rsa", "chain": True}, "auth": ("rsa-sig", ["pubkey"])},
+    ),
+    "asymmetric-cert-psk": Case(
+        "server by RSA certificate, client by PSK: traffic",
+        _case_cert(2048),
+        {"pki": {"kind": "rsa"}, "auth": ("rsa-sig", ["pre-share"])},
     ),
     "psk-two-clients": Case(
         "two strongSwan clients in their own namespaces at once",
