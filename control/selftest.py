@@ -325,6 +325,16 @@ def _case_cert(keysize: int) -> Callable[[HeadendLab], tuple[dict, list]]:
             if "successful" in line and "authentication of" in line
         ]
         detail["client_auth_log"] = auth_lines
+        detail["client_cert_log"] = [
+            line.split("] ", 1)[-1]
+            for line in log_text.splitlines()
+            if re.search(r"(received|sending) (end entity|issuer) cert", line)
+        ]
+        if lab.pki is not None and lab.pki.intermediate is not None:
+            got = [x for x in detail["client_cert_log"] if "received issuer" in x]
+            sent = [x for x in detail["client_cert_log"] if "sending issuer" in x]
+            if not got or not sent:
+                failures.append("intermediate certificates not sent both ways")
         server_ok = [line for line in auth_lines if SERVER_ID in line]
         if not server_ok:
             failures.append("client did not log our authentication as successful")

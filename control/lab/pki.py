@@ -1,11 +1,13 @@
 """A throw-away test PKI made at run time with `cryptography`.
 
 Theory of operation: `LabPki.create(workdir, kind, chain)` makes a root CA,
-optionally an intermediate CA below it, then a server certificate (SAN
+optionally two intermediate CAs below it, then a server certificate (SAN
 dNSName of the headend's identity, EKU serverAuth and ikeIntermediate, as
 Windows and macOS want) and a client certificate (SAN rfc822Name of the
 client's identity), all with keys of one `kind`: "rsa" (2048 bit), "p256" or
-"p384". Leaves are signed by the intermediate when `chain` is set. Every file
+"p384". With `chain` the server's leaf is signed by one intermediate and
+the client's by another, so each side must send its own intermediate: the
+client holds only the root as trust anchor and its own intermediate. Every file
 is PEM: certificates as `*.pem`, keys as unencrypted PKCS#8 `*.key` with mode
 0600. `revoke` writes a CRL of the leaves' issuer naming given serials. The
 keys exist only in the work directory of one self-test case.
@@ -131,6 +133,7 @@ class LabPki:
     intermediate: Issued | None
     server: Issued
     client: Issued
+    client_intermediate: Issued | None = None
 
     @classmethod
     def create(
@@ -147,23 +150,26 @@ class LabPki:
         pki_dir = workdir / "pki"
         pki_dir.mkdir(parents=True, exist_ok=True)
         root = issue("espgate lab root CA", kind, None, ca=True)
-        inter = issue("espgate lab issuing CA", kind, root, ca=True) if chain else None
-        parent = inter or root
+        inter = cinter = None
+        if chain:
+            inter = issue("espgate lab server CA", kind, root, ca=True)
+            cinter = issue("espgate lab client CA", kind, root, ca=True)
         server = issue(
-            server_id, kind, parent, sans=[x509.DNSName(server_id)], server=True
+            server_id, kind, inter or root, sans=[x509.DNSName(server_id)], server=True
         )
         client = issue(
-            client_id, client_kind or kind, parent, sans=[x509.RFC822Name(client_id)]
+            client_id,
+            client_kind or kind,
+            cinter or root,
+            sans=[x509.RFC822Name(client_id)],
         )
-        pki = cls(pki_dir, root, inter, server, client)
+        pki = cls(pki_dir, root, inter, server, client, cinter)
         _write(pki.ca_path, cert_pem(root.cert))
         chain_certs = [inter.cert] if inter else []
         _write(pki.server_cert_path, cert_pem(server.cert, *chain_certs))
         _write(pki.server_key_path, key_pem(server.key), private=True)
         _write(pki_dir / "client.pem", cert_pem(client.cert))
         _write(pki_dir / "client.key", key_pem(client.key), private=True)
-        if inter is not None:
-            _write(pki_dir / "intermediate.pem", cert_pem(inter.cert))
         return pki
 
     @property
@@ -185,6 +191,7 @@ class LabPki:
             "private/client.key": key_pem(self.client.key),
             "x509ca/ca.pem": cert_pem(self.root.cert),
         }
-        if self.intermediate is not None:
-            files["x509ca/intermediate.pem"] = cert_pem(self.intermediate.cert)
+        if self.client_intermediate is not None:
+            # as a plain certificate, not an anchor; strongSwan sends it along
+            files["x509/intermediate.pem"] = cert_pem(self.client_intermediate.cert)
         return files
