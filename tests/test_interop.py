@@ -33,7 +33,11 @@ def namespaces() -> set[str]:
 def verdicts(tmp_path_factory):
     out = tmp_path_factory.mktemp("selftest") / "selftest.json"
     before = namespaces()
-    cases = "psk-gcm128,psk-gcm256,psk-gcm128-openssl,ikev2-wrong-psk-rejected"
+    cases = ",".join(
+        ["psk-gcm128", "psk-gcm256", "psk-gcm128-openssl", "ikev2-wrong-psk-rejected",
+         "psk-two-clients", "rsa-cert", "ecdsa-cert", "rsa-cert-chain",
+         "asymmetric-cert-psk"]
+    )
     proc = subprocess.run([ESPGATE, "selftest", "--cases", cases, "--json", str(out)],
                           capture_output=True, text=True, timeout=900)
     print(proc.stdout, proc.stderr[-4000:])
@@ -69,3 +73,25 @@ def test_selftest_leaves_no_namespaces(verdicts):
     _, before, after = verdicts
     assert not {ns for ns in after if ns.startswith("egst-")}
     assert not {ns for ns in before if ns.startswith("egst-")}
+
+
+@pytest.mark.parametrize(
+    "case", ["rsa-cert", "ecdsa-cert", "rsa-cert-chain", "asymmetric-cert-psk"]
+)
+def test_certificate_auth_carries_checked_traffic(verdicts, case):
+    results, _, _ = verdicts
+    r = results[case]
+    assert r["passed"], r["detail"]["failures"]
+    d = r["detail"]
+    assert d["transfer"]["match"] and d["ping"]["loss_pct"] == 0
+    assert any("vpn.espgate.example" in line for line in d["client_auth_log"])
+
+
+def test_two_clients_each_carry_traffic(verdicts):
+    results, _, _ = verdicts
+    r = results["psk-two-clients"]
+    assert r["passed"], r["detail"]["failures"]
+    addrs = r["detail"]["inside_addresses"]
+    assert len(set(addrs)) == 2
+    for n in (1, 2):
+        assert r["detail"][f"client{n}"]["transfer"]["match"]
