@@ -386,6 +386,19 @@ def _case_two_clients(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
     return detail, failures
 
 
+def _case_unknown_identity(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    client = lab.client(local_id="stranger@elsewhere.example")
+    up = client.initiate(timeout=10)
+    failures = ["tunnel came up for an identity no profile matches"] if up else []
+    if lab.show()["sessions"]:
+        failures.append("headend kept a session for an unknown identity")
+    log_text = client.log_path.read_text(errors="replace")
+    if "AUTHENTICATION_FAILED" not in log_text:
+        failures.append("client did not receive AUTHENTICATION_FAILED")
+    ike = lab.show("counters")["ike"]
+    return {"initiated": up, "ike_counters": ike}, failures
+
+
 def _case_wrong_psk(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
     client = lab.client(psk=b"not-the-right-psk-at-all-1234")
     up = client.initiate(timeout=10)
@@ -449,6 +462,11 @@ CASES: dict[str, Case] = {
         "two strongSwan clients in their own namespaces at once",
         _case_two_clients,
         {"clients": 2},
+    ),
+    "unknown-identity-rejected": Case(
+        "an identity no profile matches gets AUTHENTICATION_FAILED",
+        _case_unknown_identity,
+        {},
     ),
     "ikev2-wrong-psk-rejected": Case(
         "a wrong PSK gets AUTHENTICATION_FAILED", _case_wrong_psk, {}

@@ -36,7 +36,7 @@ def verdicts(tmp_path_factory):
     cases = ",".join(
         ["psk-gcm128", "psk-gcm256", "psk-gcm128-openssl", "ikev2-wrong-psk-rejected",
          "psk-two-clients", "rsa-cert", "ecdsa-cert", "rsa-cert-chain",
-         "asymmetric-cert-psk"]
+         "asymmetric-cert-psk", "unknown-identity-rejected"]
     )
     proc = subprocess.run([ESPGATE, "selftest", "--cases", cases, "--json", str(out)],
                           capture_output=True, text=True, timeout=900)
@@ -95,3 +95,10 @@ def test_two_clients_each_carry_traffic(verdicts):
     assert len(set(addrs)) == 2
     for n in (1, 2):
         assert r["detail"][f"client{n}"]["transfer"]["match"]
+
+
+def test_unknown_identity_rejected(verdicts):
+    results, _, _ = verdicts
+    r = results["unknown-identity-rejected"]
+    assert r["passed"], r["detail"]["failures"]
+    assert r["detail"]["initiated"] is False
