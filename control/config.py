@@ -12,7 +12,12 @@ Layout::
     [engine]            crypto backend, batch size, TUN MTU
     [pools.NAME]        range = "first-last" or a prefix
     [[profiles]]        identities matched, local identity, PSK, pool,
-                        DNS, local traffic selectors, ESP proposals
+                        DNS, local traffic selectors, ESP proposals,
+                        local/remote auth methods, certificate, key, CAs, CRLs
+
+Certificate, key, CA and CRL files are loaded while checking, so a bad file
+is reported at its field; relative paths are taken from the config file's
+directory.
 
 Secrets (``psk``) are kept out of ``repr`` so a logged config shows none.
 """
@@ -28,12 +33,19 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from control.ike import certs
+from control.ike.profiles import Identity
+
 DEFAULT_NAME = "default.toml"
 ESP_PROPOSALS = ("aes128gcm16", "aes256gcm16")
 CRYPTO_BACKENDS = ("ipsec-mb", "openssl")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTH_METHODS = ("psk",)
-IDENTITY_TYPES = ("fqdn", "email", "ipv4", "ipv6")
+LOCAL_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig")
+REMOTE_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig", "pubkey")
+IDENTITY_TYPES = ("fqdn", "email", "ipv4", "ipv6", "dn", "keyid")
 
 PathKey = tuple[str | int, ...]
 
@@ -88,6 +100,12 @@ class ProfileConfig:
     dns: tuple[str, ...]
     local_ts: tuple[str, ...]
     esp: tuple[str, ...]
+    local_auth: str = "pre-share"
+    remote_auth: tuple[str, ...] = ("pre-share",)
+    certificate: str | None = None
+    private_key: str | None = None
+    ca: tuple[str, ...] = ()
+    crl: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -194,8 +212,13 @@ class _Reader:
             raise self.error(path, f"expected {kind.__name__}, got {value!r}")
         return value
 
-    def choice(self, data: dict[str, Any], path: PathKey, options: tuple[str, ...],
-               default: Any) -> str:
+    def choice(
+        self,
+        data: dict[str, Any],
+        path: PathKey,
+        options: tuple[str, ...],
+        default: Any,
+    ) -> str:
         value = self.get(data, path, str, default)
         if value not in options:
             raise self.error(path, f"{value!r} is not one of {', '.join(options)}")
@@ -308,8 +331,19 @@ class _Reader:
                 f"identity type {kind!r} is not one of {', '.join(IDENTITY_TYPES)}",
             )
         auth = self.choice(data, (*p, "auth"), AUTH_METHODS, "psk")
-        psk = self.get(data, (*p, "psk"), str, _REQUIRED if auth == "psk" else "")
-        if auth == "psk" and len(psk) < 16:
+        local_auth = self.choice(data, (*p, "local_auth"), LOCAL_AUTH, "pre-share")
+        remote_auth = self.strings(data, (*p, "remote_auth"), ["pre-share"])
+        if not remote_auth:
+            raise self.error((*p, "remote_auth"), "empty")
+        for item in remote_auth:
+            if item not in REMOTE_AUTH:
+                raise self.error(
+                    (*p, "remote_auth"),
+                    f"{item!r} is not one of {', '.join(REMOTE_AUTH)}",
+                )
+        uses_psk = local_auth == "pre-share" or "pre-share" in remote_auth
+        psk = self.get(data, (*p, "psk"), str, _REQUIRED if uses_psk else "")
+        if uses_psk and len(psk) < 16:
             # RFC 7296 2.15: a PSK should be as strong as the negotiated keys.
             raise self.error((*p, "psk"), "shorter than 16 characters")
         pool = self.get(data, (*p, "pool"), str, None)
@@ -340,6 +374,20 @@ class _Reader:
         match = self.strings(data, (*p, "match_identity"), ["*"])
         if not match:
             raise self.error((*p, "match_identity"), "empty")
+        certificate, private_key = self.credential(data, p, local_auth, local_identity)
+        ca = [self.path(x) for x in self.strings(data, (*p, "ca"), [])]
+        crl = [self.path(x) for x in self.strings(data, (*p, "crl"), [])]
+        if any(m != "pre-share" for m in remote_auth) and not ca:
+            raise self.error((*p, "ca"), "certificate auth of peers needs a CA file")
+        for key, paths, loader in (
+            ("ca", ca, certs.load_certificates),
+            ("crl", crl, certs.load_crls),
+        ):
+            for path in paths:
+                try:
+                    loader(path)
+                except (OSError, ValueError) as exc:
+                    raise self.error((*p, key), f"{path}: {exc}") from None
         return ProfileConfig(
             name=name,
             match_identity=tuple(match),
@@ -350,7 +398,59 @@ class _Reader:
             dns=tuple(dns),
             local_ts=tuple(local_ts),
             esp=tuple(esp),
+            local_auth=local_auth,
+            remote_auth=tuple(remote_auth),
+            certificate=certificate,
+            private_key=private_key,
+            ca=tuple(ca),
+            crl=tuple(crl),
         )
+
+    def path(self, text: str) -> str:
+        """Resolve a file name against the config file's directory."""
+        if Path(text).is_absolute() or self.source.startswith("<"):
+            return text
+        return str(Path(self.source).parent / text)
+
+    def credential(
+        self, data: dict[str, Any], p: PathKey, local_auth: str, local_identity: str
+    ) -> tuple[str | None, str | None]:
+        """Check certificate and private_key against local_auth and identity."""
+        cert_name = self.get(data, (*p, "certificate"), str, None)
+        key_name = self.get(data, (*p, "private_key"), str, None)
+        if local_auth == "pre-share":
+            return (self.path(cert_name) if cert_name else None,
+                    self.path(key_name) if key_name else None)  # fmt: skip
+        for key, value in (("certificate", cert_name), ("private_key", key_name)):
+            if value is None:
+                raise self.error((*p, key), f"missing (local_auth is {local_auth})")
+        assert cert_name is not None and key_name is not None
+        cert_path, key_path = self.path(cert_name), self.path(key_name)
+        try:
+            chain = certs.load_certificates(cert_path)
+        except (OSError, ValueError) as exc:
+            raise self.error((*p, "certificate"), f"{cert_path}: {exc}") from None
+        try:
+            key = certs.load_private_key(key_path)
+        except (OSError, ValueError, TypeError) as exc:
+            raise self.error((*p, "private_key"), f"{key_path}: {exc}") from None
+        if key.public_key().public_numbers() != chain[0].public_key().public_numbers():
+            raise self.error((*p, "private_key"), "does not match the certificate")
+        kind = "rsa-sig" if isinstance(key, rsa.RSAPrivateKey) else "ecdsa-sig"
+        if kind != local_auth:
+            raise self.error((*p, "local_auth"), f"{local_auth} with a {kind} key")
+        if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name not in (
+            "secp256r1",
+            "secp384r1",
+            "secp521r1",
+        ):
+            raise self.error((*p, "private_key"), f"curve {key.curve.name} unsupported")
+        ident = Identity.from_string(local_identity)
+        if not certs.identity_in_cert(ident.type, ident.data, chain[0]):
+            raise self.error(
+                (*p, "local_identity"), f"{local_identity} is not in {cert_path}"
+            )
+        return cert_path, key_path
 
 
 _REQUIRED = object()

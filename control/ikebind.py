@@ -1,7 +1,8 @@
 """Bind the checked daemon config to the IKEv2 core's configuration.
 
 The core knows profiles and two callbacks for addresses; this module maps
-``[[profiles]]`` tables onto :class:`control.ike.profiles.Profile` and routes
+``[[profiles]]`` tables onto :class:`control.ike.profiles.Profile` (loading
+certificate, key, CA and CRL files into credentials and trust stores) and routes
 each address request to the pool of the profile that admits the identity
 (the core picks that same profile: the first that admits it).
 """
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from control.config import Config
+from control.config import Config, ProfileConfig
+from control.ike import certs
 from control.ike.messages import EncrId
 from control.ike.profiles import EspAlgorithms, Identity, Profile, ResponderConfig
 from control.pool import AddressPool
@@ -34,6 +36,10 @@ def build_responder_config(
             esp_proposals=[_ESP[name] for name in p.esp],
             local_ts=list(p.local_ts),
             dns=list(p.dns),
+            local_auth=p.local_auth,
+            remote_auth=list(p.remote_auth),
+            credential=_credential(p),
+            trust=_trust(p),
         )
         for p in config.profiles
     ]
@@ -55,3 +61,20 @@ def build_responder_config(
     return ResponderConfig(
         profiles=profiles, allocate_address=allocate, release_address=release
     )
+
+
+def _credential(p: ProfileConfig) -> certs.Credential | None:
+    if p.local_auth == "pre-share":
+        return None
+    assert p.certificate and p.private_key, "config checked the credential files"
+    return certs.Credential(
+        certs.load_private_key(p.private_key), certs.load_certificates(p.certificate)
+    )
+
+
+def _trust(p: ProfileConfig) -> certs.TrustStore | None:
+    if not p.ca:
+        return None
+    anchors = [c for path in p.ca for c in certs.load_certificates(path)]
+    crls = [c for path in p.crl for c in certs.load_crls(path)]
+    return certs.TrustStore(anchors, crls)

@@ -98,3 +98,63 @@ def test_parse_missing_profiles():
 def test_load_missing_file_names_it(tmp_path):
     with pytest.raises(ConfigError, match="nope.toml: file"):
         config.load(tmp_path / "nope.toml")
+
+
+CERT_PROFILE = """\
+[[profiles]]
+name = "certs"
+local_identity = "fqdn:vpn.espgate.example"
+local_auth = "rsa-sig"
+remote_auth = ["rsa-sig", "pre-share"]
+psk = "a-long-enough-secret"
+certificate = "pki/server.pem"
+private_key = "pki/server.key"
+ca = ["pki/ca.pem"]
+"""
+
+
+@pytest.fixture(scope="module")
+def pki_dir(tmp_path_factory):
+    from control.lab.pki import LabPki
+
+    base = tmp_path_factory.mktemp("cfg")
+    LabPki.create(base, "rsa", chain=True)
+    return base
+
+
+def test_parse_cert_profile_resolves_paths_next_to_file(pki_dir):
+    cfg = config.parse(CERT_PROFILE, str(pki_dir / "espgate.toml"))
+    p = cfg.profiles[0]
+    assert p.local_auth == "rsa-sig" and p.remote_auth == ("rsa-sig", "pre-share")
+    assert p.certificate == str(pki_dir / "pki/server.pem")
+    assert p.ca == (str(pki_dir / "pki/ca.pem"),)
+
+
+def test_parse_cert_profile_missing_key_names_field(pki_dir):
+    text = CERT_PROFILE.replace('private_key = "pki/server.key"\n', "")
+    with pytest.raises(ConfigError, match=r"profiles\[0\].private_key: missing"):
+        config.parse(text, str(pki_dir / "espgate.toml"))
+
+
+def test_parse_cert_profile_identity_not_in_certificate_rejected(pki_dir):
+    text = CERT_PROFILE.replace("vpn.espgate.example", "other.example")
+    with pytest.raises(ConfigError, match="local_identity"):
+        config.parse(text, str(pki_dir / "espgate.toml"))
+
+
+def test_parse_cert_profile_wrong_key_type_rejected(pki_dir):
+    text = CERT_PROFILE.replace('local_auth = "rsa-sig"', 'local_auth = "ecdsa-sig"')
+    with pytest.raises(ConfigError, match="local_auth: ecdsa-sig with a rsa-sig key"):
+        config.parse(text, str(pki_dir / "espgate.toml"))
+
+
+def test_parse_remote_cert_auth_without_ca_rejected(pki_dir):
+    text = CERT_PROFILE.replace('ca = ["pki/ca.pem"]\n', "")
+    with pytest.raises(ConfigError, match=r"profiles\[0\].ca:"):
+        config.parse(text, str(pki_dir / "espgate.toml"))
+
+
+def test_parse_bad_crl_file_rejected(pki_dir):
+    text = CERT_PROFILE + 'crl = ["pki/ca.pem"]\n'
+    with pytest.raises(ConfigError, match=r"profiles\[0\].crl:"):
+        config.parse(text, str(pki_dir / "espgate.toml"))

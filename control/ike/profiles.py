@@ -11,10 +11,18 @@ which then must also accept the IKE algorithms already chosen.
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cryptography import x509
+
+from control.ike.certs import Credential, TrustStore
 from control.ike.messages import DhGroup, EncrId, IDType, IntegId, PrfId
+
+ID_PREFIXES = ("fqdn", "email", "ipv4", "ipv6", "dn", "keyid")
+LOCAL_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig")
+REMOTE_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig", "pubkey")
 
 
 @dataclass(frozen=True)
@@ -26,8 +34,18 @@ class Identity:
 
     @classmethod
     def from_string(cls, text: str) -> Identity:
-        """Parse "fqdn:", "email:", "ipv4:", "ipv6:" prefixed text, or guess."""
+        """Parse "fqdn:", "email:", "ipv4:", "ipv6:", "dn:", "keyid:" text, or guess.
+
+        "dn:" takes an RFC 4514 string ("CN=a,O=b"), "keyid:" hex.
+        """
         kind, sep, rest = text.partition(":")
+        if sep and kind == "dn":
+            return cls(
+                IDType.ID_DER_ASN1_DN,
+                x509.Name.from_rfc4514_string(rest).public_bytes(),
+            )
+        if sep and kind == "keyid":
+            return cls(IDType.ID_KEY_ID, bytes.fromhex(rest))
         if sep and kind in ("fqdn", "email", "ipv4", "ipv6"):
             if kind == "fqdn":
                 return cls(IDType.ID_FQDN, rest.encode())
@@ -133,6 +151,26 @@ class Profile:
     dns: list[str] = field(default_factory=list)
     # preference order; also the groups accepted for PFS in CREATE_CHILD_SA
     dh_groups: list[int] = field(default_factory=default_dh_groups)
+    # how we prove who we are, and the methods we accept from the peer
+    local_auth: str = "pre-share"
+    remote_auth: list[str] = field(default_factory=lambda: ["pre-share"])
+    credential: Credential | None = None
+    trust: TrustStore | None = None
+
+    def __post_init__(self) -> None:
+        assert self.local_auth in LOCAL_AUTH, f"Bad local auth {self.local_auth!r}"
+        assert self.local_auth == "pre-share" or self.credential is not None, (
+            f"Profile {self.name}: {self.local_auth} needs a credential"
+        )
+        for method in self.remote_auth:
+            assert method in REMOTE_AUTH, f"Bad remote auth {method!r}"
+            assert method == "pre-share" or self.trust is not None, (
+                f"Profile {self.name}: {method} needs a trust store"
+            )
+
+    def accepts_signature(self, kind: str) -> bool:
+        """Tell whether a peer signature by an "rsa" or "ecdsa" key is admitted."""
+        return "pubkey" in self.remote_auth or f"{kind}-sig" in self.remote_auth
 
     def admits(self, identity: Identity) -> bool:
         return any(identity.matches(pattern) for pattern in self.remote_ids)
@@ -149,6 +187,8 @@ class ResponderConfig:
     profiles: list[Profile]
     allocate_address: AllocateAddress
     release_address: ReleaseAddress
+    # wall clock (POSIX seconds) for certificate validity; injected for tests
+    wall_clock: Callable[[], float] = time.time
     half_open_timeout: float = 30.0
     retransmit_timeout: float = 2.0
     retransmit_tries: int = 5

@@ -41,6 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives.hashes import SHA256
+
 from control.ike.crypto import IntegrityError, Prf, open_message, seal_message
 from control.ike.events import (
     Address,
@@ -237,6 +239,15 @@ class IkeResponder:
         if prf_id not in self._prfs:
             self._prfs[prf_id] = Prf(prf_id)
         return self._prfs[prf_id]
+
+    def trust_anchors(self) -> list[Any]:
+        """Return the trust anchors of all profiles, each once (for CERTREQ)."""
+        seen: dict[bytes, Any] = {}
+        for profile in self.config.profiles:
+            if profile.trust is not None:
+                for cert in profile.trust.anchors:
+                    seen.setdefault(cert.fingerprint(SHA256()), cert)
+        return list(seen.values())
 
     def new_ike_spi(self) -> bytes:
         while True:

@@ -92,6 +92,9 @@ class IkeSA:
     cipher_out: SkCipher = field(repr=False)
     peer_behind_nat: bool = False
     self_behind_nat: bool = False
+    # RFC 7427 hashes the peer can verify; CA hashes from its CERTREQs
+    peer_sig_hashes: list[int] = field(default_factory=list)
+    peer_certreq: list[bytes] = field(default_factory=list, repr=False)
     state: IkeState = IkeState.HALF_OPEN
     half_open_deadline: float | None = None
     established_at: float | None = None
