@@ -17,12 +17,21 @@ functions that work in place on buffers with headroom:
   ESN inference; it is checked before the ICV and updated only after it.
 * ``Engine`` owns an epoll set over the ESP-in-UDP socket (RFC 3948), every
   session's TUN fd and an eventfd.  One worker thread loops: ``epoll_wait``, then
-  for each ready fd takes the table lock and handles one batch (TUN: read until
-  EAGAIN or ``batch``, seal, ``sendmmsg``; UDP: ``recvmmsg``, classify, open,
-  write to the session's TUN).  IKE datagrams (non-ESP marker) stay in the
-  receive slots and are handed to the Python callback after the lock is
-  released, with the GIL.  Python mutators take the same lock, so the worker
-  never sees an SA half installed or freed.
+  for each ready fd takes the table lock and handles one batch.  IKE datagrams
+  (non-ESP marker) stay in the receive slots and are handed to the Python
+  callback after the lock is released, with the GIL.  Python mutators take the
+  same lock, so the worker never sees an SA half installed or freed.
+* TUN to UDP: read until EAGAIN or ``batch`` reads.  A TUN opened with a vnet
+  header hands over TCP/UDP super-packets; ``gso_split`` cuts them into MTU-sized
+  packets in the tx slots (headers fixed up, checksums completed).  The slots are
+  sealed in place and runs of equal-size ESP packets (the last may be shorter)
+  leave as one ``sendmmsg`` entry with ``UDP_SEGMENT``.  A kernel that refuses
+  (EIO/EINVAL) switches the engine to one datagram per entry for good.
+* UDP to TUN: ``recvmmsg`` into 64 KB slots with ``UDP_GRO``; each coalesced
+  datagram is split by its gso_size cmsg, every ESP packet opened in place and
+  queued.  The queue is written per session: on a vnet TUN, in-order segments of
+  one TCP flow become one super-packet (``tcp_run``, one ``writev``), anything
+  else goes alone behind an empty vnet header written over the spent ESP header.
 
 Drops are counted, per SA where an SA is known and globally otherwise, and never
 logged.  The module-level wrappers (``gcm_seal``, ``esp_encrypt``, ...) call the
@@ -1144,6 +1153,42 @@ cdef inline int tcp_follows(const uint8_t *f, const uint8_t *prev, int prevpay,
     return be32(c + ihl + 4) == be32(prev + ihl + 4) + <uint32_t>prevpay
 
 
+cdef int tcp_run(uint8_t **ptr, const int *lens, int n, int *hl_out) noexcept nogil:
+    """Find the TCP run at ptr[0]; if longer than one, make ptr[0] its head.
+
+    Return the run length k: segments 1..k-1 then contribute only their payload
+    (after hl_out[0] header octets), behind ptr[0]'s headers and vnet header.
+    """
+    cdef int k = 1, ihl = 0, cihl = 0, hl, total, fpay, prevpay, ch
+    cdef uint8_t *p = ptr[0]
+    cdef uint8_t *prev = p
+    hl = tcp_head(p, lens[0], &ihl)
+    if not hl:
+        return 1
+    fpay = lens[0] - hl
+    prevpay = fpay
+    total = lens[0]
+    # all segments but the last carry the first one's size; PSH ends a run
+    while k < n and k < COALESCE_MAX and prevpay == fpay:
+        if prev[ihl + 13] & TCP_PSH:
+            break
+        ch = tcp_head(ptr[k], lens[k], &cihl)
+        if ch != hl or cihl != ihl or lens[k] - hl > fpay:
+            break
+        if total + lens[k] - hl > 65535:
+            break
+        if not tcp_follows(p, prev, prevpay, ptr[k], hl, ihl):
+            break
+        total += lens[k] - hl
+        prev = ptr[k]
+        prevpay = lens[k] - hl
+        k += 1
+    if k > 1:
+        tcp_run_head(p, hl, ihl, total, fpay, prev[ihl + 13] & TCP_PSH)
+    hl_out[0] = hl
+    return k
+
+
 cdef void tcp_run_head(uint8_t *p, int hl, int ihl, int total, int gso,
                        int psh) noexcept nogil:
     """Turn the first segment's headers and vnet header into a super-packet's."""
@@ -1167,6 +1212,92 @@ cdef void tcp_run_head(uint8_t *p, int hl, int ihl, int total, int gso,
     h.csum_start = <uint16_t>ihl
     h.csum_offset = 16
     memcpy(p - VNET_LEN, &h, VNET_LEN)
+
+
+def tun_segment(bytes vnet_hdr, bytes packet, int mtu=9000) -> list:
+    """Cut a TUN super-packet (vnet header + packet) as the engine does.
+
+    Return packets of at most mtu octets with complete headers and checksums;
+    a packet without GSO comes back alone with its partial checksum finished.
+    Raise ValueError when the headers do not parse.
+    """
+    cdef vnet_hdr_t h
+    cdef Py_ssize_t n = len(packet)
+    cdef int room = 1024, k, i
+    cdef uint8_t *out
+    cdef int *lens
+    if len(vnet_hdr) != VNET_LEN or n > 65535:
+        raise ValueError(f"Bad vnet header or packet length {len(vnet_hdr)}, {n}")
+    memcpy(&h, PyBytes_AS_STRING(vnet_hdr), VNET_LEN)
+    out = <uint8_t *>malloc(<size_t>room * SLOT)
+    lens = <int *>malloc(room * sizeof(int))
+    if out == NULL or lens == NULL:
+        free(out)
+        free(lens)
+        raise MemoryError()
+    try:
+        if h.gso_type == GSO_NONE:
+            memcpy(out, PyBytes_AS_STRING(packet), n)
+            lens[0] = <int>n
+            k = 1
+            if h.flags & VNET_F_NEEDS_CSUM and csum_complete(&h, out, <int>n) != 0:
+                k = ERR_MALFORMED
+        else:
+            k = gso_split(&h, <const uint8_t *>PyBytes_AS_STRING(packet), <int>n,
+                          out, SLOT, mtu, lens, room)
+        if k < 0:
+            raise ValueError("Malformed super-packet")
+        return [PyBytes_FromStringAndSize(<char *>out + <size_t>i * SLOT, lens[i])
+                for i in range(k)]
+    finally:
+        free(out)
+        free(lens)
+
+
+def tun_coalesce(list packets) -> list:
+    """Fold in-order TCP segments as the engine does before a TUN write.
+
+    Return one buffer per write: a vnet header and the packet, a run's payloads
+    appended behind its first segment.
+    """
+    cdef Py_ssize_t n = len(packets)
+    cdef int i = 0, k, j, hl = 0
+    cdef uint8_t *buf
+    cdef uint8_t **ptr
+    cdef int *lens
+    for pkt in packets:
+        if not isinstance(pkt, bytes) or not 40 <= len(pkt) <= SLOT - HEADROOM:
+            raise ValueError("Bad packet in batch")
+    buf = <uint8_t *>malloc(<size_t>(n + 1) * SLOT)
+    ptr = <uint8_t **>malloc((n + 1) * sizeof(uint8_t *))
+    lens = <int *>malloc((n + 1) * sizeof(int))
+    out = []
+    try:
+        if buf == NULL or ptr == NULL or lens == NULL:
+            raise MemoryError()
+        for j in range(n):
+            ptr[j] = buf + <size_t>j * SLOT + HEADROOM
+            lens[j] = len(packets[j])
+            memcpy(ptr[j], PyBytes_AS_STRING(packets[j]), lens[j])
+        while i < n:
+            k = tcp_run(ptr + i, lens + i, <int>(n - i), &hl)
+            if k == 1:
+                memset(ptr[i] - VNET_LEN, 0, VNET_LEN)
+                out.append(PyBytes_FromStringAndSize(<char *>ptr[i] - VNET_LEN,
+                                                     lens[i] + VNET_LEN))
+            else:
+                one = [PyBytes_FromStringAndSize(<char *>ptr[i] - VNET_LEN,
+                                                 lens[i] + VNET_LEN)]
+                for j in range(i + 1, i + k):
+                    one.append(PyBytes_FromStringAndSize(<char *>ptr[j] + hl,
+                                                         lens[j] - hl))
+                out.append(b"".join(one))
+            i += k
+        return out
+    finally:
+        free(buf)
+        free(ptr)
+        free(lens)
 
 
 cdef inline int gro_size(msghdr *mh) noexcept nogil:
@@ -1808,11 +1939,9 @@ cdef class Engine:
 
     cdef void _flush_tun(self) noexcept nogil:
         """Write the queued inner packets, runs of one TCP flow as one."""
-        cdef int i = 0, k, n, hl, ihl = 0, cihl = 0, total, fpay, prevpay, ch, cn
+        cdef int i = 0, k, m, n, hl = 0
         cdef session_t *s
         cdef uint8_t *p
-        cdef uint8_t *c
-        cdef uint8_t *prev
         cdef long r
         while i < self.in_n:
             s = self.in_sess[i]
@@ -1822,36 +1951,16 @@ cdef class Engine:
             if not s.vnet:
                 r = write(s.tun_fd, p, n)
             else:
-                # extend the run while segments continue the first one's flow
-                hl = tcp_head(p, n, &ihl) if self.coalesce else 0
-                if hl:
-                    fpay = n - hl
-                    prev = p
-                    prevpay = fpay
-                    total = n
-                    while i + k < self.in_n and k < COALESCE_MAX:
-                        c = self.in_ptr[i + k]
-                        cn = self.in_len[i + k]
-                        if self.in_sess[i + k] != s or prevpay != fpay:
-                            break
-                        if prev[ihl + 13] & TCP_PSH:
-                            break
-                        ch = tcp_head(c, cn, &cihl)
-                        if ch != hl or cihl != ihl or cn - hl > fpay:
-                            break
-                        if total + cn - hl > 65535:
-                            break
-                        if not tcp_follows(p, prev, prevpay, c, hl, ihl):
-                            break
-                        total += cn - hl
-                        prev = c
-                        prevpay = cn - hl
-                        k += 1
+                # the packets after i that go to the same TUN, then the TCP run
+                m = 1
+                while i + m < self.in_n and self.in_sess[i + m] == s:
+                    m += 1
+                k = tcp_run(self.in_ptr + i, self.in_len + i, m, &hl) if (
+                    self.coalesce) else 1
                 if k == 1:
                     memset(p - VNET_LEN, 0, VNET_LEN)
                     r = write(s.tun_fd, p - VNET_LEN, n + VNET_LEN)
                 else:
-                    tcp_run_head(p, hl, ihl, total, fpay, prev[ihl + 13] & TCP_PSH)
                     self._write_run(s, i, k, hl)
                     r = 0
             if r < 0:
