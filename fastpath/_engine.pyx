@@ -572,6 +572,10 @@ cdef sa_t *sa_from_params(object params, int backend, int family) except NULL:
         sa.next_seq = params.next_seq
         sa.seq_limit = 0xFFFFFFFFFFFFFFFFULL if sa.esn else 0xFFFFFFFFULL
         replay_init(&sa.replay, params.replay_window, sa.esn)
+        # an inbound SA resumed from stored state expects next_seq next: the
+        # window starts just below it (nothing marked), so ESN inference works
+        if sa.inbound and sa.next_seq > 1:
+            sa.replay.top = sa.next_seq - 1
         fill_sockaddr(&sa.peer, &sa.peer_len, params.peer, family)
         for i, ts in enumerate(params.remote_ts):
             net = ipaddress.ip_network(ts, strict=False)

@@ -349,6 +349,14 @@ def tunnel() -> Iterator[tuple[Helper, Helper]]:
 
 
 @pytest.fixture(scope="module")
+def esn_tunnel() -> Iterator[tuple[Helper, Helper]]:
+    # ESN SAs whose 64-bit counter starts 16 packets below the 32-bit boundary
+    names = (f"egt-fp{PID}e", f"egt-fp{PID}f", f"egfe{PID}"[:15], f"egff{PID}"[:15])
+    extra = {"esn": True, "next_seq": 0xFFFFFFF0}
+    yield from _tunnel(names, {"sa_extra": extra})
+
+
+@pytest.fixture(scope="module")
 def plain_tunnel() -> Iterator[tuple[Helper, Helper]]:
     # every offload off: plain TUN, one datagram per sendmmsg slot, no coalescing
     names = (f"egt-fp{PID}c", f"egt-fp{PID}d", f"egfc{PID}"[:15], f"egfd{PID}"[:15])
@@ -449,6 +457,17 @@ def test_tcp_round_trip_without_offloads(plain_tunnel: tuple[Helper, Helper]) ->
             "udp_gro": False,
             "tun_coalesce": False,
         }
+
+
+def test_esn_counter_crosses_32_bits(esn_tunnel: tuple[Helper, Helper]) -> None:
+    a, b = esn_tunnel
+    port = b.call(cmd="tcp_echo", host=INNER_B)
+    sent, received = a.call(cmd="tcp_rt", host=INNER_B, port=port, size=300_000)
+    assert sent == received
+    # RFC 4303 appendix A: the receiver follows the high half it never sees
+    assert a.call(cmd="sa_counters", spi=SPI_AB, inbound=False)["next_seq"] > 1 << 32
+    assert b.call(cmd="sa_counters", spi=SPI_AB, inbound=True)["highest_seq"] > 1 << 32
+    assert _in_drops(b, SPI_AB, "auth") == _in_drops(b, SPI_AB, "replay") == 0
 
 
 def test_replayed_datagram_counted_replay(tunnel: tuple[Helper, Helper]) -> None:
@@ -633,6 +652,8 @@ def _helper() -> None:
             session=1,
             peer=(d["peer"][0], d["peer"][1]),
             remote_ts=tuple(d["remote_ts"]),
+            esn=d.get("esn", False),
+            next_seq=d.get("next_seq", 1),
         )
 
     def configure(cfg: dict) -> str:
@@ -664,7 +685,7 @@ def _helper() -> None:
         )
         engine.add_session(1, fd)
         for d in cfg["sas"]:
-            engine.install_sa(sa_params(d))
+            engine.install_sa(sa_params({**d, **cfg.get("sa_extra", {})}))
         engine.start(lambda data, addr: ike.put((data, addr)))
         return ifname
 
