@@ -33,7 +33,11 @@ def _check_addr(name: str, value: object) -> None:
 
 @dataclass(frozen=True)
 class SAParams:
-    """One direction of an ESP SA (AES-GCM-16) as the engine consumes it."""
+    """One direction of an ESP SA (AES-GCM-16) as the engine consumes it.
+
+    ``next_seq`` is the next number to send (outbound) or expected (inbound: the
+    replay window starts just below it, for SAs resumed from stored state).
+    """
 
     spi: int
     inbound: bool
