@@ -1,4 +1,4 @@
-"""The ``espgate`` command line.
+"""The espgate command line.
 
 espgate serve [--config FILE]          run the headend (embedded default
                                        without --config)
@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default="results/run.json", help="results file")
     p.add_argument(
         "--bytes",
-        type=int,
+        type=_positive,
         default=128 * 1024 * 1024,
         help="size of the checked TCP transfer",
     )
@@ -92,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {value}")
+    return value
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -100,7 +107,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from control.daemon import serve
+    from control.daemon import StartupError, serve
 
     config = configmod.load(args.config)
     overrides: dict[str, Any] = {}
@@ -113,7 +120,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if overrides:
         config = configmod.replace_server(config, **overrides)
     _setup_logging(config.server.log_level)
-    serve(config)
+    try:
+        serve(config)
+    except StartupError as exc:
+        print(f"espgate: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -154,11 +165,24 @@ def _cmd_show(args: argparse.Namespace) -> int:
             f"espgate: cannot reach the daemon at {args.socket}: {exc}", file=sys.stderr
         )
         return 1
-    if args.json or args.what != "sessions":
+    if args.json:
         print(json.dumps(answer, indent=2))
-        return 0
-    print(format_sessions(answer["sessions"]))
+    elif args.what == "sessions":
+        print(format_sessions(answer["sessions"]))
+    else:
+        print(format_counters(answer))
     return 0
+
+
+def format_counters(answer: dict[str, Any], prefix: str = "") -> str:
+    """Render nested counters as ``area.name  value`` lines."""
+    lines = []
+    for key, value in answer.items():
+        if isinstance(value, dict):
+            lines.append(format_counters(value, f"{prefix}{key}."))
+        else:
+            lines.append(f"{prefix}{key:<28} {value}")
+    return "\n".join(line for line in lines if line)
 
 
 def format_sessions(sessions: list[dict[str, Any]]) -> str:
@@ -175,15 +199,14 @@ def format_sessions(sessions: list[dict[str, Any]]) -> str:
     for s in sessions:
         for c in s["children"] or [None]:
             if c is None:
-                rows.append(
-                    (s["identity"], s["outside"], str(s["inside"]), "-", "-", "-")
-                )
+                inside = str(s["inside"] or "-")
+                rows.append((s["identity"], s["outside"], inside, "-", "-", "-"))
                 continue
             rows.append(
                 (
                     s["identity"],
                     s["outside"],
-                    str(s["inside"]),
+                    str(s["inside"] or "-"),
                     f"{c['spi_in']}/{c['spi_out']}",
                     f"{c['packets_in']}/{c['packets_out']}",
                     f"{c['bytes_in']}/{c['bytes_out']}",
@@ -221,7 +244,10 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
             print(f"{name:24} {case.summary}")
         return 0
     _setup_logging("info")
-    names = args.cases.split(",") if args.cases else None
+    names = [n for n in (args.cases or "").split(",") if n.strip()] or None
+    if args.cases is not None and names is None:
+        print("espgate: --cases names no case", file=sys.stderr)
+        return 2
     results = selftest.run(names, Path(args.json), keep_logs=args.keep_logs)
     return 0 if all(r["passed"] for r in results) else 1
 

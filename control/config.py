@@ -130,6 +130,9 @@ def load(path: str | Path | None = None) -> Config:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError(str(path), None, "file", exc.strerror or str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), None, "file", f"not UTF-8 text: {exc.reason} "
+                          f"at byte {exc.start}") from None
     return parse(text, str(path))
 
 
@@ -145,8 +148,49 @@ def parse(text: str, source: str) -> Config:
     return reader.config(data)
 
 
+def identity_problem(text: str) -> str | None:
+    """Say what is wrong with a ``type:value`` identity, or None."""
+    kind, sep, value = text.partition(":")
+    if not sep:
+        kind, value = "", text
+    if not value.strip():
+        return "empty identity"
+    try:
+        if kind == "ipv4":
+            ipaddress.IPv4Address(value)
+        elif kind == "ipv6":
+            ipaddress.IPv6Address(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def listen_problem(listen: str) -> str | None:
+    """Say what is wrong with a listen address, or None."""
+    try:
+        address = ipaddress.ip_address(listen)
+    except ValueError:
+        return f"not an IP address: {listen!r}"
+    if address.version != 4:
+        return f"only IPv4 listen addresses are supported, not {listen!r}"
+    return None
+
+
+def socket_problem(path: str) -> str | None:
+    """Say what is wrong with a control socket path, or None."""
+    if not path.startswith("/"):
+        return f"not an absolute path: {path!r}"
+    if len(path.encode()) > 107:
+        return "longer than the 107 bytes a Unix socket path may have"
+    return None
+
+
 def replace_server(config: Config, **changes: Any) -> Config:
-    """Return ``config`` with some ``[server]`` fields changed."""
+    """Return ``config`` with some ``[server]`` fields changed (and checked)."""
+    for key, check in (("listen", listen_problem), ("control_socket", socket_problem)):
+        if key in changes and (problem := check(changes[key])):
+            raise ConfigError("command line", None, f"--{key.replace('_', '-')}",
+                              problem)
     server = dataclasses.replace(config.server, **changes)
     return dataclasses.replace(config, server=server)
 
@@ -171,6 +215,13 @@ def _index_lines(text: str) -> dict[PathKey, int]:
             key = tuple(p.strip('"') for p in m.group(1).split("."))
             lines.setdefault((*table, *key), number)
     return lines
+
+
+def _show(path: PathKey, value: Any) -> str:
+    """Describe a wrong value for an error without echoing secrets or tables."""
+    if any(part in SECRET_FIELDS for part in path) or isinstance(value, dict | list):
+        return {dict: "a table", list: "a list"}.get(type(value), type(value).__name__)
+    return repr(value)
 
 
 def _dotted(path: PathKey) -> str:
@@ -209,7 +260,8 @@ class _Reader:
             return default
         value = data[key]
         if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-            raise self.error(path, f"expected {kind.__name__}, got {value!r}")
+            shown = _show(path, value)
+            raise self.error(path, f"expected {kind.__name__}, got {shown}")
         return value
 
     def choice(
@@ -246,6 +298,14 @@ class _Reader:
             name: self.pool(name, self.get(pools_data, ("pools", name), dict, None))
             for name in pools_data
         }
+        seen: list[PoolConfig] = []
+        for pool in pools.values():
+            for other in seen:
+                if pool.first <= other.last and other.first <= pool.last:
+                    raise self.error(
+                        ("pools", pool.name, "range"), f"overlaps pool {other.name!r}"
+                    )
+            seen.append(pool)
         profiles_data = self.get(data, ("profiles",), list, _REQUIRED)
         if not profiles_data:
             raise self.error(("profiles",), "at least one profile is needed")
@@ -265,10 +325,11 @@ class _Reader:
         self.table(data, p, {f.name for f in dataclasses.fields(ServerConfig)})
         d = ServerConfig()
         listen = self.get(data, (*p, "listen"), str, d.listen)
-        try:
-            ipaddress.ip_address(listen)
-        except ValueError:
-            raise self.error((*p, "listen"), f"not an IP address: {listen!r}") from None
+        if problem := listen_problem(listen):
+            raise self.error((*p, "listen"), problem)
+        control_socket = self.get(data, (*p, "control_socket"), str, d.control_socket)
+        if problem := socket_problem(control_socket):
+            raise self.error((*p, "control_socket"), problem)
         ike_port = self.port(data, (*p, "ike_port"), d.ike_port)
         natt_port = self.port(data, (*p, "natt_port"), d.natt_port)
         if ike_port == natt_port:
@@ -277,9 +338,7 @@ class _Reader:
             listen=listen,
             ike_port=ike_port,
             natt_port=natt_port,
-            control_socket=self.get(
-                data, (*p, "control_socket"), str, d.control_socket
-            ),
+            control_socket=control_socket,
             log_level=self.choice(data, (*p, "log_level"), LOG_LEVELS, d.log_level),
         )
 
@@ -302,19 +361,28 @@ class _Reader:
         text = self.get(data, (*p, "range"), str, _REQUIRED)
         try:
             if "/" in text:
-                net = ipaddress.IPv4Network(text, strict=False)
-                hosts = list(net.hosts()) if net.num_addresses > 2 else list(net)
-                first, last = hosts[0], hosts[-1]
+                net = ipaddress.IPv4Network(text)
+                # a /31 or /32 is all usable; otherwise skip network and broadcast
+                edge = 1 if net.prefixlen < 31 else 0
+                first = net.network_address + edge
+                last = net.broadcast_address - edge
             else:
                 lo, _, hi = text.partition("-")
                 first = ipaddress.IPv4Address(lo.strip())
                 last = ipaddress.IPv4Address(hi.strip() or lo.strip())
-        except (ValueError, IndexError):
+        except ValueError:
             raise self.error(
                 (*p, "range"), f"expected 'first-last' or a prefix, got {text!r}"
             ) from None
         if last < first:
             raise self.error((*p, "range"), f"{last} comes before {first}")
+        if int(last) - int(first) + 1 > MAX_POOL_SIZE:
+            raise self.error((*p, "range"), f"more than {MAX_POOL_SIZE} addresses")
+        for bad in _UNUSABLE:
+            if first <= bad.broadcast_address and last >= bad.network_address:
+                raise self.error(
+                    (*p, "range"), f"overlaps {bad}, which clients cannot use"
+                )
         return PoolConfig(name, first, last)
 
     def profile(
@@ -323,7 +391,11 @@ class _Reader:
         p: PathKey = ("profiles", index)
         self.table(data, p, {f.name for f in dataclasses.fields(ProfileConfig)})
         name = self.get(data, (*p, "name"), str, _REQUIRED)
+        if not name or not name.isprintable():
+            raise self.error((*p, "name"), "must be non-empty printable text")
         local_identity = self.get(data, (*p, "local_identity"), str, _REQUIRED)
+        if problem := identity_problem(local_identity):
+            raise self.error((*p, "local_identity"), problem)
         kind, sep, _ = local_identity.partition(":")
         if sep and kind not in IDENTITY_TYPES:
             raise self.error(
@@ -357,6 +429,8 @@ class _Reader:
                 problem = f"not an IPv4 address: {item!r}"
                 raise self.error((*p, "dns"), problem) from None
         local_ts = self.strings(data, (*p, "local_ts"), ["0.0.0.0/0"])
+        if not local_ts:
+            raise self.error((*p, "local_ts"), "empty: no traffic could be allowed")
         for item in local_ts:
             try:
                 ipaddress.IPv4Network(item)
@@ -365,6 +439,8 @@ class _Reader:
                     (*p, "local_ts"), f"not an IPv4 prefix: {item!r}"
                 ) from None
         esp = self.strings(data, (*p, "esp"), list(ESP_PROPOSALS))
+        if not esp:
+            raise self.error((*p, "esp"), "empty: no CHILD SA could be negotiated")
         for item in esp:
             if item not in ESP_PROPOSALS:
                 raise self.error(
@@ -454,3 +530,10 @@ class _Reader:
 
 
 _REQUIRED = object()
+MAX_POOL_SIZE = 1 << 20
+_UNUSABLE = [
+    ipaddress.IPv4Network(n)
+    for n in ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4",
+              "240.0.0.0/4")
+]
+SECRET_FIELDS = {"psk", "password", "secret", "private_key_password"}

@@ -39,6 +39,7 @@ from control.lab import (
     ping,
     tcp_transfer,
 )
+from control.lab.procs import interrupt_once
 
 log = logging.getLogger("espgate.selftest")
 
@@ -495,7 +496,7 @@ def run(
         workdir = base / name
         shutil.rmtree(workdir, ignore_errors=True)
         try:
-            with HeadendLab(workdir, **case.lab) as lab:
+            with interrupt_once(), HeadendLab(workdir, **case.lab) as lab:
                 detail, failures = case.func(lab)
         except Exception as exc:
             detail, failures = {"traceback": traceback.format_exc()}, [repr(exc)]

@@ -158,3 +158,77 @@ def test_parse_bad_crl_file_rejected(pki_dir):
     text = CERT_PROFILE + 'crl = ["pki/ca.pem"]\n'
     with pytest.raises(ConfigError, match=r"profiles\[0\].crl:"):
         config.parse(text, str(pki_dir / "espgate.toml"))
+
+
+def test_parse_huge_pool_prefix_rejected_without_listing_it():
+    with pytest.raises(ConfigError, match="more than"):
+        config.parse(GOOD.replace("198.18.128.10-198.18.128.20", "0.0.0.0/0"), "t")
+
+
+@pytest.mark.parametrize("bad", ["127.0.0.1-127.0.0.5", "224.0.0.1-224.0.0.9",
+                                 "0.0.0.0-0.0.0.3", "255.255.255.250-255.255.255.255"])
+def test_parse_pool_of_unusable_addresses_rejected(bad):
+    with pytest.raises(ConfigError, match="cannot use"):
+        config.parse(GOOD.replace("198.18.128.10-198.18.128.20", bad), "t")
+
+
+def test_parse_pool_prefix_with_host_bits_rejected():
+    with pytest.raises(ConfigError, match="pools.office.range"):
+        config.parse(GOOD.replace("198.18.128.10-198.18.128.20", "198.18.128.10/24"),
+                     "t")
+
+
+def test_parse_overlapping_pools_rejected():
+    text = GOOD.replace('[[profiles]]', '[pools.lab]\nrange = "198.18.128.15/32"\n\n'
+                        '[[profiles]]')
+    with pytest.raises(ConfigError, match="overlaps pool 'office'"):
+        config.parse(text, "t")
+
+
+@pytest.mark.parametrize(
+    "psk", ['["my-real-secret-psk-value"]', "98765432109876543210"]
+)
+def test_parse_wrong_psk_type_does_not_echo_it(psk):
+    with pytest.raises(ConfigError) as info:
+        config.parse(GOOD.replace('"a-long-enough-secret"', psk), "t")
+    assert "my-real-secret" not in str(info.value)
+    assert "98765432109876543210" not in str(info.value)
+
+
+def test_parse_profiles_as_table_does_not_echo_contents():
+    with pytest.raises(ConfigError) as info:
+        config.parse(GOOD.replace("[[profiles]]", "[profiles]"), "t")
+    assert "a-long-enough-secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(("old", "new", "field"), [
+    ('listen = "198.18.1.1"', 'listen = "::"', "server.listen"),
+    ('listen = "198.18.1.1"', 'control_socket = "relative.sock"',
+     "server.control_socket"),
+    ('listen = "198.18.1.1"', f'control_socket = "/{"x" * 120}"',
+     "server.control_socket"),
+    ('local_identity = "fqdn:vpn.example.net"', 'local_identity = "ipv4:300.1.1.1"',
+     "profiles[0].local_identity"),
+    ('local_identity = "fqdn:vpn.example.net"', 'local_identity = "fqdn:"',
+     "profiles[0].local_identity"),
+    ('name = "staff"', 'name = ""', "profiles[0].name"),
+    ('pool = "office"', 'pool = "office"\nesp = []', "profiles[0].esp"),
+    ('pool = "office"', 'pool = "office"\nlocal_ts = []', "profiles[0].local_ts"),
+])
+def test_parse_values_that_would_fail_at_runtime_rejected(old, new, field):
+    with pytest.raises(ConfigError) as info:
+        config.parse(GOOD.replace(old, new), "t")
+    assert info.value.fieldname == field
+
+
+def test_load_non_utf8_file_is_a_config_error(tmp_path):
+    path = tmp_path / "binary.toml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        config.load(path)
+
+
+def test_replace_server_checks_overrides():
+    cfg = config.parse(GOOD, "t")
+    with pytest.raises(ConfigError, match="--listen"):
+        config.replace_server(cfg, listen="nope")
