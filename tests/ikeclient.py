@@ -22,14 +22,18 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, x25519
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from control.ike.crypto import MODP_2048_P
 from control.ike.messages import (
     AuthMethod,
     AuthPayload,
+    CertPayload,
     CfgAttribute,
     CfgType,
     ConfigAttribute,
@@ -67,11 +71,18 @@ from control.ike.messages import (
 )
 from control.ike.profiles import Identity
 
+# RFC 7427 appendix A.1.2 / A.3.1: sha256WithRSAEncryption, ecdsa-with-sha256
+RSA_SHA256_ALG_ID = bytes.fromhex("300d06092a864886f70d01010b0500")
+ECDSA_SHA256_ALG_ID = bytes.fromhex("300a06082a8648ce3d040302")
+
 HASHES = {
     PrfId.PRF_HMAC_SHA2_256: hashlib.sha256,
     PrfId.PRF_HMAC_SHA2_384: hashlib.sha384,
     PrfId.PRF_HMAC_SHA2_512: hashlib.sha512,
 }
+
+
+DER = Encoding.DER
 
 
 class ServerRefused(Exception):
@@ -137,8 +148,13 @@ class IkeClient:
         tsr: list[str] | None = None,
         request_config: bool = True,
         fake_nat: bool = False,
+        signer: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | None = None,
+        certs: list[x509.Certificate] | None = None,
     ) -> None:
         self.identity = Identity.from_string(identity)
+        # with a signer: CERT payloads and an RFC 7427 SHA-256 signature
+        self.signer = signer
+        self.certs = certs or []
         self.psk = psk
         self.remote_id = Identity.from_string(remote_id) if remote_id else None
         self.dh_group = dh_group
@@ -406,6 +422,19 @@ class IkeClient:
         octets = real_message + nonce + self.prf(sk_p, id_body)
         return self.prf(self.prf(self.psk, b"Key Pad for IKEv2"), octets)
 
+    def _signature(self, id_body: bytes) -> AuthPayload:
+        # RFC 7427 3: length | AlgorithmIdentifier | signature over the octets
+        octets = self.init_req + self.nonce_r + self.prf(self.sk_pi, id_body)
+        if isinstance(self.signer, rsa.RSAPrivateKey):
+            alg = RSA_SHA256_ALG_ID
+            sig = self.signer.sign(octets, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            assert self.signer is not None
+            alg = ECDSA_SHA256_ALG_ID
+            sig = self.signer.sign(octets, ec.ECDSA(hashes.SHA256()))
+        data = bytes([len(alg)]) + alg + sig
+        return AuthPayload(AuthMethod.DIGITAL_SIGNATURE, data)
+
     def auth_request(self, extra: list[Payload] | None = None) -> bytes:
         """Build the IKE_AUTH request the way strongSwan lays it out."""
         idi = IDiPayload(self.identity.type, self.identity.data)
@@ -415,8 +444,12 @@ class IkeClient:
         ]
         if self.remote_id is not None:
             payloads.append(IDrPayload(self.remote_id.type, self.remote_id.data))
-        auth = self._auth(self.init_req, self.nonce_r, self.sk_pi, idi.push_body())
-        payloads.append(AuthPayload(AuthMethod.SHARED_KEY_MIC, auth))
+        if self.signer is None:
+            auth = self._auth(self.init_req, self.nonce_r, self.sk_pi, idi.push_body())
+            payloads.append(AuthPayload(AuthMethod.SHARED_KEY_MIC, auth))
+        else:
+            payloads += [CertPayload(4, c.public_bytes(DER)) for c in self.certs]
+            payloads.append(self._signature(idi.push_body()))
         if self.request_config:
             payloads.append(
                 CPPayload(

@@ -15,7 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from control.ike.certs import TrustStore
+from control.ike.matching import CertRule
 from control.ike.messages import (
+    CertPayload,
     DeletePayload,
     EncrId,
     ExchangeType,
@@ -40,9 +43,16 @@ from control.ike.responder import (
 )
 
 try:
-    from tests.ikeclient import AuthResult, ChildResult, IkeClient, ServerRefused
+    from tests.ikeclient import (
+        DER,
+        AuthResult,
+        ChildResult,
+        IkeClient,
+        ServerRefused,
+    )
 except ImportError:  # pytest's rootdir-relative import without tests/__init__.py
     from ikeclient import (  # type: ignore[no-redef]
+        DER,
         AuthResult,
         ChildResult,
         IkeClient,
@@ -701,3 +711,105 @@ def test_first_admitting_profile_is_used() -> None:
         connect(r, IkeClient(psk=b"other"))
     connect(r, IkeClient(identity="someone@example.org", psk=b"other"))
     assert events(r)[0].profile == "all"
+
+
+@pytest.fixture(scope="module")
+def client_pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from control.lab.pki import LabPki
+
+    return LabPki.create(tmp_path_factory.mktemp("pki"), "p256", chain=True)
+
+
+def _cert_profile(name: str, pki: Any, rules: list[CertRule]) -> Profile:
+    return Profile(
+        name,
+        ["*"],
+        Identity.from_string("vpn.example.net"),
+        PSK,
+        remote_auth=["ecdsa-sig"],
+        trust=TrustStore([pki.root.cert]),
+        cert_map=rules,
+    )
+
+
+def _cert_client(pki: Any) -> IkeClient:
+    return IkeClient(
+        identity="client1@espgate.example",
+        signer=pki.client.key,
+        certs=[pki.client.cert, pki.client_intermediate.cert],
+    )
+
+
+def test_certificate_map_selects_profile_and_its_pool(client_pki: Any) -> None:
+    r = make_responder()
+    wrong = _cert_profile("servers", client_pki, [CertRule("issuer.cn", "contains",
+                                                           "server CA")])  # fmt: skip
+    right = _cert_profile("clients", client_pki, [CertRule("issuer.cn", "contains",
+                                                           "client CA")])  # fmt: skip
+    r.config.profiles[:] = [wrong, right]
+    chosen: list[str] = []
+
+    def allocate_for(profile: str, identity: str, session: str) -> Any:
+        chosen.append(profile)
+        return ipaddress.IPv4Address("198.18.200.1")
+
+    r.config.allocate_for_profile = allocate_for
+    result = connect(r, _cert_client(client_pki))
+    assert result.inside_address == ipaddress.IPv4Address("198.18.200.1")
+    assert chosen == ["clients"]
+    assert events(r)[0].profile == "clients"
+
+
+def test_certificate_map_without_match_fails_auth(client_pki: Any) -> None:
+    r = make_responder()
+    rule = CertRule("subject.cn", "equals", "somebody else")
+    r.config.profiles[:] = [_cert_profile("clients", client_pki, [rule])]
+    with pytest.raises(ServerRefused) as refused:
+        connect(r, _cert_client(client_pki))
+    assert refused.value.notify == NotifyType.AUTHENTICATION_FAILED
+    assert r.counters["auth_failed"] == 1
+
+
+def test_certificate_map_refuses_psk_with_a_matching_certificate(
+    client_pki: Any,
+) -> None:
+    # a CERT payload alone proves nothing: a map profile needs its signature
+    r = make_responder()
+    rule = CertRule("issuer.cn", "contains", "client CA")
+    profile = _cert_profile("clients", client_pki, [rule])
+    profile.remote_auth = ["pre-share", "ecdsa-sig"]
+    r.config.profiles[:] = [profile]
+    client = IkeClient(identity="client1@espgate.example")
+    connect_extra = [CertPayload(4, client_pki.client.cert.public_bytes(DER))]
+    (reply,) = exchange(r, client.init_request())
+    client.handle_init_response(reply.data)
+    (reply,) = exchange(r, client.auth_request(extra=connect_extra))
+    with pytest.raises(ServerRefused):
+        client.handle_auth_response(reply.data)
+    assert r.counters["auth_failed"] == 1
+
+
+def test_dn_identity_selects_dn_profile() -> None:
+    r = make_responder()
+    r.config.profiles.insert(
+        0,
+        Profile("ops", ["dn:O=espgate lab,OU=ops"],
+                Identity.from_string("vpn.example.net"), b"ops-psk-0123456789"),
+    )  # fmt: skip
+    dn = "dn:CN=carol,OU=ops,O=espgate lab,C=CH"
+    connect(r, IkeClient(identity=dn, psk=b"ops-psk-0123456789"))
+    up = events(r)[0]
+    assert up.profile == "ops" and up.identity == "CN=carol,OU=ops,O=espgate lab,C=CH"
+
+
+def test_key_id_identity_selects_key_id_profile() -> None:
+    r = make_responder()
+    r.config.profiles.insert(
+        0,
+        Profile("android", ["keyid:a1b2c3d4"],
+                Identity.from_string("vpn.example.net"), b"android-psk-01234567"),
+    )  # fmt: skip
+    connect(r, IkeClient(identity="keyid:a1b2c3d4", psk=b"android-psk-01234567"))
+    assert events(r)[0].profile == "android"
+    with pytest.raises(ServerRefused):
+        connect(r, IkeClient(identity="keyid:a1b2c3d5", psk=b"android-psk-01234567"))

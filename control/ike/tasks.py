@@ -50,6 +50,7 @@ from control.ike.crypto import (
     signed_octets,
 )
 from control.ike.events import Address, ChildSADown, ChildSAUp, Event
+from control.ike.matching import select_profile
 from control.ike.messages import (
     IKE_VERSION,
     AuthMethod,
@@ -170,6 +171,24 @@ def notifies(payloads: list[Payload], ntype: int) -> list[NotifyPayload]:
     return [
         p for p in payloads if isinstance(p, NotifyPayload) and p.notify_type == ntype
     ]
+
+
+def peer_leaf(payloads: list[Payload]) -> x509.Certificate | None:
+    """Return the first X.509 CERT payload's certificate, None if none or junk."""
+    cert = next(
+        (
+            p
+            for p in payloads
+            if isinstance(p, CertPayload) and p.encoding == CERT_X509_SIGNATURE
+        ),
+        None,
+    )
+    if cert is None:
+        return None
+    try:
+        return x509.load_der_x509_certificate(cert.data)
+    except ValueError:
+        return None
 
 
 def address_bytes(address: Address) -> bytes:
@@ -407,11 +426,16 @@ class AuthTask(Task):
         )
         profiles = self.responder.config.profiles
 
-        # profile: the first that admits the remote identity (the daemon's
-        # address callbacks rely on that same rule)
-        profile = next((p for p in profiles if p.admits(identity)), None)
+        # profile: the first that admits the remote identity and, for a
+        # certificate map, the (not yet verified) end-entity certificate
+        leaf = peer_leaf(ex.request)
+        profile = select_profile(profiles, identity.type, identity.data, leaf)
         if profile is None:
-            return self._fail(ex, "no profile matches identity %s", identity)
+            subject = leaf.subject.rfc4514_string() if leaf else "no certificate"
+            return self._fail(
+                ex, "no profile matches identity %s", f"{identity} ({subject})"
+            )
+        ike.log.debug("identity %s selects profile %s", identity, profile.name)
         if ike.algorithms not in profile.ike_proposals or (
             ike.dh_group not in profile.dh_groups
         ):
@@ -429,6 +453,9 @@ class AuthTask(Task):
         octets = signed_octets(
             ike.prf, ike.init_request, ike.nonce_r, ike.keys.sk_pi, idi.push_body()
         )
+        if profile.cert_map and auth.method not in SIGNATURE_METHODS:
+            # the map read an unverified certificate: only a signature by it counts
+            return self._fail(ex, "profile %s needs a certificate", profile.name)
         if auth.method == AuthMethod.SHARED_KEY_MIC:
             if "pre-share" not in profile.remote_auth:
                 return self._fail(ex, "profile %s refuses PSK auth", profile.name)
@@ -535,11 +562,15 @@ class ConfigTask(Task):
             # RFC 7296 3.10.1: we require config mode, so say so
             ex.child_error = NotifyType.FAILED_CP_REQUIRED
             return
-        assert ike.identity is not None
+        assert ike.identity is not None and ike.profile is not None
+        config = self.responder.config
         try:
-            address = self.responder.config.allocate_address(
-                ike.identity, ike.session_id
-            )
+            if config.allocate_for_profile is not None:
+                address = config.allocate_for_profile(
+                    ike.profile.name, ike.identity, ike.session_id
+                )
+            else:
+                address = config.allocate_address(ike.identity, ike.session_id)
         except Exception:
             ike.log.exception("address allocator failed")
             address = None
