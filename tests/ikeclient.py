@@ -312,13 +312,17 @@ class IkeClient:
 
         # RFC 7296 2.14
         skeyseed = self.prf(self.nonce_i + self.nonce_r, shared)
+        self._set_keys(skeyseed, self.nonce_i, self.nonce_r)
+        self.next_mid = 1
+
+    def _set_keys(self, skeyseed: bytes, nonce_i: bytes, nonce_r: bytes) -> None:
         n = self.hash().digest_size
         gcm = self.encr == EncrId.ENCR_AES_GCM_16
         e = self.key_length // 8 + (4 if gcm else 0)
         a = 0 if gcm else 32
         stream = self.prf_plus(
             skeyseed,
-            self.nonce_i + self.nonce_r + self.spi_i + self.spi_r,
+            nonce_i + nonce_r + self.spi_i + self.spi_r,
             3 * n + 2 * a + 2 * e,
         )
         sizes = [n, a, a, e, e, n, n]
@@ -335,7 +339,6 @@ class IkeClient:
             self.sk_pi,
             self.sk_pr,
         ) = keys
-        self.next_mid = 1
 
     # -- SK payloads ------------------------------------------------------------
 
@@ -591,6 +594,42 @@ class IkeClient:
         return self.seal(
             ExchangeType.CREATE_CHILD_SA, mid, payloads, HeaderFlag.INITIATOR
         )
+
+    def rekey_ike(self) -> bytes:
+        """Build HDR, SK {SA(IKE, new SPIi), Ni, KEi} on the current IKE SA."""
+        proposal = self.ike_proposal()
+        self.new_spi_i = os.urandom(8)
+        proposal.spi = self.new_spi_i
+        self.rekey_nonce = os.urandom(32)
+        self._new_key()
+        payloads: list[Payload] = [
+            SAPayload([proposal]),
+            NoncePayload(self.rekey_nonce),
+            KEPayload(self.dh_group, self.public),
+        ]
+        mid = self.next_mid
+        self.next_mid += 1
+        return self.seal(
+            ExchangeType.CREATE_CHILD_SA, mid, payloads, HeaderFlag.INITIATOR
+        )
+
+    def handle_ike_rekey_response(self, data: bytes) -> None:
+        """Switch to the new IKE SA: SKEYSEED = prf(SK_d, g^ir | Ni | Nr) (2.18)."""
+        payloads = self.open_response(data)
+        errors = [p for p in payloads if isinstance(p, NotifyPayload) and p.is_error]
+        if errors:
+            raise ServerRefused(errors[0].notify_type, errors[0].data)
+        sa = next(p for p in payloads if isinstance(p, SAPayload))
+        nonce = next(p for p in payloads if isinstance(p, NoncePayload))
+        ke = next(p for p in payloads if isinstance(p, KEPayload))
+        assert sa.proposals[0].protocol == ProtocolId.IKE
+        assert len(sa.proposals[0].spi) == 8
+        skeyseed = self.prf(self.sk_d, self._shared(ke.data) + self.rekey_nonce
+                            + nonce.data)  # fmt: skip
+        self.old_spis = (self.spi_i, self.spi_r)
+        self.spi_i, self.spi_r = self.new_spi_i, sa.proposals[0].spi
+        self._set_keys(skeyseed, self.rekey_nonce, nonce.data)
+        self.next_mid = 0
 
     def handle_create_child_response(self, data: bytes) -> ChildResult:
         """Derive the new CHILD SA's keys: prf+(SK_d, [g^ir new |] Ni | Nr)."""

@@ -7,6 +7,7 @@ Exchanges are written in RFC 7296 notation in the step comments:
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import logging
 from typing import Any
@@ -659,17 +660,70 @@ def test_rekey_with_unaccepted_pfs_group_gets_no_proposal_chosen() -> None:
     assert events(r) == [] and r.sessions()[0]["state"] == "established"
 
 
-def test_ike_rekey_is_refused_with_no_additional_sas() -> None:
+def test_ike_rekey_without_ke_and_with_ts_gets_invalid_syntax() -> None:
     r = make_responder()
     client = IkeClient()
     connect(r, client)
     events(r)
+    # RFC 7296 1.3.2: SA, Ni, KEi and no selectors; this one is a CHILD layout
     request = client.create_child(ike=True)
     (reply,) = exchange(r, request, local=SERVER_NATT, remote=CLIENT_NATT)
     with pytest.raises(ServerRefused) as refused:
         client.handle_create_child_response(reply.data)
-    assert refused.value.notify == NotifyType.NO_ADDITIONAL_SAS
+    assert refused.value.notify == NotifyType.INVALID_SYNTAX
     assert r.sessions()[0]["state"] == "established"
+
+
+@pytest.mark.parametrize("group", [19, 31])
+def test_ike_rekey_moves_session_to_new_sa(group: int) -> None:
+    r = make_responder()
+    client = IkeClient(dh_group=group)
+    connect(r, client)
+    (up,) = [e for e in events(r) if isinstance(e, ChildSAUp)]
+    before = r.sessions()[0]
+
+    # HDR, SK {SA, Ni, KEi} --> <-- HDR, SK {SA, Nr, KEr}
+    request = client.rekey_ike()
+    old = copy.copy(client)
+    (reply,) = exchange(r, request, local=SERVER_NATT, remote=CLIENT_NATT)
+    client.handle_ike_rekey_response(reply.data)
+    (after,) = r.sessions()
+    assert after["id"] == before["id"] == up.session_id
+    assert after["ike_spis"] != before["ike_spis"]
+    assert after["ike_spis"][0] == client.spi_i.hex()
+    assert after["child_spis"] == before["child_spis"]
+    assert r.counters["ike_rekeyed"] == 1
+
+    # the new SA answers at message ID 0 with the independently derived keys
+    (reply,) = exchange(r, client.informational([]), local=SERVER_NATT,
+                        remote=CLIENT_NATT)  # fmt: skip
+    assert client.open_response(reply.data) == []
+
+    # the peer deletes the old SA: nothing of the session goes
+    (reply,) = exchange(r, old.delete_ike(), local=SERVER_NATT, remote=CLIENT_NATT)
+    assert old.open_response(reply.data) == []
+    assert events(r) == [] and r.pool.released == []  # type: ignore[attr-defined]
+
+    # a CHILD rekey on the new SA derives from the new SK_d
+    (reply,) = exchange(r, client.create_child(rekey=True), local=SERVER_NATT,
+                        remote=CLIENT_NATT)  # fmt: skip
+    _check_keys(_child_up(r), client.handle_create_child_response(reply.data))
+
+    # and deleting the new SA ends the session
+    exchange(r, client.delete_ike(), local=SERVER_NATT, remote=CLIENT_NATT)
+    downs = [e for e in events(r) if isinstance(e, IkeSADown)]
+    assert [d.session_id for d in downs] == [up.session_id]
+
+
+def test_ike_rekey_tampered_is_dropped_silently() -> None:
+    r = make_responder()
+    client = IkeClient()
+    connect(r, client)
+    events(r)
+    request = bytearray(client.rekey_ike())
+    request[-1] ^= 1
+    assert exchange(r, bytes(request), local=SERVER_NATT, remote=CLIENT_NATT) == []
+    assert r.counters["drop_integrity"] == 1 and r.counters["ike_rekeyed"] == 0
 
 
 def test_rekey_with_ke_in_unaccepted_group_gets_invalid_ke() -> None:

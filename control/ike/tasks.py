@@ -11,7 +11,8 @@ leave the CHILD SA out.
     IKE_SA_INIT      IkeInitTask (no SA exists yet; run on its own)
     IKE_AUTH         AuthTask -> ConfigTask -> ChildCreateTask
     INFORMATIONAL    DeleteTask -> LivenessTask
-    CREATE_CHILD_SA  ChildRekeyTask (new or rekeyed CHILD SA; IKE rekey refused)
+    CREATE_CHILD_SA  IkeRekeyTask (control.ike.rekey) -> ChildRekeyTask (new or
+                     rekeyed CHILD SA); each leaves the other's requests alone
 
 Which payloads each request may carry, and how many, is data: `REQUEST_RULES`.
 """
@@ -724,9 +725,8 @@ class ChildRekeyTask(ChildCreateTask):
         tsi = first(ex.request, TSiPayload)
         tsr = first(ex.request, TSrPayload)
         assert isinstance(sa, SAPayload) and isinstance(nonce, NoncePayload)
-        # TODO: IKE SA rekey (RFC 7296 1.3.2); refused so the peer reauthenticates.
+        # an IKE SA rekey is IkeRekeyTask's (control.ike.rekey)
         if any(p.protocol == ProtocolId.IKE for p in sa.proposals):
-            ex.fatal = ProtocolError(NotifyType.NO_ADDITIONAL_SAS)
             return
         # RFC 7296 1.3.3: REKEY_SA names the SA by the initiator's inbound SPI
         for notify in notifies(ex.request, NotifyType.REKEY_SA):
@@ -755,7 +755,8 @@ class ChildRekeyTask(ChildCreateTask):
             ex.fatal = exc
 
     def build(self, ex: Exchange) -> None:
-        assert self.child is not None
+        if self.child is None:
+            return
         # RFC 7296 1.3.1: HDR, SK {SA, Nr, [KEr], TSi, TSr}
         ex.response += [
             SAPayload([self.choice.reply(self.child.spi_in.to_bytes(4, "big"))]),
@@ -805,8 +806,14 @@ class LivenessTask(Task):
     """Empty INFORMATIONAL requests are liveness checks: an empty answer (2.4)."""
 
 
+def _ike_rekey_task(responder: IkeResponder) -> Task:
+    from control.ike.rekey import IkeRekeyTask  # it builds on this module
+
+    return IkeRekeyTask(responder)
+
+
 EXCHANGE_TASKS: dict[int, tuple[Callable[[IkeResponder], Task], ...]] = {
     ExchangeType.IKE_AUTH: (AuthTask, ConfigTask, ChildCreateTask),
     ExchangeType.INFORMATIONAL: (DeleteTask, LivenessTask),
-    ExchangeType.CREATE_CHILD_SA: (ChildRekeyTask,),
+    ExchangeType.CREATE_CHILD_SA: (_ike_rekey_task, ChildRekeyTask),
 }
