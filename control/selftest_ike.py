@@ -199,7 +199,7 @@ def _ike_spis(client: StrongSwanClient) -> tuple[str, str] | None:
 
 def _child_spis(client: StrongSwanClient) -> list[str]:
     sas = client.list_sas()
-    ike = next(iter(sas.values()), {}) if sas else {}
+    ike: dict[str, Any] = next(iter(sas.values()), {}) if sas else {}
     children = ike.get("child-sas") or {}
     return [c.get("spi-in") for c in children.values() if c.get("state") == "INSTALLED"]
 
@@ -301,9 +301,10 @@ def _case_rekey_under_traffic(lab: HeadendLab) -> tuple[dict[str, Any], list[str
     failures: list[str] = []
     # a 50/s ping across two CHILD rekeys and one IKE rekey: none may be lost
     result: dict[str, Any] = {}
+    target = lab.topo.srv_ip
     pinger = threading.Thread(
         target=lambda: result.update(
-            ping(client.link.ns, lab.topo.srv_ip, count=300, interval=0.02)
+            ping(client.link.ns, target, count=300, interval=0.02)
         )
     )
     pinger.start()
