@@ -11,9 +11,10 @@ Layout::
     [server]            listen address, ports, control socket, log level
     [engine]            crypto backend, batch size, TUN MTU
     [pools.NAME]        range = "first-last" or a prefix
-    [[profiles]]        identities matched, local identity, PSK, pool,
-                        DNS, local traffic selectors, ESP proposals,
-                        local/remote auth methods, certificate, key, CAs, CRLs
+    [[profiles]]        identities matched, certificate map, local identity,
+                        PSK, pool, DNS, local traffic selectors, ESP
+                        proposals, local/remote auth methods, certificate,
+                        key, CAs, CRLs
 
 Certificate, key, CA and CRL files are loaded while checking, so a bad file
 is reported at its field; relative paths are taken from the config file's
@@ -36,6 +37,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from control.ike import certs
+from control.ike.matching import ATTRIBUTE_OIDS, CERT_FIELDS, CERT_OPS, IdentityPattern
 from control.ike.profiles import Identity
 
 DEFAULT_NAME = "default.toml"
@@ -106,6 +108,8 @@ class ProfileConfig:
     private_key: str | None = None
     ca: tuple[str, ...] = ()
     crl: tuple[str, ...] = ()
+    # (field, op, value) rules that must all hold for the peer's certificate
+    match_certificate: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -450,6 +454,16 @@ class _Reader:
         match = self.strings(data, (*p, "match_identity"), ["*"])
         if not match:
             raise self.error((*p, "match_identity"), "empty")
+        for item in match:
+            try:
+                IdentityPattern.parse(item)
+            except ValueError as exc:
+                raise self.error((*p, "match_identity"), f"{item!r}: {exc}") from None
+        certmap = self.cert_map(data, p)
+        if certmap and remote_auth == ["pre-share"]:
+            raise self.error(
+                (*p, "match_certificate"), "needs a certificate remote_auth method"
+            )
         certificate, private_key = self.credential(data, p, local_auth, local_identity)
         ca = [self.path(x) for x in self.strings(data, (*p, "ca"), [])]
         crl = [self.path(x) for x in self.strings(data, (*p, "crl"), [])]
@@ -480,7 +494,34 @@ class _Reader:
             private_key=private_key,
             ca=tuple(ca),
             crl=tuple(crl),
+            match_certificate=certmap,
         )
+
+    def cert_map(
+        self, data: dict[str, Any], p: PathKey
+    ) -> tuple[tuple[str, str, str], ...]:
+        """Read match_certificate: tables of field and one of equals/contains."""
+        path = (*p, "match_certificate")
+        rules = self.get(data, path, list, [])
+        out = []
+        for rule in rules:
+            if not isinstance(rule, dict):
+                raise self.error(path, f"expected tables, got {rule!r}")
+            unknown = set(rule) - {"field", "equals", "contains"}
+            ops = [op for op in CERT_OPS if op in rule]
+            name = rule.get("field")
+            if unknown or len(ops) != 1 or not isinstance(name, str):
+                raise self.error(
+                    path, f"expected {{field = ..., equals|contains = ...}}, got {rule}"
+                )
+            value = rule[ops[0]]
+            base, _, attr = name.partition(".")
+            if base not in CERT_FIELDS or attr and attr.upper() not in ATTRIBUTE_OIDS:
+                raise self.error(path, f"unknown certificate field {name!r}")
+            if not isinstance(value, str) or not value:
+                raise self.error(path, f"{ops[0]} needs a non-empty string")
+            out.append((name, ops[0], value))
+        return tuple(out)
 
     def path(self, text: str) -> str:
         """Resolve a file name against the config file's directory."""

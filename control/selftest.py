@@ -61,7 +61,7 @@ range = "{pool_range}"
 
 [[profiles]]
 name = "lab"
-match_identity = ["*@espgate.example"]
+match_identity = {match}
 local_identity = "fqdn:{server_id}"
 auth = "psk"
 psk = "{psk}"
@@ -70,6 +70,7 @@ dns = ["198.19.1.53"]
 local_ts = ["{inside_net}"]
 esp = ["aes128gcm16", "aes256gcm16"]
 {profile_extra}
+{extra_config}
 """
 
 
@@ -87,12 +88,16 @@ class HeadendLab:
         clients: int = 1,
         pki: dict[str, Any] | None = None,
         auth: tuple[str, list[str]] = ("pre-share", ["pre-share"]),
+        match: tuple[str, ...] = ("*@espgate.example",),
+        extra_config: Callable[[HeadendLab], str] | None = None,
     ):
         """Set up a lab; ``embedded`` runs the daemon on its built-in default.
 
         ``clients`` is the number of client namespaces (one charon each).
         ``pki`` makes a test PKI (`LabPki.create` arguments) before the
-        headend starts; ``auth`` is the profile's local and remote auth.
+        headend starts; ``auth`` is the profile's local and remote auth,
+        ``match`` its identity patterns. ``extra_config`` returns TOML (more
+        pools and profiles) appended to the generated configuration.
         """
         self.workdir = workdir
         # unique per process, so concurrent runs never share namespace names
@@ -108,6 +113,8 @@ class HeadendLab:
         self.pki_args = pki
         self.pki: LabPki | None = None
         self.auth = auth
+        self.match = match
+        self.extra_config = extra_config
         self.socket = str(workdir / "espgate.sock")
         self.topo: Topology | None = None
         self.procs: ProcessSet | None = None
@@ -159,6 +166,8 @@ class HeadendLab:
                 psk=PSK,
                 inside_net=self.topo.inside_net,
                 profile_extra=self._profile_extra(),
+                match=json.dumps(list(self.match)),
+                extra_config=self.extra_config(self) if self.extra_config else "",
             )
         )
         config.chmod(0o600)
@@ -476,6 +485,11 @@ CASES: dict[str, Case] = {
         "a wrong PSK gets AUTHENTICATION_FAILED", _case_wrong_psk, {}
     ),
 }
+
+# issue 6 cases live in their own module
+from control.selftest_ike import IKE_CASES  # noqa: E402
+
+CASES.update({name: Case(*spec) for name, spec in IKE_CASES.items()})
 
 
 def run(

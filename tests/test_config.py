@@ -232,3 +232,52 @@ def test_replace_server_checks_overrides():
     cfg = config.parse(GOOD, "t")
     with pytest.raises(ConfigError, match="--listen"):
         config.replace_server(cfg, listen="nope")
+
+
+def test_parse_certificate_map_reads_rules(pki_dir):
+    text = CERT_PROFILE + (
+        'match_certificate = [{ field = "issuer.cn", contains = "client CA" },\n'
+        '                     { field = "subject", equals = "CN=x,O=y" }]\n'
+    )
+    p = config.parse(text, str(pki_dir / "espgate.toml")).profiles[0]
+    assert p.match_certificate == (
+        ("issuer.cn", "contains", "client CA"),
+        ("subject", "equals", "CN=x,O=y"),
+    )
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        '{ field = "serial", equals = "1" }',
+        '{ field = "subject.xx", equals = "1" }',
+        '{ field = "subject", equals = "a", contains = "b" }',
+        '{ field = "subject", startswith = "a" }',
+        '{ field = "subject", equals = "" }',
+        '"subject contains a"',
+    ],
+)
+def test_parse_bad_certificate_map_rule_rejected(pki_dir, rule):
+    text = CERT_PROFILE + f"match_certificate = [{rule}]\n"
+    with pytest.raises(ConfigError, match=r"profiles\[0\].match_certificate"):
+        config.parse(text, str(pki_dir / "espgate.toml"))
+
+
+def test_parse_certificate_map_with_psk_only_rejected():
+    text = GOOD + 'match_certificate = [{ field = "subject.o", equals = "x" }]\n'
+    with pytest.raises(ConfigError, match="needs a certificate remote_auth"):
+        config.parse(text, "t.toml")
+
+
+@pytest.mark.parametrize("pattern", ["dn:XX=1", "keyid:nothex", "ipv4:198.18.0.0/99"])
+def test_parse_bad_identity_pattern_names_it(pattern):
+    text = GOOD + f'match_identity = ["{pattern}"]\n'
+    with pytest.raises(ConfigError, match=r"t.toml:\d+: profiles\[0\].match_identity"):
+        config.parse(text, "t.toml")
+
+
+def test_parse_identity_patterns_of_every_kind():
+    patterns = ["*@example.net", "198.18.0.0/15", "dn:O=espgate lab,OU=ops",
+                "keyid:0a0b", "fqdn:host.example", "ipv6:2001:db8::/32"]
+    text = GOOD + f"match_identity = {patterns!r}\n".replace("'", '"')
+    assert config.parse(text, "t.toml").profiles[0].match_identity == tuple(patterns)

@@ -39,7 +39,9 @@ def verdicts(tmp_path_factory):
     cases = ",".join(
         ["psk-gcm128", "psk-gcm256", "psk-gcm128-openssl", "ikev2-wrong-psk-rejected",
          "psk-two-clients", "rsa-cert", "ecdsa-cert", "rsa-cert-chain",
-         "asymmetric-cert-psk", "unknown-identity-rejected"]
+         "asymmetric-cert-psk", "unknown-identity-rejected", "profile-match-identity",
+         "profile-match-certmap", "child-rekey-pfs", "ike-rekey",
+         "rekey-under-traffic-no-loss"]
     )
     env = dict(os.environ, ESPGATE_LAB_PREFIX=LAB)
     proc = subprocess.run([ESPGATE, "selftest", "--cases", cases, "--json", str(out)],
@@ -105,3 +107,38 @@ def test_unknown_identity_rejected(verdicts):
     r = results["unknown-identity-rejected"]
     assert r["passed"], r["detail"]["failures"]
     assert r["detail"]["initiated"] is False
+
+
+@pytest.mark.parametrize(
+    ("case", "labels"),
+    [("profile-match-identity", ["android", "ops", "branch"]),
+     ("profile-match-certmap", ["client-ca", "server-ca"])],
+)
+def test_profile_selection_carries_checked_traffic(verdicts, case, labels):
+    results, _ = verdicts
+    r = results[case]
+    assert r["passed"], r["detail"]["failures"]
+    for label in labels:
+        d = r["detail"][label]
+        assert d["transfer"]["match"] and d["ping"]["loss_pct"] == 0
+        assert d["inside_address"].startswith("198.18.128.")
+
+
+@pytest.mark.parametrize("case", ["child-rekey-pfs", "ike-rekey"])
+def test_rekey_leaves_one_working_child_sa(verdicts, case):
+    results, _ = verdicts
+    r = results[case]
+    assert r["passed"], r["detail"]["failures"]
+    d = r["detail"]
+    assert d["transfer"]["match"] and d["ping"]["loss_pct"] == 0
+    assert len(d["headend_children"]) == 1
+    for step in d["child_spis"]:
+        assert step["before"] != step["after"]
+
+
+def test_rekey_under_traffic_loses_nothing(verdicts):
+    results, _ = verdicts
+    r = results["rekey-under-traffic-no-loss"]
+    assert r["passed"], r["detail"]["failures"]
+    ping = r["detail"]["ping_during_rekeys"]
+    assert ping["received"] == ping["sent"] >= 250

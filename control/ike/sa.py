@@ -113,13 +113,17 @@ class IkeSA:
     identity: str | None = None
     inside_address: ipaddress.IPv4Address | None = None
     children: dict[int, ChildSA] = field(default_factory=dict)
+    # the session this SA serves: its first SA's SPIr, kept across IKE rekeys
+    session: str = ""
+    # replaced by a rekey (RFC 7296 2.18); waits for the peer's delete
+    superseded: bool = False
 
     def __post_init__(self) -> None:
         self.log = SessionLogger(logger, {"session": self.session_id})
 
     @property
     def session_id(self) -> str:
-        return self.spi_r.hex()
+        return self.session or self.spi_r.hex()
 
     @property
     def nat_detected(self) -> bool:

@@ -11,7 +11,8 @@ leave the CHILD SA out.
     IKE_SA_INIT      IkeInitTask (no SA exists yet; run on its own)
     IKE_AUTH         AuthTask -> ConfigTask -> ChildCreateTask
     INFORMATIONAL    DeleteTask -> LivenessTask
-    CREATE_CHILD_SA  ChildRekeyTask (new or rekeyed CHILD SA; IKE rekey refused)
+    CREATE_CHILD_SA  IkeRekeyTask (control.ike.rekey) -> ChildRekeyTask (new or
+                     rekeyed CHILD SA); each leaves the other's requests alone
 
 Which payloads each request may carry, and how many, is data: `REQUEST_RULES`.
 """
@@ -50,6 +51,7 @@ from control.ike.crypto import (
     signed_octets,
 )
 from control.ike.events import Address, ChildSADown, ChildSAUp, Event
+from control.ike.matching import select_profile
 from control.ike.messages import (
     IKE_VERSION,
     AuthMethod,
@@ -170,6 +172,24 @@ def notifies(payloads: list[Payload], ntype: int) -> list[NotifyPayload]:
     return [
         p for p in payloads if isinstance(p, NotifyPayload) and p.notify_type == ntype
     ]
+
+
+def peer_leaf(payloads: list[Payload]) -> x509.Certificate | None:
+    """Return the first X.509 CERT payload's certificate, None if none or junk."""
+    cert = next(
+        (
+            p
+            for p in payloads
+            if isinstance(p, CertPayload) and p.encoding == CERT_X509_SIGNATURE
+        ),
+        None,
+    )
+    if cert is None:
+        return None
+    try:
+        return x509.load_der_x509_certificate(cert.data)
+    except ValueError:
+        return None
 
 
 def address_bytes(address: Address) -> bytes:
@@ -407,11 +427,16 @@ class AuthTask(Task):
         )
         profiles = self.responder.config.profiles
 
-        # profile: the first that admits the remote identity (the daemon's
-        # address callbacks rely on that same rule)
-        profile = next((p for p in profiles if p.admits(identity)), None)
+        # profile: the first that admits the remote identity and, for a
+        # certificate map, the (not yet verified) end-entity certificate
+        leaf = peer_leaf(ex.request)
+        profile = select_profile(profiles, identity.type, identity.data, leaf)
         if profile is None:
-            return self._fail(ex, "no profile matches identity %s", identity)
+            subject = leaf.subject.rfc4514_string() if leaf else "no certificate"
+            return self._fail(
+                ex, "no profile matches identity %s", f"{identity} ({subject})"
+            )
+        ike.log.debug("identity %s selects profile %s", identity, profile.name)
         if ike.algorithms not in profile.ike_proposals or (
             ike.dh_group not in profile.dh_groups
         ):
@@ -429,6 +454,9 @@ class AuthTask(Task):
         octets = signed_octets(
             ike.prf, ike.init_request, ike.nonce_r, ike.keys.sk_pi, idi.push_body()
         )
+        if profile.cert_map and auth.method not in SIGNATURE_METHODS:
+            # the map read an unverified certificate: only a signature by it counts
+            return self._fail(ex, "profile %s needs a certificate", profile.name)
         if auth.method == AuthMethod.SHARED_KEY_MIC:
             if "pre-share" not in profile.remote_auth:
                 return self._fail(ex, "profile %s refuses PSK auth", profile.name)
@@ -535,11 +563,15 @@ class ConfigTask(Task):
             # RFC 7296 3.10.1: we require config mode, so say so
             ex.child_error = NotifyType.FAILED_CP_REQUIRED
             return
-        assert ike.identity is not None
+        assert ike.identity is not None and ike.profile is not None
+        config = self.responder.config
         try:
-            address = self.responder.config.allocate_address(
-                ike.identity, ike.session_id
-            )
+            if config.allocate_for_profile is not None:
+                address = config.allocate_for_profile(
+                    ike.profile.name, ike.identity, ike.session_id
+                )
+            else:
+                address = config.allocate_address(ike.identity, ike.session_id)
         except Exception:
             ike.log.exception("address allocator failed")
             address = None
@@ -693,9 +725,8 @@ class ChildRekeyTask(ChildCreateTask):
         tsi = first(ex.request, TSiPayload)
         tsr = first(ex.request, TSrPayload)
         assert isinstance(sa, SAPayload) and isinstance(nonce, NoncePayload)
-        # TODO: IKE SA rekey (RFC 7296 1.3.2); refused so the peer reauthenticates.
+        # an IKE SA rekey is IkeRekeyTask's (control.ike.rekey)
         if any(p.protocol == ProtocolId.IKE for p in sa.proposals):
-            ex.fatal = ProtocolError(NotifyType.NO_ADDITIONAL_SAS)
             return
         # RFC 7296 1.3.3: REKEY_SA names the SA by the initiator's inbound SPI
         for notify in notifies(ex.request, NotifyType.REKEY_SA):
@@ -724,7 +755,8 @@ class ChildRekeyTask(ChildCreateTask):
             ex.fatal = exc
 
     def build(self, ex: Exchange) -> None:
-        assert self.child is not None
+        if self.child is None:
+            return
         # RFC 7296 1.3.1: HDR, SK {SA, Nr, [KEr], TSi, TSr}
         ex.response += [
             SAPayload([self.choice.reply(self.child.spi_in.to_bytes(4, "big"))]),
@@ -774,8 +806,14 @@ class LivenessTask(Task):
     """Empty INFORMATIONAL requests are liveness checks: an empty answer (2.4)."""
 
 
+def _ike_rekey_task(responder: IkeResponder) -> Task:
+    from control.ike.rekey import IkeRekeyTask  # it builds on this module
+
+    return IkeRekeyTask(responder)
+
+
 EXCHANGE_TASKS: dict[int, tuple[Callable[[IkeResponder], Task], ...]] = {
     ExchangeType.IKE_AUTH: (AuthTask, ConfigTask, ChildCreateTask),
     ExchangeType.INFORMATIONAL: (DeleteTask, LivenessTask),
-    ExchangeType.CREATE_CHILD_SA: (ChildRekeyTask,),
+    ExchangeType.CREATE_CHILD_SA: (_ike_rekey_task, ChildRekeyTask),
 }
