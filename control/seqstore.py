@@ -23,6 +23,9 @@ seconds, measured between ticks, bounded by ``min_block`` and ``max_block``.
 A tick raises the end to ``next_seq + 2 * block`` as soon as less than one
 block is left, so at steady rate the engine never meets the limit if ticks
 come faster than ``horizon``; the waste per restart is at most two blocks.
+An SA found at its limit (it was blocked, so its measured rate is only a
+lower bound) gets eight times its block at once; ``open_sa(block=...)`` lets a
+rekey start the new SA with the old one's block.
 
 Exhaustion: without ESN the last number is 2^32 - 1, with ESN a configured
 soft limit; the end is never raised past it.  Once ``next_seq`` passes
@@ -290,7 +293,7 @@ class SeqReserver:
         set_limit: Callable[[int, int], None],
         *,
         horizon: float = 1.0,
-        min_block: int = 1024,
+        min_block: int = 1 << 16,
         max_block: int = 1 << 22,
         esn_soft_limit: int = 1 << 62,
         rekey_at: float = 0.9,
@@ -322,12 +325,20 @@ class SeqReserver:
         # last number is 2^32 - 1, with ESN we stop at the soft limit
         return (self.esn_soft_limit if esn else SEQ_MAX_32) + 1
 
-    def open_sa(self, spi: int, *, esn: bool = False, resume: bool = False) -> int:
+    def open_sa(
+        self,
+        spi: int,
+        *,
+        esn: bool = False,
+        resume: bool = False,
+        block: int | None = None,
+    ) -> int:
         """Reserve a first block for an outbound SA; return the next_seq to use.
 
         A new SA starts at 1.  ``resume`` continues at the stored end (strictly
         above anything sent) and raises :class:`UntrustedState` when there is
-        none.  Install the SA with ``seq_limit=reserver.limit(spi)``.
+        none.  ``block`` starts with a larger block (a rekeyed SA's rate).
+        Install the SA with ``seq_limit=reserver.limit(spi)``.
         """
         with self._lock:
             stored = self.store.reserved(spi)
@@ -341,7 +352,8 @@ class SeqReserver:
             if start >= hard_end:
                 raise UntrustedState(f"SPI 0x{spi:08x} sequence space used up")
             now = self.clock()
-            mark = _Mark(spi, esn, start, hard_end, self.min_block, start, now)
+            first = max(self.min_block, min(self.max_block, block or 0))
+            mark = _Mark(spi, esn, start, hard_end, first, start, now)
             self._marks[spi] = mark
             self._raise(mark, start, apply=False)
             if resume:
@@ -402,9 +414,11 @@ class SeqReserver:
                 # follow a rise at once, a fall slowly
                 mark.rate = rate if rate > mark.rate else 0.75 * mark.rate + 0.25 * rate
                 mark.last_seq, mark.last_time = next_seq, now
-            mark.block = max(
-                self.min_block, min(self.max_block, int(mark.rate * self.horizon))
-            )
+            block = int(mark.rate * self.horizon)
+            if next_seq >= mark.end:
+                # at the wall the measured rate is only a lower bound: grow fast
+                block = max(block, mark.block * 8)
+            mark.block = max(self.min_block, min(self.max_block, block))
             if mark.end - next_seq < mark.block and mark.end < mark.hard_end:
                 self._raise(mark, next_seq)
             threshold = int(mark.hard_end * self.rekey_at)

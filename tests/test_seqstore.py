@@ -471,3 +471,13 @@ def test_engine_set_seq_limit_blocks_then_releases() -> None:
         engine.stop()
         for s in (peer, udp, tun_engine, tun_test):
             s.close()
+
+
+def test_reservation_overhead_unblocked_with_reserver() -> None:
+    from bench.packets import reservation_overhead
+
+    out = reservation_overhead(rounds=2, seconds=0.1, warmup=0.1, size=256)
+    # the reserver keeps ahead of a core sealing flat out
+    assert out["blocked_packets"] == 0
+    assert out["store_commits"] >= 2
+    assert out["pps_on"] > 0 and out["pps_off"] > 0
