@@ -11,6 +11,9 @@ and sends every traffic pattern from cli to srv through each mode in turn:
 * ``plain``: routes only, no IPsec (the ceiling);
 * ``espgate``: ``python -m bench.peer`` in cli and hub (TUN + UDP 4500 + an
   Engine with a manual SA pair, same keys at both ends, no IKE);
+* ``espgate-persist``: the same with durable sequence numbers on
+  (``control.seqstore``: SQLite under a state directory, reservation ticked
+  every 50 ms);
 * ``strongswan``: a ``StrongSwanClient`` in cli and a ``StrongSwanResponder``
   in hub, both charon with kernel-libipsec (ESP in userspace, in UDP 4500);
 * ``kernel``: XFRM at both ends, measured only if a scratch namespace accepts
@@ -27,6 +30,15 @@ processes shows in ``RUSAGE_CHILDREN``; the tunnel peers' CPU is read from
 ``host_cpu_s_per_gb`` is the busy time of /proc/stat (all cores, includes
 softirq and anything else running on the machine).  Every point is repeated
 and keeps its median and spread.
+
+iperf3 through namespaces spreads by 10 % or more, too much to see a cost of
+a few percent, so the persistence overhead is also measured alone
+(:func:`reservation_overhead`): one process seals 1400-byte packets in
+batches of 64 with ``encrypt_batch``, in alternating rounds with the
+reservation (store, reserver, ticker thread) off and on.  The machine is
+shared, so the cost is taken on packets per CPU second of this process (the
+ticker and SQLite count, other processes do not): one minus the median ratio
+of each "on" round to the "off" round before it.
 """
 
 from __future__ import annotations
@@ -42,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,13 +80,14 @@ __all__ = [
     "main",
 ]
 
-MODES = ("plain", "espgate", "strongswan", "kernel")
+MODES = ("plain", "espgate", "espgate-persist", "strongswan", "kernel")
 TRAFFIC = ("tcp-1", "tcp-4", "udp-64", "udp-1400")
 IPERF_PORT = 5201
 ESPGATE_INNER = "198.18.128.2"
 LOSS_TARGET_PCT = 1.0
 UDP_IP_OVERHEAD = 28
 _TICK = os.sysconf("SC_CLK_TCK")
+SEQ_TICK_S = 0.05
 
 
 def udp_payload(traffic: str) -> int:
@@ -293,9 +306,9 @@ def _plain(lab: Lab) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _espgate(lab: Lab) -> Iterator[None]:
+def _espgate(lab: Lab, persist: bool = False) -> Iterator[None]:
     topo = lab.topo
-    wd = lab.workdir / "espgate"
+    wd = lab.workdir / ("espgate-persist" if persist else "espgate")
     wd.mkdir(parents=True, exist_ok=True)
 
     # fresh random SA keys for this run, handed over in 0600 files only
@@ -323,7 +336,8 @@ def _espgate(lab: Lab) -> Iterator[None]:
             ready = wd / f"{end}.ready"
             ready.unlink(missing_ok=True)
             path = wd / f"{end}.json"
-            write_config(path, {**cfg, "ready": str(ready), "tun": "egbt%d"})
+            extra = {"state_dir": str(wd / f"{end}-state")} if persist else {}
+            write_config(path, {**cfg, **extra, "ready": str(ready), "tun": "egbt%d"})
             peers[end] = procs.start(
                 f"peer-{end}", [sys.executable, "-m", "bench.peer", str(path)],
                 ns=ns, cwd=repo,
@@ -345,7 +359,8 @@ def _espgate(lab: Lab) -> Iterator[None]:
                 procs.stop(proc)
                 out = proc.stdout_text().strip().splitlines()
                 with contextlib.suppress(IndexError, json.JSONDecodeError):
-                    lab.peer_reports[f"espgate-{end}"] = json.loads(out[-1])
+                    name = "espgate-persist" if persist else "espgate"
+                    lab.peer_reports[f"{name}-{end}"] = json.loads(out[-1])
 
 
 @contextlib.contextmanager
@@ -378,7 +393,125 @@ def _strongswan(lab: Lab) -> Iterator[None]:
                 lab.peer_reports["strongswan-client"] = client.sa_summary()
 
 
-_MODE_SETUP = {"plain": _plain, "espgate": _espgate, "strongswan": _strongswan}
+_MODE_SETUP = {
+    "plain": _plain,
+    "espgate": _espgate,
+    "espgate-persist": lambda lab: _espgate(lab, persist=True),
+    "strongswan": _strongswan,
+}
+
+
+def handle_limit(handle: Any) -> Callable[[int, int], None]:
+    """Adapt an SAHandle's set_seq_limit to the reserver's (spi, limit) call."""
+    return lambda _spi, limit: handle.set_seq_limit(limit)
+
+
+def _tick_handle(reserver: Any, handle: Any, spi: int, stop: Any) -> None:
+    while not stop.wait(SEQ_TICK_S):
+        reserver.tick(spi, handle.next_seq)
+
+
+def reservation_overhead(
+    rounds: int = 20,
+    seconds: float = 0.25,
+    warmup: float = 0.2,
+    size: int = 1400,
+    batch: int = 64,
+) -> dict[str, Any]:
+    """Measure sealing packets/s with durable sequence reservation off and on."""
+    import threading
+
+    import numpy as np
+
+    from control.seqstore import SeqReserver, SeqStore
+    from fastpath import (
+        BATCH_HEADROOM,
+        BATCH_TAILROOM,
+        SAHandle,
+        SAParams,
+        crypto_backends,
+        encrypt_batch,
+    )
+
+    backend = "ipsec-mb" if "ipsec-mb" in crypto_backends() else "openssl"
+    rows = np.zeros((batch, BATCH_HEADROOM + size + BATCH_TAILROOM), dtype=np.uint8)
+    rows[:, BATCH_HEADROOM] = 0x45
+    full = np.full(batch, size, dtype=np.int32)
+    lengths = full.copy()
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    per_cpu: dict[str, list[float]] = {"off": [], "on": []}
+    blocked = commits = 0
+    with tempfile.TemporaryDirectory(prefix="egt-seqbench-") as tmp:
+        for i in range(2 * rounds):
+            mode = "off" if i % 2 == 0 else "on"
+            spi = 0x0EB0D000 + i
+            params = SAParams(
+                spi=spi,
+                inbound=False,
+                key=bytes(range(16)),
+                salt=bytes(4),
+                session=1,
+                peer=("198.18.0.2", 4500),
+            )
+            handle = SAHandle(params, backend=backend)
+            stop = threading.Event()
+            ticker = None
+            store = None
+            if mode == "on":
+                store = SeqStore(Path(tmp) / f"state{i}.sqlite")
+                reserver = SeqReserver(store, handle_limit(handle))
+                reserver.open_sa(spi)
+                handle.set_seq_limit(reserver.limit(spi))
+                ticker = threading.Thread(
+                    target=_tick_handle, args=(reserver, handle, spi, stop), daemon=True
+                )
+                ticker.start()
+
+            # warm up (the block adapts to the rate), then count
+            deadline = time.perf_counter() + warmup
+            while time.perf_counter() < deadline:
+                np.copyto(lengths, full)
+                encrypt_batch(handle, rows, lengths)
+
+            # seal batches for the round; a short batch means the limit held it
+            sealed = 0
+            start, cpu = time.perf_counter(), time.process_time()
+            deadline = start + seconds
+            while time.perf_counter() < deadline:
+                np.copyto(lengths, full)
+                done = encrypt_batch(handle, rows, lengths)
+                sealed += done
+                blocked += batch - done
+            rates[mode].append(sealed / (time.perf_counter() - start))
+            per_cpu[mode].append(sealed / (time.process_time() - cpu))
+            stop.set()
+            if ticker is not None:
+                ticker.join()
+            if store is not None:
+                commits += store.commits
+                store.close()
+    off = summarize(rates["off"])["median"]
+    on = summarize(rates["on"])["median"]
+    # each on round against the off round just before it: drift cancels out
+    pairs = zip(per_cpu["off"], per_cpu["on"], strict=True)
+    paired = summarize([b / a for a, b in pairs])
+    return {
+        "backend": backend,
+        "packet_bytes": size,
+        "batch": batch,
+        "rounds": rounds,
+        "seconds_per_round": seconds,
+        "warmup_s": warmup,
+        "tick_s": SEQ_TICK_S,
+        "pps_off": round(off),
+        "pps_on": round(on),
+        "pps_per_cpu_s_off": round(summarize(per_cpu["off"])["median"]),
+        "pps_per_cpu_s_on": round(summarize(per_cpu["on"])["median"]),
+        "overhead_pct": round((1 - paired["median"]) * 100, 2),
+        "overhead_spread_pct": round(paired["spread_pct"], 1),
+        "blocked_packets": blocked,
+        "store_commits": commits,
+    }
 
 
 # ---------------------------------------------------------------- the run
@@ -513,7 +646,10 @@ def run_packets(cfg: PacketsConfig, progress: bool = True) -> dict[str, Any]:
             bar.close()
         if own_tmp:
             shutil.rmtree(workdir, ignore_errors=True)
-    return {"points": points, "peers": reports, "kernel_probe": kernel_reason or "ok"}
+    out = {"points": points, "peers": reports, "kernel_probe": kernel_reason or "ok"}
+    if "espgate-persist" in cfg.modes:
+        out["persistence"] = reservation_overhead()
+    return out
 
 
 # ---------------------------------------------------------------- reports
@@ -572,6 +708,10 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     lines.append(_ratio_row(points, traffics, "gbit_per_s", "espgate", "plain"))
     lines.append(_ratio_row(points, traffics, "gbit_per_s", "espgate", "strongswan"))
+    if any(p["mode"] == "espgate-persist" for p in points):
+        lines.append(
+            _ratio_row(points, traffics, "gbit_per_s", "espgate-persist", "espgate")
+        )
     if udp:
         lines += [
             "",
@@ -608,6 +748,27 @@ def markdown(doc: dict[str, Any]) -> str:
                     f"{fmt(p['cpu_s_per_gb'], 2)}; {fmt(p['host_cpu_s_per_gb'], 2)}"
                 )
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    per = doc.get("persistence")
+    if per:
+        lines += [
+            "",
+            "## Durable sequence numbers: cost alone (same run)",
+            "",
+            f"`encrypt_batch`, {per['packet_bytes']}-byte packets in batches of "
+            f"{per['batch']} ({per['backend']}), {per['rounds']} alternating rounds "
+            f"of {per['seconds_per_round']} s each, median packets/s:",
+            "",
+            "| persistence | packets/s | packets per CPU s |",
+            "| --- | --- | --- |",
+            f"| off | {per['pps_off']:,} | {per['pps_per_cpu_s_off']:,} |",
+            f"| on | {per['pps_on']:,} | {per['pps_per_cpu_s_on']:,} |",
+            "",
+            "| cost (per CPU s, paired) | blocked | store commits |",
+            "| --- | --- | --- |",
+            f"| {per['overhead_pct']:.2f} % "
+            f"(pair spread {per['overhead_spread_pct']} %) "
+            f"| {per['blocked_packets']} | {per['store_commits']} |",
+        ]
     reasons = {p["mode"]: p["reason"] for p in points if not p["available"]}
     if reasons:
         lines += ["", "Unavailable:"]
@@ -727,6 +888,8 @@ def command(args: argparse.Namespace, argv: list[str]) -> int:
         "peers": result["peers"],
         "points": result["points"],
     }
+    if "persistence" in result:
+        doc["persistence"] = result["persistence"]
     paths = write_outputs(Path(args.json), doc, markdown(doc), lambda p: plot(doc, p))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

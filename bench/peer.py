@@ -8,7 +8,9 @@ routes, binds UDP 4500, starts an :class:`fastpath.Engine` with one session and
 the SA pair, touches the ready file and sleeps until SIGTERM or SIGINT.  On the
 way out it stops the engine and prints its counters (global and per SA, no key
 material) as one JSON line on stdout.  No IKE: the benchmark installs the same
-keys at both ends.
+keys at both ends.  With ``state_dir`` in CONFIG the outbound SA runs under a
+:class:`control.seqstore.SeqReserver` (SQLite in that directory, ticked every
+50 ms), the production path for durable sequence numbers.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ def write_config(path: Path, cfg: dict[str, Any]) -> None:
         json.dump(cfg, fh)
 
 
-def _sa(d: dict[str, Any], inbound: bool, peer: tuple[str, int]) -> Any:
+def _sa(
+    d: dict[str, Any], inbound: bool, peer: tuple[str, int], seq_limit: int = 0
+) -> Any:
     from fastpath import SAParams
 
     return SAParams(
@@ -48,7 +52,19 @@ def _sa(d: dict[str, Any], inbound: bool, peer: tuple[str, int]) -> Any:
         salt=bytes.fromhex(d["salt"]),
         session=SESSION,
         peer=peer,
+        seq_limit=seq_limit,
     )
+
+
+def _ticker(engine: Any, reserver: Any, spi: int, stop: threading.Event) -> None:
+    def next_seq(_spi: int) -> int | None:
+        try:
+            return int(engine.sa_counters(_spi, False)["next_seq"])
+        except KeyError:
+            return None
+
+    while not stop.wait(0.05):
+        reserver.tick_all(next_seq)
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -84,9 +100,23 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         crypto=cfg.get("crypto", "ipsec-mb"),
     )
     engine.add_session(SESSION, fd)
-    engine.install_sa(_sa(cfg["sa_out"], False, peer))
+    spi_out = int(cfg["sa_out"]["spi"])
+    reserver = None
+    if cfg.get("state_dir"):
+        from control.seqstore import SeqReserver, SeqStore
+
+        reserver = SeqReserver(SeqStore.in_dir(cfg["state_dir"]), engine.set_seq_limit)
+        reserver.open_sa(spi_out)
+        limit = reserver.limit(spi_out)
+        engine.install_sa(_sa(cfg["sa_out"], False, peer, limit))
+    else:
+        engine.install_sa(_sa(cfg["sa_out"], False, peer))
     engine.install_sa(_sa(cfg["sa_in"], True, peer))
     engine.start(lambda data, addr: None)
+    if reserver is not None:
+        threading.Thread(
+            target=_ticker, args=(engine, reserver, spi_out, stop), daemon=True
+        ).start()
     log.info("bench peer up on %s (%s)", ifname, cfg["local"])
     if cfg.get("ready"):
         Path(cfg["ready"]).write_text(ifname + "\n")
@@ -101,6 +131,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         "sa_out": _plain(engine.sa_counters(int(cfg["sa_out"]["spi"]), False)),
         "sa_in": _plain(engine.sa_counters(int(cfg["sa_in"]["spi"]), True)),
     }
+    if reserver is not None:
+        report["seqstore"] = dict(reserver.counters)
+        report["seqstore"]["commits"] = reserver.store.commits
     udp.close()
     os.close(fd)
     return report

@@ -59,6 +59,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=configmod.LOG_LEVELS)
     p.set_defaults(func=_cmd_serve)
 
+    p = sub.add_parser("reload", help="restart a part of a running daemon")
+    p.add_argument("what", choices=["dataplane"])
+    p.add_argument("--socket", default=DEFAULT_SOCKET)
+    p.set_defaults(func=_cmd_reload)
+
+    p = sub.add_parser("dataplane", help="the ESP dataplane (started by serve)")
+    p.add_argument("fd", help="control socket fd handed over by espgate serve")
+    p.set_defaults(
+        func=lambda a: __import__("control.dataplane").dataplane.main([a.fd])
+    )
+
     p = sub.add_parser("check-config", help="check a config file")
     p.add_argument("file", nargs="?", help="TOML config (default: embedded)")
     p.set_defaults(func=_cmd_check)
@@ -155,6 +166,24 @@ def request(path: str, cmd: str, timeout: float = 5.0) -> dict[str, Any]:
             data += chunk
     answer: dict[str, Any] = json.loads(data)
     return answer
+
+
+def _cmd_dataplane(args: argparse.Namespace) -> int:
+    from control.dataplane import main as dataplane_main
+
+    return dataplane_main([args.fd])
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    try:
+        answer = request(args.socket, f"reload-{args.what}")
+    except OSError as exc:
+        print(
+            f"espgate: cannot reach the daemon at {args.socket}: {exc}", file=sys.stderr
+        )
+        return 1
+    print(json.dumps(answer, indent=2))
+    return 1 if "error" in answer else 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:

@@ -43,6 +43,8 @@ from control.ike.profiles import Identity
 DEFAULT_NAME = "default.toml"
 ESP_PROPOSALS = ("aes128gcm16", "aes256gcm16")
 CRYPTO_BACKENDS = ("ipsec-mb", "openssl")
+# inline: the engine in the daemon; process: control/dataplane.py, durable seqs
+DATAPLANES = ("inline", "process")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTH_METHODS = ("psk",)
 LOCAL_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig")
@@ -71,6 +73,7 @@ class ServerConfig:
     natt_port: int = 4500
     control_socket: str = "/run/espgate/control.sock"
     log_level: str = "info"
+    state_dir: str = "/var/lib/espgate"
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class EngineConfig:
     crypto: str = "ipsec-mb"
     batch: int = 64
     tun_mtu: int = 1400
+    dataplane: str = "inline"
 
 
 @dataclass(frozen=True)
@@ -344,6 +348,7 @@ class _Reader:
             natt_port=natt_port,
             control_socket=control_socket,
             log_level=self.choice(data, (*p, "log_level"), LOG_LEVELS, d.log_level),
+            state_dir=self.get(data, (*p, "state_dir"), str, d.state_dir),
         )
 
     def engine(self, data: dict[str, Any]) -> EngineConfig:
@@ -357,7 +362,10 @@ class _Reader:
         if not 576 <= mtu <= 9000:
             raise self.error((*p, "tun_mtu"), f"{mtu} out of range 576..9000")
         crypto = self.choice(data, (*p, "crypto"), CRYPTO_BACKENDS, d.crypto)
-        return EngineConfig(crypto=crypto, batch=batch, tun_mtu=mtu)
+        dataplane = self.choice(data, (*p, "dataplane"), DATAPLANES, d.dataplane)
+        return EngineConfig(
+            crypto=crypto, batch=batch, tun_mtu=mtu, dataplane=dataplane
+        )
 
     def pool(self, name: str, data: dict[str, Any]) -> PoolConfig:
         p: PathKey = ("pools", name)

@@ -162,7 +162,18 @@ class Headend:
 
         # engine and responder
         eng = self.config.engine
-        self.engine = Engine(sock.fileno(), batch=eng.batch, crypto=eng.crypto)
+        if eng.dataplane == "process":
+            from control.dataplane import DataplaneProxy
+            from control.seqstore import SeqStore
+
+            self.engine = DataplaneProxy(
+                sock.fileno(),
+                batch=eng.batch,
+                crypto=eng.crypto,
+                store=SeqStore.in_dir(srv.state_dir),
+            )
+        else:
+            self.engine = Engine(sock.fileno(), batch=eng.batch, crypto=eng.crypto)
         responder_config = build_responder_config(self.config, self.pools)
         self.responder = IkeResponder(responder_config)
         self.engine.start(self._on_port4500_thread)
@@ -316,8 +327,12 @@ class Headend:
         elif isinstance(event, ike.PeerMoved):
             moved = self.sessions.get(event.session_id)
             if moved is not None and moved.remote != tuple(event.remote):
-                log.info("session %s moved %s:%d -> %s:%d", moved.session_id,
-                         *moved.remote, *event.remote)
+                log.info(
+                    "session %s moved %s:%d -> %s:%d",
+                    moved.session_id,
+                    *moved.remote,
+                    *event.remote,
+                )
                 moved.remote = tuple(event.remote)
                 if moved.tun_fd is not None:
                     self.engine.set_peer(moved.index, tuple(event.remote))
@@ -458,6 +473,10 @@ class Headend:
                     for n, p in self.pools.items()
                 },
             }
+        if cmd == "reload-dataplane":
+            if not hasattr(self.engine, "reload"):
+                return {"error": "engine.dataplane is inline: nothing to reload"}
+            return {"dataplane_pid": self.engine.reload()}
         return {"error": f"unknown command {cmd!r}"}
 
     def _describe(self, session: Session) -> dict[str, Any]:
@@ -475,6 +494,8 @@ class Headend:
                     "packets_out": tx["packets"],
                     "bytes_out": tx["bytes"],
                     "drops_in": rx.get("drops", {}),
+                    "next_seq_out": tx.get("next_seq"),
+                    "seq_reserved": tx.get("seq_reserved"),
                 }
             )
         return {

@@ -496,8 +496,15 @@ cdef struct sa_t:
     uint64_t drop_malformed
     uint64_t drop_policy
     uint64_t seq_exhausted
+    uint64_t seq_blocked
     sa_t *hnext
     sa_t *snext
+
+
+cdef inline uint64_t seq_cap(const sa_t *sa, uint64_t limit) noexcept nogil:
+    # RFC 4303 section 3.3.3: 2^32 - 1 is the last number without ESN
+    cdef uint64_t top = 0xFFFFFFFFFFFFFFFFULL if sa.esn else 0xFFFFFFFFULL
+    return limit if limit < top else top
 
 
 cdef void sa_free(sa_t *sa) noexcept nogil:
@@ -571,6 +578,10 @@ cdef sa_t *sa_from_params(object params, int backend, int family) except NULL:
         memcpy(sa.salt, PyBytes_AS_STRING(params.salt), 4)
         sa.next_seq = params.next_seq
         sa.seq_limit = 0xFFFFFFFFFFFFFFFFULL if sa.esn else 0xFFFFFFFFULL
+        # a reserved limit (control/seqstore.py) caps what may be sent before the
+        # store has the next block on disk
+        if params.seq_limit and params.seq_limit < sa.seq_limit:
+            sa.seq_limit = params.seq_limit
         replay_init(&sa.replay, params.replay_window, sa.esn)
         # an inbound SA resumed from stored state expects next_seq next: the
         # window starts just below it (nothing marked), so ESN inference works
@@ -841,6 +852,14 @@ cdef class SAHandle:
     @property
     def next_seq(self) -> int:
         return self.sa.next_seq
+
+    @property
+    def seq_limit(self) -> int:
+        return self.sa.seq_limit
+
+    def set_seq_limit(self, uint64_t limit) -> None:
+        """Allow sending up to limit (inclusive), capped at the SA's hard maximum."""
+        self.sa.seq_limit = seq_cap(self.sa, limit)
 
 
 def encrypt_batch(SAHandle handle, uint8_t[:, ::1] packets,
@@ -1730,6 +1749,8 @@ cdef class Engine:
         else:
             out["next_seq"] = copy.next_seq
             out["seq_exhausted"] = copy.seq_exhausted
+            out["seq_limit"] = copy.seq_limit
+            out["seq_blocked"] = copy.seq_blocked
         out["drops"] = {
             "replay": copy.drop_replay,
             "auth": copy.drop_auth,
@@ -1737,6 +1758,21 @@ cdef class Engine:
             "policy": copy.drop_policy,
         }
         return out
+
+    def set_seq_limit(self, uint32_t spi, uint64_t limit) -> None:
+        """Let an outbound SA send up to limit (inclusive), capped at its maximum.
+
+        The sequence store calls this only after the block ending at limit is
+        durable; lowering the limit is allowed (a soft stop before a rekey).
+        """
+        cdef sa_t *sa
+        self._lock()
+        sa = self._sa(spi, False)
+        if sa != NULL:
+            sa.seq_limit = seq_cap(sa, limit)
+        self._unlock()
+        if sa == NULL:
+            raise KeyError(f"No SA 0x{spi:08x} inbound=False")
 
     def features(self) -> dict:
         """Return which offloads are in use (they turn off when refused)."""
@@ -2068,9 +2104,13 @@ cdef class Engine:
             if nh == 0:
                 self.c.tun_malformed += 1
                 continue
-            # RFC 4303 section 3.3.3: the counter must not cycle; rekey first
+            # RFC 4303 section 3.3.3: the counter must not cycle; rekey first.
+            # Below the hard maximum the limit is the durably reserved mark.
             if sa.next_seq > sa.seq_limit:
-                sa.seq_exhausted += 1
+                if sa.seq_limit < seq_cap(sa, 0xFFFFFFFFFFFFFFFFULL):
+                    sa.seq_blocked += 1
+                else:
+                    sa.seq_exhausted += 1
                 continue
             ln = esp_seal(sa, p, self.tx_len[i], sa.next_seq, nh, NULL)
             if ln < 0:
