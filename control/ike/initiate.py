@@ -443,6 +443,7 @@ class IkeRekeyRequest:
             raise ValueError("not an IKE proposal with an 8-octet SPI")
         if not any(chosen.spi) or chosen.spi == self.spi:
             raise ValueError("bad responder SPI")
+
         def shape(p: Proposal) -> set[tuple[int, int, int | None]]:
             return {(t.type, t.id, t.key_length) for t in p.transforms}
 
