@@ -50,6 +50,8 @@ AUTH_METHODS = ("psk",)
 LOCAL_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig")
 REMOTE_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig", "pubkey")
 IDENTITY_TYPES = ("fqdn", "email", "ipv4", "ipv6", "dn", "keyid")
+# seconds; short values are for tests, the upper bound is 300 days
+REKEY_TIME = (5, 25_920_000)
 
 PathKey = tuple[str | int, ...]
 
@@ -114,6 +116,9 @@ class ProfileConfig:
     crl: tuple[str, ...] = ()
     # (field, op, value) rules that must all hold for the peer's certificate
     match_certificate: tuple[tuple[str, str, str], ...] = ()
+    # seconds until the headend rekeys an SA itself; 0 = never
+    ike_rekey_time: int = 86400
+    child_rekey_time: int = 28800
 
 
 @dataclass(frozen=True)
@@ -467,6 +472,13 @@ class _Reader:
                 IdentityPattern.parse(item)
             except ValueError as exc:
                 raise self.error((*p, "match_identity"), f"{item!r}: {exc}") from None
+        rekey = {}
+        for key, default in (("ike_rekey_time", 86400), ("child_rekey_time", 28800)):
+            value = int(self.get(data, (*p, key), int, default))
+            if value != 0 and not REKEY_TIME[0] <= value <= REKEY_TIME[1]:
+                low, high = REKEY_TIME
+                raise self.error((*p, key), f"{value} is not 0 or {low}..{high}")
+            rekey[key] = value
         certmap = self.cert_map(data, p)
         if certmap and remote_auth == ["pre-share"]:
             raise self.error(
@@ -503,6 +515,7 @@ class _Reader:
             ca=tuple(ca),
             crl=tuple(crl),
             match_certificate=certmap,
+            **rekey,
         )
 
     def cert_map(

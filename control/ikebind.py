@@ -42,6 +42,8 @@ def build_responder_config(
             credential=_credential(p),
             trust=_trust(p),
             cert_map=[CertRule(*rule) for rule in p.match_certificate],
+            ike_rekey_time=float(p.ike_rekey_time) or None,
+            child_rekey_time=float(p.child_rekey_time) or None,
         )
         for p in config.profiles
     ]

@@ -90,6 +90,7 @@ class HeadendLab:
         auth: tuple[str, list[str]] = ("pre-share", ["pre-share"]),
         match: tuple[str, ...] = ("*@espgate.example",),
         extra_config: Callable[[HeadendLab], str] | None = None,
+        profile_keys: dict[str, Any] | None = None,
     ):
         """Set up a lab; ``embedded`` runs the daemon on its built-in default.
 
@@ -115,6 +116,8 @@ class HeadendLab:
         self.auth = auth
         self.match = match
         self.extra_config = extra_config
+        # more keys of the lab profile, as TOML values (json.dumps of each)
+        self.profile_keys = profile_keys or {}
         self.socket = str(workdir / "espgate.sock")
         self.topo: Topology | None = None
         self.procs: ProcessSet | None = None
@@ -176,6 +179,7 @@ class HeadendLab:
     def _profile_extra(self) -> str:
         local, remote = self.auth
         lines = [f'local_auth = "{local}"', f"remote_auth = {json.dumps(remote)}"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in self.profile_keys.items()]
         if self.pki is not None:
             lines += [
                 f'certificate = "{self.pki.server_cert_path}"',

@@ -281,3 +281,27 @@ def test_parse_identity_patterns_of_every_kind():
                 "keyid:0a0b", "fqdn:host.example", "ipv6:2001:db8::/32"]
     text = GOOD + f"match_identity = {patterns!r}\n".replace("'", '"')
     assert config.parse(text, "t.toml").profiles[0].match_identity == tuple(patterns)
+
+
+def test_profile_rekey_times_default_and_parse() -> None:
+    base = _rekey_config("")
+    assert (base.profiles[0].ike_rekey_time, base.profiles[0].child_rekey_time) == (
+        86400,
+        28800,
+    )
+    config = _rekey_config("ike_rekey_time = 0\nchild_rekey_time = 30\n")
+    assert (config.profiles[0].ike_rekey_time, config.profiles[0].child_rekey_time) == (
+        0,
+        30,
+    )
+
+
+@pytest.mark.parametrize("value", [1, 4, 25_920_001])
+def test_profile_rekey_time_out_of_range_is_refused(value: int) -> None:
+    with pytest.raises(ConfigError, match="child_rekey_time: .* is not 0 or 5"):
+        _rekey_config(f"child_rekey_time = {value}\n")
+
+
+def _rekey_config(lines: str) -> config.Config:
+    # the last profile table of GOOD gets the extra keys
+    return config.parse(GOOD + lines, "t.toml")

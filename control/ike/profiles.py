@@ -155,6 +155,9 @@ class Profile:
     trust: TrustStore | None = None
     # every rule must hold for the peer's end-entity certificate
     cert_map: list[CertRule] = field(default_factory=list)
+    # seconds until we rekey an SA ourselves (less up to 10% jitter); None: never
+    ike_rekey_time: float | None = 86400.0
+    child_rekey_time: float | None = 28800.0
 
     def __post_init__(self) -> None:
         assert self.local_auth in LOCAL_AUTH, f"Bad local auth {self.local_auth!r}"
