@@ -232,8 +232,12 @@ def _index_lines(text: str) -> dict[PathKey, int]:
 
 def _show(path: PathKey, value: Any) -> str:
     """Describe a wrong value for an error without echoing secrets or tables."""
-    if any(part in SECRET_FIELDS for part in path) or isinstance(value, dict | list):
-        return {dict: "a table", list: "a list"}.get(type(value), type(value).__name__)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    if any(part in SECRET_FIELDS for part in path):
+        return type(value).__name__
     return repr(value)
 
 

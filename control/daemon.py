@@ -65,7 +65,7 @@ class _IkeProtocol(asyncio.DatagramProtocol):
     def __init__(self, receive: Callable[[bytes, Address], None]):
         self.receive = receive
 
-    def datagram_received(self, data: bytes, addr: Address) -> None:  # type: ignore[override]
+    def datagram_received(self, data: bytes, addr: Address) -> None:
         self.receive(data, addr)
 
     def error_received(self, exc: Exception) -> None:
@@ -333,9 +333,9 @@ class Headend:
                     *moved.remote,
                     *event.remote,
                 )
-                moved.remote = tuple(event.remote)
+                moved.remote = (event.remote[0], event.remote[1])
                 if moved.tun_fd is not None:
-                    self.engine.set_peer(moved.index, tuple(event.remote))
+                    self.engine.set_peer(moved.index, moved.remote)
         elif isinstance(event, ike.IkeSADown):
             session = self.sessions.get(event.session_id)
             if session is not None:
@@ -344,7 +344,8 @@ class Headend:
     def _session(self, session_id: str, identity: str, remote: Address) -> Session:
         session = self.sessions.get(session_id)
         if session is None:
-            session = Session(session_id, self._next_index, identity, tuple(remote))
+            remote = (remote[0], remote[1])
+            session = Session(session_id, self._next_index, identity, remote)
             self._next_index += 1
             self.sessions[session_id] = session
             self.counters["sessions_up"] += 1

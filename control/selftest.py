@@ -292,7 +292,7 @@ def _case_psk(esp: str, key_bits: int) -> Callable[[HeadendLab], tuple[dict, lis
         vip = client.virtual_ip()
         detail["inside_address"] = vip
         failures = [] if vip else ["no inside address from config mode"]
-        sas = client.sa_summary()
+        sas = client.sa_summary() or {}
         detail["client_sa"] = sas
         if str(sas.get("encr_keysize")) != str(key_bits):
             failures.append(f"client SA is not AES-GCM-{key_bits}: {sas}")
