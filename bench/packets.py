@@ -97,6 +97,7 @@ class PacketsConfig:
     search: bool = True
     search_seconds: float = 2.0
     workdir: Path | None = None
+    workers: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -190,6 +191,7 @@ class Lab:
         self.src: str | None = None
         self.peer_pids: list[int] = []
         self.peer_reports: dict[str, Any] = {}
+        self.peer_options: dict[str, Any] = {}
         self._runs = 0
 
     def iperf(self, traffic: str, seconds: float, rate_bps: int | None) -> dict:
@@ -323,7 +325,8 @@ def _espgate(lab: Lab) -> Iterator[None]:
             ready = wd / f"{end}.ready"
             ready.unlink(missing_ok=True)
             path = wd / f"{end}.json"
-            write_config(path, {**cfg, "ready": str(ready), "tun": "egbt%d"})
+            options = {**cfg, **lab.peer_options, "ready": str(ready), "tun": "egbt%d"}
+            write_config(path, options)
             peers[end] = procs.start(
                 f"peer-{end}", [sys.executable, "-m", "bench.peer", str(path)],
                 ns=ns, cwd=repo,
@@ -486,6 +489,8 @@ def run_packets(cfg: PacketsConfig, progress: bool = True) -> dict[str, Any]:
     try:
         with Topology(prefix, workdir / "topo") as topo:
             lab = Lab(topo, workdir)
+            if cfg.workers is not None:
+                lab.peer_options["workers"] = cfg.workers
             for mode in cfg.modes:
                 if mode == "kernel":
                     # TODO: drive XFRM at both ends where the kernel has ESP and GCM
@@ -677,6 +682,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--traffic", nargs="+", choices=TRAFFIC, default=list(TRAFFIC))
     parser.add_argument("--keep", help="keep the lab's logs in this directory")
     parser.add_argument(
+        "--workers", type=int, help="engine worker threads per peer (default: cores)"
+    )
+    parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar on stderr"
     )
 
@@ -693,6 +701,7 @@ def command(args: argparse.Namespace, argv: list[str]) -> int:
         repeat=args.repeat or (1 if args.quick else 3),
         search=not args.quick,
         workdir=Path(args.keep).resolve() if args.keep else None,
+        workers=args.workers,
     )
     assert cfg.duration >= 1, f"Bad duration {cfg.duration}"
     assert cfg.repeat >= 1, f"Bad repeat {cfg.repeat}"
@@ -722,6 +731,7 @@ def command(args: argparse.Namespace, argv: list[str]) -> int:
             "udp_rate_search": cfg.search,
             "loss_target_pct": LOSS_TARGET_PCT,
             "tun_mtu": 1400,
+            "workers": cfg.workers,
         },
         "kernel_probe": result["kernel_probe"],
         "peers": result["peers"],

@@ -37,6 +37,8 @@ class SAParams:
 
     ``next_seq`` is the next number to send (outbound) or expected (inbound: the
     replay window starts just below it, for SAs resumed from stored state).
+    ``encap`` selects ESP in UDP (RFC 3948, NAT found); without it the SA
+    carries raw ESP, IP protocol 50, and the peer's port is ignored.
     """
 
     spi: int
@@ -51,6 +53,7 @@ class SAParams:
     next_seq: int = 1
     remote_ts: tuple[str, ...] = ("0.0.0.0/0",)
     engine: str = "userspace"
+    encap: bool = True
 
     def __post_init__(self) -> None:
         # RFC 4303 section 2.1: SPI values 1..255 are reserved by IANA and 0 is
@@ -83,10 +86,13 @@ class SAParams:
                 raise ValueError(f"Bad traffic selector {ts!r}") from None
         if self.engine not in ENGINES:
             raise ValueError(f"Bad engine {self.engine!r}")
+        if not isinstance(self.encap, bool):
+            raise ValueError(f"Bad encap {self.encap!r}")
 
     def __repr__(self) -> str:
         # keys and salts never reach a log
         return (
             f"SAParams(spi=0x{self.spi:08x}, inbound={self.inbound}, "
-            f"session={self.session}, peer={self.peer}, esn={self.esn})"
+            f"session={self.session}, peer={self.peer}, esn={self.esn}, "
+            f"encap={self.encap})"
         )
