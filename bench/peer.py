@@ -74,7 +74,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     # ESP-in-UDP socket and the engine with one session and the SA pair
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     # SO_REUSEPORT lets the engine give each worker a socket of its own
-    if cfg.get("reuseport", True):
+    if cfg.get("reuseport", False):
         udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     udp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
