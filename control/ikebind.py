@@ -13,6 +13,7 @@ import ipaddress
 
 from control.config import Config, ProfileConfig
 from control.ike import certs
+from control.ike.cookies import GuardConfig
 from control.ike.matching import CertRule
 from control.ike.messages import EncrId
 from control.ike.profiles import EspAlgorithms, Identity, Profile, ResponderConfig
@@ -72,6 +73,10 @@ def build_responder_config(
         allocate_address=allocate,
         release_address=release,
         allocate_for_profile=allocate_for,
+        guard=GuardConfig(
+            cookie_threshold=config.server.cookie_threshold,
+            per_source=config.server.half_open_per_source,
+        ),
     )
 
 

@@ -21,6 +21,7 @@ from cryptography import x509
 
 from control.ike import matching
 from control.ike.certs import Credential, TrustStore
+from control.ike.cookies import GuardConfig
 from control.ike.matching import CertRule
 from control.ike.messages import DhGroup, EncrId, IDType, IntegId, PrfId
 
@@ -199,3 +200,5 @@ class ResponderConfig:
     retransmit_tries: int = 5
     # preferred over allocate_address when set (certificate maps need it)
     allocate_for_profile: AllocateForProfile | None = None
+    # cookie threshold and half-open limit per source (RFC 7296 2.6)
+    guard: GuardConfig = field(default_factory=GuardConfig)
