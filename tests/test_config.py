@@ -44,9 +44,8 @@ def test_repr_hides_psk():
 
 
 def test_parse_pool_prefix_excludes_network_and_broadcast():
-    cfg = config.parse(
-        GOOD.replace("198.18.128.10-198.18.128.20", "198.18.64.0/30"), "t.toml"
-    )
+    cfg = config.parse(GOOD.replace("198.18.128.10-198.18.128.20", "198.18.64.0/30"),
+                       "t.toml")
     assert str(cfg.pools["office"].first) == "198.18.64.1"
     assert str(cfg.pools["office"].last) == "198.18.64.2"
 
@@ -55,41 +54,16 @@ def test_parse_pool_prefix_excludes_network_and_broadcast():
     ("old", "new", "line", "field", "problem"),
     [
         ('pool = "office"', 'pool = "lab"', 11, "profiles[0].pool", "unknown pool"),
-        (
-            'listen = "198.18.1.1"',
-            'listen = "nowhere"',
-            2,
-            "server.listen",
-            "not an IP address",
-        ),
-        (
-            'range = "198.18.128.10-198.18.128.20"',
-            'range = "x-y"',
-            5,
-            "pools.office.range",
-            "expected",
-        ),
-        (
-            'psk = "a-long-enough-secret"',
-            'psk = "short"',
-            10,
-            "profiles[0].psk",
-            "shorter",
-        ),
-        (
-            'psk = "a-long-enough-secret"',
-            "psk = 12",
-            10,
-            "profiles[0].psk",
-            "expected str",
-        ),
-        (
-            'name = "staff"',
-            'name = "staff"\nmtu = 3',
-            9,
-            "profiles[0].mtu",
-            "unknown field",
-        ),
+        ('listen = "198.18.1.1"', 'listen = "nowhere"', 2, "server.listen",
+         "not an IP address"),
+        ('range = "198.18.128.10-198.18.128.20"', 'range = "x-y"', 5,
+         "pools.office.range", "expected"),
+        ('psk = "a-long-enough-secret"', 'psk = "short"', 10, "profiles[0].psk",
+         "shorter"),
+        ('psk = "a-long-enough-secret"', "psk = 12", 10, "profiles[0].psk",
+         "expected str"),
+        ('name = "staff"', 'name = "staff"\nmtu = 3', 9, "profiles[0].mtu",
+         "unknown field"),
     ],
 )
 def test_parse_error_names_file_line_field(old, new, line, field, problem):
@@ -102,10 +76,8 @@ def test_parse_error_names_file_line_field(old, new, line, field, problem):
 
 
 def test_parse_second_profile_error_points_at_second_table():
-    text = (
-        GOOD + '\n[[profiles]]\nname = "b"\nlocal_identity = "fqdn:x"\n'
+    text = GOOD + '\n[[profiles]]\nname = "b"\nlocal_identity = "fqdn:x"\n' \
         'psk = "another-long-secret"\npool = "gone"\n'
-    )
     with pytest.raises(ConfigError) as info:
         config.parse(text, "t.toml")
     assert info.value.fieldname == "profiles[1].pool"
@@ -193,15 +165,8 @@ def test_parse_huge_pool_prefix_rejected_without_listing_it():
         config.parse(GOOD.replace("198.18.128.10-198.18.128.20", "0.0.0.0/0"), "t")
 
 
-@pytest.mark.parametrize(
-    "bad",
-    [
-        "127.0.0.1-127.0.0.5",
-        "224.0.0.1-224.0.0.9",
-        "0.0.0.0-0.0.0.3",
-        "255.255.255.250-255.255.255.255",
-    ],
-)
+@pytest.mark.parametrize("bad", ["127.0.0.1-127.0.0.5", "224.0.0.1-224.0.0.9",
+                                 "0.0.0.0-0.0.0.3", "255.255.255.250-255.255.255.255"])
 def test_parse_pool_of_unusable_addresses_rejected(bad):
     with pytest.raises(ConfigError, match="cannot use"):
         config.parse(GOOD.replace("198.18.128.10-198.18.128.20", bad), "t")
@@ -209,15 +174,13 @@ def test_parse_pool_of_unusable_addresses_rejected(bad):
 
 def test_parse_pool_prefix_with_host_bits_rejected():
     with pytest.raises(ConfigError, match="pools.office.range"):
-        config.parse(
-            GOOD.replace("198.18.128.10-198.18.128.20", "198.18.128.10/24"), "t"
-        )
+        config.parse(GOOD.replace("198.18.128.10-198.18.128.20", "198.18.128.10/24"),
+                     "t")
 
 
 def test_parse_overlapping_pools_rejected():
-    text = GOOD.replace(
-        "[[profiles]]", '[pools.lab]\nrange = "198.18.128.15/32"\n\n[[profiles]]'
-    )
+    text = GOOD.replace('[[profiles]]', '[pools.lab]\nrange = "198.18.128.15/32"\n\n'
+                        '[[profiles]]')
     with pytest.raises(ConfigError, match="overlaps pool 'office'"):
         config.parse(text, "t")
 
@@ -238,35 +201,20 @@ def test_parse_profiles_as_table_does_not_echo_contents():
     assert "a-long-enough-secret" not in str(info.value)
 
 
-@pytest.mark.parametrize(
-    ("old", "new", "field"),
-    [
-        ('listen = "198.18.1.1"', 'listen = "::"', "server.listen"),
-        (
-            'listen = "198.18.1.1"',
-            'control_socket = "relative.sock"',
-            "server.control_socket",
-        ),
-        (
-            'listen = "198.18.1.1"',
-            f'control_socket = "/{"x" * 120}"',
-            "server.control_socket",
-        ),
-        (
-            'local_identity = "fqdn:vpn.example.net"',
-            'local_identity = "ipv4:300.1.1.1"',
-            "profiles[0].local_identity",
-        ),
-        (
-            'local_identity = "fqdn:vpn.example.net"',
-            'local_identity = "fqdn:"',
-            "profiles[0].local_identity",
-        ),
-        ('name = "staff"', 'name = ""', "profiles[0].name"),
-        ('pool = "office"', 'pool = "office"\nesp = []', "profiles[0].esp"),
-        ('pool = "office"', 'pool = "office"\nlocal_ts = []', "profiles[0].local_ts"),
-    ],
-)
+@pytest.mark.parametrize(("old", "new", "field"), [
+    ('listen = "198.18.1.1"', 'listen = "::"', "server.listen"),
+    ('listen = "198.18.1.1"', 'control_socket = "relative.sock"',
+     "server.control_socket"),
+    ('listen = "198.18.1.1"', f'control_socket = "/{"x" * 120}"',
+     "server.control_socket"),
+    ('local_identity = "fqdn:vpn.example.net"', 'local_identity = "ipv4:300.1.1.1"',
+     "profiles[0].local_identity"),
+    ('local_identity = "fqdn:vpn.example.net"', 'local_identity = "fqdn:"',
+     "profiles[0].local_identity"),
+    ('name = "staff"', 'name = ""', "profiles[0].name"),
+    ('pool = "office"', 'pool = "office"\nesp = []', "profiles[0].esp"),
+    ('pool = "office"', 'pool = "office"\nlocal_ts = []', "profiles[0].local_ts"),
+])
 def test_parse_values_that_would_fail_at_runtime_rejected(old, new, field):
     with pytest.raises(ConfigError) as info:
         config.parse(GOOD.replace(old, new), "t")
@@ -329,14 +277,8 @@ def test_parse_bad_identity_pattern_names_it(pattern):
 
 
 def test_parse_identity_patterns_of_every_kind():
-    patterns = [
-        "*@example.net",
-        "198.18.0.0/15",
-        "dn:O=espgate lab,OU=ops",
-        "keyid:0a0b",
-        "fqdn:host.example",
-        "ipv6:2001:db8::/32",
-    ]
+    patterns = ["*@example.net", "198.18.0.0/15", "dn:O=espgate lab,OU=ops",
+                "keyid:0a0b", "fqdn:host.example", "ipv6:2001:db8::/32"]
     text = GOOD + f"match_identity = {patterns!r}\n".replace("'", '"')
     assert config.parse(text, "t.toml").profiles[0].match_identity == tuple(patterns)
 
