@@ -125,6 +125,8 @@ class ProfileConfig:
     # seconds until the headend rekeys an SA itself; 0 = never
     ike_rekey_time: int = 86400
     child_rekey_time: int = 28800
+    # add the Windows client's IKE proposals (AES-CBC-256, SHA1/SHA2, DH 2/14)
+    windows_proposals: bool = False
 
 
 @dataclass(frozen=True)
@@ -533,6 +535,7 @@ class _Reader:
             ca=tuple(ca),
             crl=tuple(crl),
             match_certificate=certmap,
+            windows_proposals=self.get(data, (*p, "windows_proposals"), bool, False),
             **rekey,
         )
 

@@ -11,7 +11,8 @@ come up and carry checked traffic, and the headend's counters must show that
 the half-open SAs stayed at the configured threshold. The
 invalid-ke-retry case makes strongSwan open with a key exchange in a group
 the headend does not take, so it must retry with the group named in
-INVALID_KE_PAYLOAD.
+INVALID_KE_PAYLOAD. The windows-proposals case offers only the Windows
+client's default IKE proposal to a profile that enables it.
 """
 
 from __future__ import annotations
@@ -135,6 +136,25 @@ def _case_invalid_ke_retry(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
     return detail, failures + more
 
 
+def _case_windows_proposals(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    from control.selftest import check_traffic
+
+    # the Windows built-in client's default IKE offer: AES-CBC-256, SHA1, group 2
+    client = lab.client(ike="aes256-sha1-modp1024")
+    if not client.initiate():
+        return {"client_log": str(client.log_path)}, ["tunnel did not come up"]
+    ike = next(iter(client.list_sas().values()), {})
+    detail: dict[str, Any] = {
+        k: ike.get(k) for k in ("encr-alg", "encr-keysize", "integ-alg", "dh-group")
+    }
+    failures = []
+    if ike.get("dh-group") != "MODP_1024" or ike.get("encr-alg") != "AES_CBC":
+        failures.append(f"client IKE SA is not the Windows proposal: {detail}")
+    traffic, more = check_traffic(lab, client, TRANSFER)
+    detail.update(traffic)
+    return detail, failures + more
+
+
 LIMIT_CASES: dict[str, tuple[str, Any, dict[str, Any]]] = {
     "cookie-under-flood": (
         "a spoofed IKE_SA_INIT flood makes the headend demand cookies; a real "
@@ -146,6 +166,12 @@ LIMIT_CASES: dict[str, tuple[str, Any, dict[str, Any]]] = {
                 "half_open_per_source": 5,
             }
         },
+    ),
+    "windows-proposals": (
+        "a profile with windows_proposals takes AES-CBC-256/SHA1/MODP-1024: "
+        "traffic",
+        _case_windows_proposals,
+        {"profile_keys": {"windows_proposals": True}},
     ),
     "invalid-ke-retry": (
         "KE in a group the headend does not take: INVALID_KE_PAYLOAD, retry "

@@ -327,3 +327,18 @@ def test_parse_half_open_limit_out_of_range_rejected(value):
     with pytest.raises(ConfigError) as exc:
         config.parse(text, "t.toml")
     assert exc.value.fieldname == "server.cookie_threshold" and exc.value.line == 3
+
+
+def test_parse_windows_proposals_off_by_default_and_bound():
+    from control.ike.messages import DhGroup, IntegId
+    from control.ikebind import build_responder_config
+
+    cfg = config.parse(GOOD, "t.toml")
+    assert cfg.profiles[0].windows_proposals is False
+    profile = build_responder_config(cfg, {}).profiles[0]
+    assert DhGroup.MODP_1024 not in profile.dh_groups
+    assert all(a.integ != IntegId.AUTH_HMAC_SHA1_96 for a in profile.ike_proposals)
+    cfg = config.parse(GOOD + "windows_proposals = true\n", "t.toml")
+    profile = build_responder_config(cfg, {}).profiles[0]
+    assert DhGroup.MODP_1024 in profile.dh_groups
+    assert any(a.integ == IntegId.AUTH_HMAC_SHA1_96 for a in profile.ike_proposals)
