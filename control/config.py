@@ -52,6 +52,8 @@ REMOTE_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig", "pubkey")
 IDENTITY_TYPES = ("fqdn", "email", "ipv4", "ipv6", "dn", "keyid")
 # seconds; short values are for tests, the upper bound is 300 days
 REKEY_TIME = (5, 25_920_000)
+# upper bound of the half-open limits in [server]
+HALF_OPEN_MAX = 1_000_000
 
 PathKey = tuple[str | int, ...]
 
@@ -76,6 +78,10 @@ class ServerConfig:
     control_socket: str = "/run/espgate/control.sock"
     log_level: str = "info"
     state_dir: str = "/var/lib/espgate"
+    # RFC 7296 2.6: half-open IKE SAs from which on cookies are demanded
+    # (0: always), and how many one source address may hold (0: no limit)
+    cookie_threshold: int = 50
+    half_open_per_source: int = 10
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,8 @@ class ProfileConfig:
     # seconds until the headend rekeys an SA itself; 0 = never
     ike_rekey_time: int = 86400
     child_rekey_time: int = 28800
+    # add the Windows client's IKE proposals (AES-CBC-256, SHA1/SHA2, DH 2/14)
+    windows_proposals: bool = False
 
 
 @dataclass(frozen=True)
@@ -299,6 +307,12 @@ class _Reader:
             raise self.error(path, f"port {value} out of range 1..65535")
         return value
 
+    def count(self, data: dict[str, Any], path: PathKey, default: int) -> int:
+        value = int(self.get(data, path, int, default))
+        if not 0 <= value <= HALF_OPEN_MAX:
+            raise self.error(path, f"{value} is not 0..{HALF_OPEN_MAX}")
+        return value
+
     def strings(self, data: dict[str, Any], path: PathKey, default: Any) -> list[str]:
         value = self.get(data, path, list, default)
         for item in value:
@@ -358,6 +372,12 @@ class _Reader:
             control_socket=control_socket,
             log_level=self.choice(data, (*p, "log_level"), LOG_LEVELS, d.log_level),
             state_dir=self.get(data, (*p, "state_dir"), str, d.state_dir),
+            cookie_threshold=self.count(
+                data, (*p, "cookie_threshold"), d.cookie_threshold
+            ),
+            half_open_per_source=self.count(
+                data, (*p, "half_open_per_source"), d.half_open_per_source
+            ),
         )
 
     def engine(self, data: dict[str, Any]) -> EngineConfig:
@@ -519,6 +539,7 @@ class _Reader:
             ca=tuple(ca),
             crl=tuple(crl),
             match_certificate=certmap,
+            windows_proposals=self.get(data, (*p, "windows_proposals"), bool, False),
             **rekey,
         )
 

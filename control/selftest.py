@@ -52,6 +52,7 @@ CONFIG_TEMPLATE = """\
 listen = "{listen}"
 control_socket = "{socket}"
 log_level = "debug"
+{server_extra}
 
 [engine]
 crypto = "{crypto}"
@@ -91,6 +92,7 @@ class HeadendLab:
         match: tuple[str, ...] = ("*@espgate.example",),
         extra_config: Callable[[HeadendLab], str] | None = None,
         profile_keys: dict[str, Any] | None = None,
+        server_keys: dict[str, Any] | None = None,
     ):
         """Set up a lab; ``embedded`` runs the daemon on its built-in default.
 
@@ -118,6 +120,8 @@ class HeadendLab:
         self.extra_config = extra_config
         # more keys of the lab profile, as TOML values (json.dumps of each)
         self.profile_keys = profile_keys or {}
+        # more keys of [server], likewise
+        self.server_keys = server_keys or {}
         self.socket = str(workdir / "espgate.sock")
         self.topo: Topology | None = None
         self.procs: ProcessSet | None = None
@@ -163,6 +167,9 @@ class HeadendLab:
             CONFIG_TEMPLATE.format(
                 listen=self.topo.hub_outer_ip,
                 socket=self.socket,
+                server_extra="\n".join(
+                    f"{k} = {json.dumps(v)}" for k, v in self.server_keys.items()
+                ),
                 crypto=self.crypto,
                 pool_range=self.pool_range,
                 server_id=SERVER_ID,

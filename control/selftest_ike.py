@@ -433,3 +433,8 @@ IKE_CASES: dict[str, tuple[str, Any, dict[str, Any]]] = {
         },
     ),
 }
+
+# denial-of-service limits and proposal choice live in their own module
+from control.selftest_limits import LIMIT_CASES  # noqa: E402
+
+IKE_CASES.update(LIMIT_CASES)

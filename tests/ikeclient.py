@@ -183,6 +183,8 @@ class IkeClient:
         # the responder's inbound SPI of our CHILD SA, and our role on the SA
         self.esp_spi_r = 0
         self.we_respond = False
+        # a COOKIE the responder asked for (RFC 7296 2.6), sent first on retry
+        self.cookie: bytes | None = None
         self._new_key()
 
     # -- primitives, straight from RFC 7296 ----------------------------------
@@ -273,6 +275,8 @@ class IkeClient:
             NotifyPayload(0, NotifyType.SIGNATURE_HASH_ALGORITHMS, b"", b"\x00\x02"),
             NotifyPayload(0, NotifyType.REDIRECT_SUPPORTED),
         ]
+        if self.cookie is not None:
+            payloads.insert(0, NotifyPayload(0, NotifyType.COOKIE, b"", self.cookie))
         header = Header(
             self.spi_i,
             bytes(8),

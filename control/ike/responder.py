@@ -45,6 +45,7 @@ from typing import Any
 from cryptography.hazmat.primitives.hashes import SHA256
 
 from control.ike import initiate
+from control.ike.cookies import InitGuard, Verdict
 from control.ike.crypto import IntegrityError, Prf, open_message, seal_message
 from control.ike.events import (
     Address,
@@ -67,11 +68,13 @@ from control.ike.messages import (
     IDType,
     Message,
     NotifyPayload,
+    NotifyType,
     Payload,
     ProtocolError,
     ProtocolId,
     notify_name,
     pull_message,
+    push_message,
 )
 from control.ike.profiles import (
     EspAlgorithms,
@@ -140,6 +143,7 @@ class IkeResponder:
         self._out: list[Datagram] = []
         self._events: collections.deque[Event | PeerMoved] = collections.deque()
         self._prfs: dict[int, Prf] = {}
+        self.guard = InitGuard(config.guard, rng)
 
     # -- public API -----------------------------------------------------------
 
@@ -386,7 +390,6 @@ class IkeResponder:
         ):
             self.counters["drop_junk"] += 1
             return
-        # TODO: COOKIE challenges (RFC 7296 2.6) once half-open SAs pile up.
         # RFC 7296 2.1: a retransmitted IKE_SA_INIT gets the same answer
         known = self._half_open.get((header.spi_i, remote))
         if known is not None:
@@ -395,6 +398,9 @@ class IkeResponder:
                 self._send(known.init_response, local, remote)
             else:
                 self.counters["drop_init_collision"] += 1
+            return
+        # RFC 7296 2.6: cookies once half-open SAs pile up, and a limit per source
+        if self._guard_init(message, local, remote, now):
             return
         try:
             result = IkeInitTask(self).run(message, data, local, remote, now)
@@ -411,6 +417,37 @@ class IkeResponder:
             self._sas[ike.our_spi] = ike
             self._half_open[(ike.spi_i, remote)] = ike
             self.counters["ike_sa_init"] += 1
+
+    def _guard_init(
+        self, message: Message, local: Address, remote: Address, now: float
+    ) -> bool:
+        """Answer or drop an IKE_SA_INIT the guard refuses; True if refused."""
+        from_source = sum(1 for _, peer in self._half_open if peer[0] == remote[0])
+        verdict = self.guard.admit(
+            message, remote[0], len(self._half_open), from_source, now
+        )
+        if verdict == Verdict.ACCEPT:
+            return False
+        if verdict == Verdict.DROP:
+            self.counters["drop_init_source_limit"] += 1
+            return True
+        self.counters["cookie_sent"] += 1
+        cookie = self.guard.cookie_for(message, remote[0])
+        header = message.header
+        reply = Message(
+            Header(
+                header.spi_i,
+                bytes(8),
+                0,
+                IKE_VERSION,
+                ExchangeType.IKE_SA_INIT,
+                HeaderFlag.RESPONSE,
+                0,
+            ),
+            [NotifyPayload(ProtocolId.NONE, NotifyType.COOKIE, b"", cookie)],
+        )
+        self._send(push_message(reply), local, remote)
+        return True
 
     def _receive_request(
         self,
