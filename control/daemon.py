@@ -364,14 +364,9 @@ class Headend:
             session.inside_address = str(ev.inside_address)
             assert session.tun_name is not None
             add_route(session.tun_name, f"{ev.inside_address}/32")
-        if not ev.udp_encap:
-            # FIXME: raw ESP (IP protocol 50) is not in the engine yet; such a
-            # client still gets ESP-in-UDP from us and will drop it.
-            log.warning(
-                "session %s: client not behind NAT, raw ESP unsupported",
-                session.session_id,
-            )
-        common = {"session": session.index, "peer": tuple(ev.remote), "esn": ev.esn}
+        # RFC 3948: ESP in UDP only when NAT was detected, raw ESP otherwise
+        common = {"session": session.index, "peer": tuple(ev.remote), "esn": ev.esn,
+                  "encap": ev.udp_encap}
         self.engine.install_sa(
             SAParams(
                 spi=ev.spi_in,
