@@ -52,6 +52,9 @@ REMOTE_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig", "pubkey")
 IDENTITY_TYPES = ("fqdn", "email", "ipv4", "ipv6", "dn", "keyid")
 # seconds; short values are for tests, the upper bound is 300 days
 REKEY_TIME = (5, 25_920_000)
+# CHILD SAs per session (0 = no limit); liveness delays in seconds
+FLOW_LIMIT = (0, 50_000)
+DPD_DELAY = (1, 86_400)
 
 PathKey = tuple[str | int, ...]
 
@@ -119,6 +122,12 @@ class ProfileConfig:
     # seconds until the headend rekeys an SA itself; 0 = never
     ike_rekey_time: int = 86400
     child_rekey_time: int = 28800
+    # CHILD SAs per session; 0 = no limit
+    flow_limit: int = 0
+    # liveness check after this much silence (0 = off); teardown when
+    # unanswered for dpd_timeout
+    dpd_delay: int = 30
+    dpd_timeout: int = 120
 
 
 @dataclass(frozen=True)
@@ -479,6 +488,7 @@ class _Reader:
                 low, high = REKEY_TIME
                 raise self.error((*p, key), f"{value} is not 0 or {low}..{high}")
             rekey[key] = value
+        liveness = self.liveness(data, p)
         certmap = self.cert_map(data, p)
         if certmap and remote_auth == ["pre-share"]:
             raise self.error(
@@ -516,7 +526,29 @@ class _Reader:
             crl=tuple(crl),
             match_certificate=certmap,
             **rekey,
+            **liveness,
         )
+
+    def liveness(self, data: dict[str, Any], p: PathKey) -> dict[str, int]:
+        """Read flow_limit, dpd_delay and dpd_timeout of one profile."""
+        flow_limit = int(self.get(data, (*p, "flow_limit"), int, 0))
+        if not FLOW_LIMIT[0] <= flow_limit <= FLOW_LIMIT[1]:
+            low, high = FLOW_LIMIT
+            raise self.error((*p, "flow_limit"), f"{flow_limit} is not {low}..{high}")
+        out = {"flow_limit": flow_limit}
+        for key, default, zero_ok in (
+            ("dpd_delay", 30, True),
+            ("dpd_timeout", 120, False),
+        ):
+            value = int(self.get(data, (*p, key), int, default))
+            if not (zero_ok and value == 0) and not (
+                DPD_DELAY[0] <= value <= DPD_DELAY[1]
+            ):
+                low, high = DPD_DELAY
+                allowed = f"0 or {low}..{high}" if zero_ok else f"{low}..{high}"
+                raise self.error((*p, key), f"{value} is not {allowed}")
+            out[key] = value
+        return out
 
     def cert_map(
         self, data: dict[str, Any], p: PathKey

@@ -44,6 +44,9 @@ def build_responder_config(
             cert_map=[CertRule(*rule) for rule in p.match_certificate],
             ike_rekey_time=float(p.ike_rekey_time) or None,
             child_rekey_time=float(p.child_rekey_time) or None,
+            flow_limit=p.flow_limit,
+            dpd_delay=float(p.dpd_delay) or None,
+            dpd_timeout=float(p.dpd_timeout),
         )
         for p in config.profiles
     ]

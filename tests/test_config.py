@@ -305,3 +305,32 @@ def test_profile_rekey_time_out_of_range_is_refused(value: int) -> None:
 def _rekey_config(lines: str) -> config.Config:
     # the last profile table of GOOD gets the extra keys
     return config.parse(GOOD + lines, "t.toml")
+
+
+def test_profile_flow_limit_and_liveness_default_and_parse() -> None:
+    base = _rekey_config("").profiles[0]
+    assert (base.flow_limit, base.dpd_delay, base.dpd_timeout) == (0, 30, 120)
+    lines = "flow_limit = 50000\ndpd_delay = 0\ndpd_timeout = 5\n"
+    profile = _rekey_config(lines).profiles[0]
+    assert (profile.flow_limit, profile.dpd_delay, profile.dpd_timeout) == (
+        50000,
+        0,
+        5,
+    )
+
+
+@pytest.mark.parametrize(
+    "line,problem",
+    [
+        ("flow_limit = 50001", "flow_limit: 50001 is not 0..50000"),
+        ("flow_limit = -1", "flow_limit: -1 is not 0..50000"),
+        ("dpd_delay = 86401", "dpd_delay: 86401 is not 0 or 1..86400"),
+        ("dpd_timeout = 0", "dpd_timeout: 0 is not 1..86400"),
+        ('dpd_delay = "30"', "dpd_delay: expected int"),
+    ],
+)
+def test_profile_flow_limit_or_liveness_out_of_range_is_refused(
+    line: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        _rekey_config(line + "\n")
