@@ -4,6 +4,7 @@ espgate serve [--config FILE]          run the headend (embedded default
                                        without --config)
 espgate check-config [FILE]            parse and check, print a summary
 espgate show sessions|counters         ask a running daemon
+espgate clear session ID               delete a session (the client is told)
 espgate demo [--json PATH]             the main job: a real strongSwan
                                        client through the headend in a lab
 espgate selftest [--json PATH] [--cases A,B]
@@ -80,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print raw JSON")
     p.set_defaults(func=_cmd_show)
 
+    p = sub.add_parser("clear", help="tell a running daemon to delete a session")
+    p.add_argument("what", choices=["session"])
+    p.add_argument("id", help="session id as `espgate show sessions` prints it")
+    p.add_argument("--socket", default=DEFAULT_SOCKET)
+    p.set_defaults(func=_cmd_clear)
+
     p = sub.add_parser("demo", help="run the main job in a lab of namespaces")
     p.add_argument("--json", default="results/run.json", help="results file")
     p.add_argument(
@@ -152,12 +159,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def request(path: str, cmd: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Send one command to a daemon's control socket and return its answer."""
+def request(path: str, cmd: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
+    """Send one command (and its fields) to a daemon's control socket."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
-        sock.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+        sock.sendall(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)
@@ -177,6 +184,18 @@ def _cmd_dataplane(args: argparse.Namespace) -> int:
 def _cmd_reload(args: argparse.Namespace) -> int:
     try:
         answer = request(args.socket, f"reload-{args.what}")
+    except OSError as exc:
+        print(
+            f"espgate: cannot reach the daemon at {args.socket}: {exc}", file=sys.stderr
+        )
+        return 1
+    print(json.dumps(answer, indent=2))
+    return 1 if "error" in answer else 0
+
+
+def _cmd_clear(args: argparse.Namespace) -> int:
+    try:
+        answer = request(args.socket, "delete-session", session=args.id)
     except OSError as exc:
         print(
             f"espgate: cannot reach the daemon at {args.socket}: {exc}", file=sys.stderr

@@ -54,6 +54,9 @@ IDENTITY_TYPES = ("fqdn", "email", "ipv4", "ipv6", "dn", "keyid")
 REKEY_TIME = (5, 25_920_000)
 # upper bound of the half-open limits in [server]
 HALF_OPEN_MAX = 1_000_000
+# CHILD SAs per session (0 = no limit); liveness delays in seconds
+FLOW_LIMIT = (0, 50_000)
+DPD_DELAY = (1, 86_400)
 
 PathKey = tuple[str | int, ...]
 
@@ -127,6 +130,12 @@ class ProfileConfig:
     child_rekey_time: int = 28800
     # add the Windows client's IKE proposals (AES-CBC-256, SHA1/SHA2, DH 2/14)
     windows_proposals: bool = False
+    # CHILD SAs per session; 0 = no limit
+    flow_limit: int = 0
+    # liveness check after this much silence (0 = off); teardown when
+    # unanswered for dpd_timeout
+    dpd_delay: int = 30
+    dpd_timeout: int = 120
 
 
 @dataclass(frozen=True)
@@ -503,6 +512,7 @@ class _Reader:
                 low, high = REKEY_TIME
                 raise self.error((*p, key), f"{value} is not 0 or {low}..{high}")
             rekey[key] = value
+        liveness = self.liveness(data, p)
         certmap = self.cert_map(data, p)
         if certmap and remote_auth == ["pre-share"]:
             raise self.error(
@@ -541,7 +551,29 @@ class _Reader:
             match_certificate=certmap,
             windows_proposals=self.get(data, (*p, "windows_proposals"), bool, False),
             **rekey,
+            **liveness,
         )
+
+    def liveness(self, data: dict[str, Any], p: PathKey) -> dict[str, int]:
+        """Read flow_limit, dpd_delay and dpd_timeout of one profile."""
+        flow_limit = int(self.get(data, (*p, "flow_limit"), int, 0))
+        if not FLOW_LIMIT[0] <= flow_limit <= FLOW_LIMIT[1]:
+            low, high = FLOW_LIMIT
+            raise self.error((*p, "flow_limit"), f"{flow_limit} is not {low}..{high}")
+        out = {"flow_limit": flow_limit}
+        for key, default, zero_ok in (
+            ("dpd_delay", 30, True),
+            ("dpd_timeout", 120, False),
+        ):
+            value = int(self.get(data, (*p, key), int, default))
+            if not (zero_ok and value == 0) and not (
+                DPD_DELAY[0] <= value <= DPD_DELAY[1]
+            ):
+                low, high = DPD_DELAY
+                allowed = f"0 or {low}..{high}" if zero_ok else f"{low}..{high}"
+                raise self.error((*p, key), f"{value} is not {allowed}")
+            out[key] = value
+        return out
 
     def cert_map(
         self, data: dict[str, Any], p: PathKey

@@ -16,7 +16,8 @@ thread hands IKE datagrams back to the loop.  Nothing raised while handling a
 datagram escapes into the loop: it is logged and counted.
 
 The control socket (a root-only Unix socket) answers one JSON request per
-connection: ``{"cmd": "show-sessions"}`` or ``{"cmd": "show-counters"}``.
+connection: ``{"cmd": "show-sessions"}``, ``{"cmd": "show-counters"}`` or
+``{"cmd": "delete-session", "session": ID}`` (the headend deletes the IKE SA).
 """
 
 from __future__ import annotations
@@ -175,6 +176,10 @@ class Headend:
         else:
             self.engine = Engine(sock.fileno(), batch=eng.batch, crypto=eng.crypto)
         responder_config = build_responder_config(self.config, self.pools)
+        # inbound ESP counts as hearing from the peer (liveness checks)
+        responder_config.inbound_packets = lambda spi: int(
+            self.engine.sa_counters(spi, True)["packets"]
+        )
         self.responder = IkeResponder(responder_config)
         self.engine.start(self._on_port4500_thread)
 
@@ -441,7 +446,7 @@ class Headend:
             line = await asyncio.wait_for(reader.readline(), 5.0)
             try:
                 request = json.loads(line or b"{}")
-                answer = self.control(str(request.get("cmd", "")))
+                answer = self.control(str(request.get("cmd", "")), request)
             except (ValueError, AttributeError) as exc:
                 answer = {"error": f"bad request: {exc}"}
             writer.write(json.dumps(answer).encode() + b"\n")
@@ -455,8 +460,12 @@ class Headend:
         finally:
             writer.close()
 
-    def control(self, cmd: str) -> dict[str, Any]:
+    def control(
+        self, cmd: str, request: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Answer one control-socket command."""
+        if cmd == "delete-session":
+            return self._delete_session(str((request or {}).get("session", "")))
         if cmd == "show-sessions":
             return {"sessions": [self._describe(s) for s in self.sessions.values()]}
         if cmd == "show-counters":
@@ -474,6 +483,16 @@ class Headend:
                 return {"error": "engine.dataplane is inline: nothing to reload"}
             return {"dataplane_pid": self.engine.reload()}
         return {"error": f"unknown command {cmd!r}"}
+
+    def _delete_session(self, session_id: str) -> dict[str, Any]:
+        # RFC 7296 1.4.1: an INFORMATIONAL Delete of the IKE SA; the session
+        # goes when the client answers or the retransmissions give up
+        now = time.monotonic()
+        if not self._guard(self.responder.delete_ike_sa, session_id, now):
+            return {"error": f"no session {session_id!r}"}
+        self._after_step()
+        log.info("session %s: delete requested on the control socket", session_id)
+        return {"deleting": session_id}
 
     def _describe(self, session: Session) -> dict[str, Any]:
         children = []

@@ -55,6 +55,9 @@ def build_responder_config(
             ike_rekey_time=float(p.ike_rekey_time) or None,
             child_rekey_time=float(p.child_rekey_time) or None,
             **_proposals(p),
+            flow_limit=p.flow_limit,
+            dpd_delay=float(p.dpd_delay) or None,
+            dpd_timeout=float(p.dpd_timeout),
         )
         for p in config.profiles
     ]

@@ -342,3 +342,30 @@ def test_parse_windows_proposals_off_by_default_and_bound():
     profile = build_responder_config(cfg, {}).profiles[0]
     assert DhGroup.MODP_1024 in profile.dh_groups
     assert any(a.integ == IntegId.AUTH_HMAC_SHA1_96 for a in profile.ike_proposals)
+def test_profile_flow_limit_and_liveness_default_and_parse() -> None:
+    base = _rekey_config("").profiles[0]
+    assert (base.flow_limit, base.dpd_delay, base.dpd_timeout) == (0, 30, 120)
+    lines = "flow_limit = 50000\ndpd_delay = 0\ndpd_timeout = 5\n"
+    profile = _rekey_config(lines).profiles[0]
+    assert (profile.flow_limit, profile.dpd_delay, profile.dpd_timeout) == (
+        50000,
+        0,
+        5,
+    )
+
+
+@pytest.mark.parametrize(
+    "line,problem",
+    [
+        ("flow_limit = 50001", "flow_limit: 50001 is not 0..50000"),
+        ("flow_limit = -1", "flow_limit: -1 is not 0..50000"),
+        ("dpd_delay = 86401", "dpd_delay: 86401 is not 0 or 1..86400"),
+        ("dpd_timeout = 0", "dpd_timeout: 0 is not 1..86400"),
+        ('dpd_delay = "30"', "dpd_delay: expected int"),
+    ],
+)
+def test_profile_flow_limit_or_liveness_out_of_range_is_refused(
+    line: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        _rekey_config(line + "\n")

@@ -41,7 +41,8 @@ def verdicts(tmp_path_factory):
          "psk-two-clients", "rsa-cert", "ecdsa-cert", "rsa-cert-chain",
          "asymmetric-cert-psk", "unknown-identity-rejected", "profile-match-identity",
          "profile-match-certmap", "child-rekey-pfs", "ike-rekey",
-         "rekey-under-traffic-no-loss", "headend-child-rekey"]
+         "rekey-under-traffic-no-loss", "headend-child-rekey", "delete-by-server",
+         "initial-contact"]
     )
     env = dict(os.environ, ESPGATE_LAB_PREFIX=LAB)
     proc = subprocess.run([ESPGATE, "selftest", "--cases", cases, "--json", str(out)],
@@ -73,6 +74,18 @@ def test_wrong_psk_rejected(verdicts):
     r = results["ikev2-wrong-psk-rejected"]
     assert r["passed"], r["detail"]["failures"]
     assert r["detail"]["initiated"] is False
+
+
+@pytest.mark.parametrize("case", ["delete-by-server", "initial-contact"])
+def test_session_case_passes(verdicts, case):
+    results, _ = verdicts
+    r = results[case]
+    assert r["passed"], r["detail"]["failures"]
+    # the session's traffic before and after the delete or restart
+    before, after = ("before", "after") if case == "delete-by-server" else (
+        "first", "second")
+    for label in (before, after):
+        assert r["detail"][label]["transfer"]["match"]
 
 
 def test_selftest_leaves_no_namespaces(verdicts):

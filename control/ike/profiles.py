@@ -179,6 +179,12 @@ class Profile:
     # seconds until we rekey an SA ourselves (less up to 10% jitter); None: never
     ike_rekey_time: float | None = 86400.0
     child_rekey_time: float | None = 28800.0
+    # CHILD SAs per session, 0: no limit (control.ike.flows)
+    flow_limit: int = 0
+    # liveness check after this much silence, None: off; unanswered for
+    # dpd_timeout seconds: the peer is gone (control.ike.liveness)
+    dpd_delay: float | None = None
+    dpd_timeout: float = 120.0
 
     def __post_init__(self) -> None:
         assert self.local_auth in LOCAL_AUTH, f"Bad local auth {self.local_auth!r}"
@@ -222,3 +228,5 @@ class ResponderConfig:
     allocate_for_profile: AllocateForProfile | None = None
     # cookie threshold and half-open limit per source (RFC 7296 2.6)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    # inbound ESP packets counted on a CHILD SA's inbound SPI (liveness)
+    inbound_packets: Callable[[int], int] | None = None

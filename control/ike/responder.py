@@ -44,7 +44,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.hashes import SHA256
 
-from control.ike import initiate
+from control.ike import initiate, liveness
 from control.ike.cookies import InitGuard, Verdict
 from control.ike.crypto import IntegrityError, Prf, open_message, seal_message
 from control.ike.events import (
@@ -177,6 +177,8 @@ class IkeResponder:
                 deadlines.append(ike.pending.deadline)
             if ike.state == IkeState.ESTABLISHED and not ike.superseded:
                 deadlines += initiate.rekey_deadlines(ike)
+                if (due := liveness.deadline(ike)) is not None:
+                    deadlines.append(due)
         return min(deadlines, default=None)
 
     def handle_timer(self, now: float) -> None:
@@ -489,6 +491,7 @@ class IkeResponder:
 
         # RFC 7296 2.23: an authenticated request may come from a new address
         self._adopt_address(ike, local, remote)
+        liveness.heard(ike, now)
         try:
             check_rules(payloads, REQUEST_RULES[header.exchange])
         except DecodeError as exc:
@@ -623,6 +626,7 @@ class IkeResponder:
             self.counters["response_decode_error"] += 1
             payloads = []
         ike.pending = None
+        liveness.heard(ike, now)
         pending.on_response(payloads, now)
         self._send_queued(ike, now)
 
@@ -682,6 +686,9 @@ class IkeResponder:
                 continue
             if ike.state == IkeState.ESTABLISHED and not ike.superseded:
                 initiate.start_due_rekeys(self, ike, now)
+                liveness.on_timer(self, ike, now)
+                if ike.state == IkeState.DEAD:
+                    continue
             pending = ike.pending
             if pending is None or now < pending.deadline:
                 continue

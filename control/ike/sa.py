@@ -137,6 +137,8 @@ class IkeSA:
     rekeying: Any = field(default=None, repr=False)
     # our CHILD rekeys in flight by the old SA's inbound SPI (ChildRekeyRequest)
     child_rekeys: dict[int, Any] = field(default_factory=dict, repr=False)
+    # when we last heard from the peer (control.ike.liveness.Liveness)
+    liveness: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.log = SessionLogger(logger, {"session": self.session_id})

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from control.ike import trafficsel
+from control.ike import flows, trafficsel
 from control.ike.certs import (
     CERT_X509_SIGNATURE,
     SIGNATURE_METHODS,
@@ -766,6 +766,13 @@ class ChildRekeyTask(ChildCreateTask):
         if not isinstance(tsi, TSiPayload) or not isinstance(tsr, TSrPayload):
             ex.fatal = ProtocolError(NotifyType.INVALID_SYNTAX)
             return
+        if self.rekeyed is None:
+            try:
+                flows.check_new_child(ike, tsr.selectors)
+            except ProtocolError as exc:
+                self.responder.counters[f"child_refused_{notify_name(exc.notify)}"] += 1
+                ex.fatal = exc
+                return
         self.nonce_r = self.responder.rng(NONCE_SIZE)
         try:
             self.negotiate(

@@ -96,7 +96,10 @@ class ProcessSet:
         cwd: Path | None = None,
     ) -> ManagedProcess:
         """Start `argv` (inside `ns` when given) and record its PID."""
-        assert all(p.name != name for p in self.procs), f"duplicate name {name}"
+        # a name may be reused once its process has exited (a restarted peer)
+        assert all(p.name != name or not p.alive() for p in self.procs), (
+            f"duplicate name {name}"
+        )
         full_env = dict(os.environ)
         if env:
             full_env.update(env)
@@ -118,8 +121,8 @@ class ProcessSet:
         return proc
 
     def get(self, name: str) -> ManagedProcess:
-        """Return the process started under `name`."""
-        for proc in self.procs:
+        """Return the latest process started under `name`."""
+        for proc in reversed(self.procs):
             if proc.name == name:
                 return proc
         raise KeyError(name)
