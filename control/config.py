@@ -13,7 +13,11 @@ Layout::
     [pools.NAME]        range = "first-last" or a prefix
     [[profiles]]        identities matched, local identity, PSK, pool,
                         DNS, local traffic selectors, ESP proposals,
-                        local/remote auth methods, certificate, key, CAs, CRLs
+                        local/remote auth methods, certificate, key, CAs, CRLs,
+                        EAP (query identity, round timeout, RADIUS group)
+    [radius.NAME]       a RADIUS server group: timeout, retransmit,
+                        NAS-Identifier, [[radius.NAME.servers]] in
+                        failover order (address, port, secret)
 
 Certificate, key, CA and CRL files are loaded while checking, so a bad file
 is reported at its field; relative paths are taken from the config file's
@@ -44,7 +48,7 @@ CRYPTO_BACKENDS = ("ipsec-mb", "openssl")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTH_METHODS = ("psk",)
 LOCAL_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig")
-REMOTE_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig", "pubkey")
+REMOTE_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig", "pubkey", "eap")
 IDENTITY_TYPES = ("fqdn", "email", "ipv4", "ipv6", "dn", "keyid")
 
 PathKey = tuple[str | int, ...]
@@ -106,6 +110,25 @@ class ProfileConfig:
     private_key: str | None = None
     ca: tuple[str, ...] = ()
     crl: tuple[str, ...] = ()
+    eap_query_identity: bool = False
+    eap_timeout: int = 30
+    aaa_authentication: str | None = None
+
+
+@dataclass(frozen=True)
+class RadiusServerConfig:
+    address: str
+    port: int
+    secret: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class RadiusGroupConfig:
+    name: str
+    servers: tuple[RadiusServerConfig, ...]
+    timeout: float = 2.0
+    retransmit: int = 2
+    nas_identifier: str = "espgate"
 
 
 @dataclass(frozen=True)
@@ -115,6 +138,7 @@ class Config:
     engine: EngineConfig
     pools: dict[str, PoolConfig]
     profiles: tuple[ProfileConfig, ...]
+    radius: dict[str, RadiusGroupConfig] = field(default_factory=dict)
 
 
 def default_text() -> str:
@@ -200,7 +224,7 @@ class _Reader:
             if key not in known:
                 raise self.error((*path, key), "unknown field")
 
-    def get(self, data: dict[str, Any], path: PathKey, kind: type, default: Any) -> Any:
+    def get(self, data: dict[str, Any], path: PathKey, kind: Any, default: Any) -> Any:
         key = path[-1]
         assert isinstance(key, str), "field paths end in a key"
         if key not in data:
@@ -209,7 +233,8 @@ class _Reader:
             return default
         value = data[key]
         if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-            raise self.error(path, f"expected {kind.__name__}, got {value!r}")
+            name = getattr(kind, "__name__", "number")
+            raise self.error(path, f"expected {name}, got {value!r}")
         return value
 
     def choice(
@@ -238,8 +263,13 @@ class _Reader:
         return list(value)
 
     def config(self, data: dict[str, Any]) -> Config:
-        self.table(data, (), {"server", "engine", "pools", "profiles"})
+        self.table(data, (), {"server", "engine", "pools", "profiles", "radius"})
         server = self.server(self.get(data, ("server",), dict, {}))
+        radius_data = self.get(data, ("radius",), dict, {})
+        radius = {
+            name: self.radius(name, self.get(radius_data, ("radius", name), dict, None))
+            for name in radius_data
+        }
         engine = self.engine(self.get(data, ("engine",), dict, {}))
         pools_data = self.get(data, ("pools",), dict, {})
         pools = {
@@ -254,11 +284,49 @@ class _Reader:
             if not isinstance(item, dict):
                 raise self.error(("profiles", index), "expected a table")
             profiles.append(self.profile(index, item, pools))
+            group = profiles[-1].aaa_authentication
+            if group is not None and group not in radius:
+                path = ("profiles", index, "aaa_authentication")
+                raise self.error(path, f"unknown radius group {group!r}")
         names = [p.name for p in profiles]
         for index, name in enumerate(names):
             if names.index(name) != index:
                 raise self.error(("profiles", index, "name"), f"duplicate {name!r}")
-        return Config(self.source, server, engine, pools, tuple(profiles))
+        return Config(self.source, server, engine, pools, tuple(profiles), radius)
+
+    def radius(self, name: str, data: dict[str, Any]) -> RadiusGroupConfig:
+        p: PathKey = ("radius", name)
+        self.table(data, p, {"servers", "timeout", "retransmit", "nas_identifier"})
+        d = RadiusGroupConfig(name, ())
+        timeout = self.get(data, (*p, "timeout"), (int, float), d.timeout)
+        if not 0.1 <= timeout <= 60:
+            raise self.error((*p, "timeout"), f"{timeout} out of range 0.1..60")
+        retransmit = self.get(data, (*p, "retransmit"), int, d.retransmit)
+        if not 0 <= retransmit <= 10:
+            raise self.error((*p, "retransmit"), f"{retransmit} out of range 0..10")
+        nas = self.get(data, (*p, "nas_identifier"), str, d.nas_identifier)
+        servers_data = self.get(data, (*p, "servers"), list, _REQUIRED)
+        if not servers_data:
+            raise self.error((*p, "servers"), "at least one server is needed")
+        servers = []
+        for index, item in enumerate(servers_data):
+            sp: PathKey = (*p, "servers", index)
+            if not isinstance(item, dict):
+                raise self.error(sp, "expected a table")
+            self.table(item, sp, {"address", "port", "secret"})
+            address = self.get(item, (*sp, "address"), str, _REQUIRED)
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                problem = f"not an IP address: {address!r}"
+                raise self.error((*sp, "address"), problem) from None
+            port = self.port(item, (*sp, "port"), 1812)
+            secret = self.get(item, (*sp, "secret"), str, _REQUIRED)
+            # RFC 2865 3: the secret should be at least 16 octets
+            if len(secret) < 16:
+                raise self.error((*sp, "secret"), "shorter than 16 characters")
+            servers.append(RadiusServerConfig(address, port, secret.encode()))
+        return RadiusGroupConfig(name, tuple(servers), float(timeout), retransmit, nas)
 
     def server(self, data: dict[str, Any]) -> ServerConfig:
         p: PathKey = ("server",)
@@ -377,7 +445,18 @@ class _Reader:
         certificate, private_key = self.credential(data, p, local_auth, local_identity)
         ca = [self.path(x) for x in self.strings(data, (*p, "ca"), [])]
         crl = [self.path(x) for x in self.strings(data, (*p, "crl"), [])]
-        if any(m != "pre-share" for m in remote_auth) and not ca:
+        eap = "eap" in remote_auth
+        eap_query = self.get(data, (*p, "eap_query_identity"), bool, False)
+        eap_timeout = self.get(data, (*p, "eap_timeout"), int, 30)
+        if not 5 <= eap_timeout <= 300:
+            raise self.error((*p, "eap_timeout"), f"{eap_timeout} out of range 5..300")
+        aaa = self.get(data, (*p, "aaa_authentication"), str, None)
+        if eap and aaa is None:
+            raise self.error((*p, "aaa_authentication"), "missing (remote_auth eap)")
+        # RFC 7296 2.16: we prove ourselves by certificate when the peer uses EAP
+        if eap and local_auth == "pre-share":
+            raise self.error((*p, "local_auth"), "eap needs rsa-sig or ecdsa-sig")
+        if any(m not in ("pre-share", "eap") for m in remote_auth) and not ca:
             raise self.error((*p, "ca"), "certificate auth of peers needs a CA file")
         for key, paths, loader in (
             ("ca", ca, certs.load_certificates),
@@ -404,6 +483,9 @@ class _Reader:
             private_key=private_key,
             ca=tuple(ca),
             crl=tuple(crl),
+            eap_query_identity=eap_query,
+            eap_timeout=eap_timeout,
+            aaa_authentication=aaa,
         )
 
     def path(self, text: str) -> str:

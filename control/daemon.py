@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from control.config import Config
-from control.ikebind import build_responder_config
+from control.ikebind import build_radius_clients, build_responder_config
 from control.pool import AddressPool
 from control.routes import add_route
 
@@ -95,6 +95,10 @@ class Headend:
         self._ctl_server: asyncio.AbstractServer | None = None
         self.engine: Any = None
         self.responder: Any = None
+        # AAA: RADIUS groups by name, the group of each profile
+        self.radius: dict[str, Any] = {}
+        self._aaa_of = {p.name: p.aaa_authentication for p in config.profiles}
+        self._aaa_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -126,6 +130,7 @@ class Headend:
         eng = self.config.engine
         self.engine = Engine(sock.fileno(), batch=eng.batch, crypto=eng.crypto)
         responder_config = build_responder_config(self.config, self.pools)
+        self.radius = build_radius_clients(self.config)
         self.responder = IkeResponder(responder_config)
         self.engine.start(self._on_port4500_thread)
 
@@ -291,10 +296,41 @@ class Headend:
                 moved.remote = tuple(event.remote)
                 if moved.tun_fd is not None:
                     self.engine.set_peer(moved.index, tuple(event.remote))
+        elif isinstance(event, ike.AaaRequest):
+            self._aaa_start(event)
         elif isinstance(event, ike.IkeSADown):
+            for client in self.radius.values():
+                client.forget(event.session_id)
             session = self.sessions.get(event.session_id)
             if session is not None:
                 self._teardown(session, event.reason)
+
+    # -- AAA: RADIUS exchanges run as tasks, answers go back into the core ---
+
+    def _aaa_start(self, event: Any) -> None:
+        task = asyncio.ensure_future(self._aaa_run(event))
+        self._aaa_tasks.add(task)
+        task.add_done_callback(self._aaa_tasks.discard)
+
+    async def _aaa_run(self, event: Any) -> None:
+        from control.ike.responder import AaaResult
+
+        group = self._aaa_of.get(event.profile)
+        client = self.radius.get(group) if group else None
+        if client is None:
+            log.error("profile %s has no RADIUS group for EAP", event.profile)
+            result = AaaResult("error")
+        else:
+            try:
+                result = await client.eap(event)
+            except Exception:
+                self.counters["handler_errors"] += 1
+                log.exception("radius exchange failed")
+                result = AaaResult("error")
+        self._guard(
+            self.responder.aaa_result, event.session_id, result, time.monotonic()
+        )
+        self._after_step()
 
     def _session(self, session_id: str, identity: str, remote: Address) -> Session:
         session = self.sessions.get(session_id)
@@ -418,6 +454,7 @@ class Headend:
                 "daemon": dict(self.counters),
                 "ike": dict(self.responder.counters),
                 "engine": self.engine.counters(),
+                "radius": {n: dict(c.stats) for n, c in self.radius.items()},
                 "pools": {
                     n: {"size": p.size, "in_use": p.in_use}
                     for n, p in self.pools.items()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 
+from control.aaa.radius import RadiusClient, RadiusServer
 from control.config import Config, ProfileConfig
 from control.ike import certs
 from control.ike.messages import EncrId
@@ -40,6 +41,8 @@ def build_responder_config(
             remote_auth=list(p.remote_auth),
             credential=_credential(p),
             trust=_trust(p),
+            eap_query_identity=p.eap_query_identity,
+            eap_timeout=float(p.eap_timeout),
         )
         for p in config.profiles
     ]
@@ -53,14 +56,37 @@ def build_responder_config(
                 return pools[name].allocate(session_id) if name else None
         return None
 
+    def allocate_in(
+        profile: str, identity: str, session_id: str
+    ) -> ipaddress.IPv4Address | None:
+        name = pool_of[profile]
+        return pools[name].allocate(session_id) if name else None
+
     def release(address: ipaddress.IPv4Address) -> None:
         for pool in pools.values():
             if pool.release(address):
                 return
 
     return ResponderConfig(
-        profiles=profiles, allocate_address=allocate, release_address=release
+        profiles=profiles,
+        allocate_address=allocate,
+        release_address=release,
+        allocate_in_profile=allocate_in,
     )
+
+
+def build_radius_clients(config: Config) -> dict[str, RadiusClient]:
+    """Return one RADIUS client per ``[radius.NAME]`` group, by name."""
+    return {
+        name: RadiusClient(
+            name,
+            [RadiusServer(s.address, s.port, s.secret) for s in group.servers],
+            timeout=group.timeout,
+            retransmit=group.retransmit,
+            nas_identifier=group.nas_identifier,
+        )
+        for name, group in config.radius.items()
+    }
 
 
 def _credential(p: ProfileConfig) -> certs.Credential | None:

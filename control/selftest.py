@@ -515,3 +515,6 @@ def run(
     if not keep_logs and all(r["passed"] for r in results):
         shutil.rmtree(base, ignore_errors=True)
     return results
+
+# AAA cases (EAP through RADIUS) register themselves into CASES
+import control.selftest_aaa  # noqa: E402,F401

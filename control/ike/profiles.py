@@ -22,7 +22,7 @@ from control.ike.messages import DhGroup, EncrId, IDType, IntegId, PrfId
 
 ID_PREFIXES = ("fqdn", "email", "ipv4", "ipv6", "dn", "keyid")
 LOCAL_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig")
-REMOTE_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig", "pubkey")
+REMOTE_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig", "pubkey", "eap")
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,9 @@ class Profile:
     remote_auth: list[str] = field(default_factory=lambda: ["pre-share"])
     credential: Credential | None = None
     trust: TrustStore | None = None
+    # EAP (RFC 7296 2.16): ask for the EAP identity, seconds per client round
+    eap_query_identity: bool = False
+    eap_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         assert self.local_auth in LOCAL_AUTH, f"Bad local auth {self.local_auth!r}"
@@ -164,9 +167,14 @@ class Profile:
         )
         for method in self.remote_auth:
             assert method in REMOTE_AUTH, f"Bad remote auth {method!r}"
-            assert method == "pre-share" or self.trust is not None, (
+            assert method in ("pre-share", "eap") or self.trust is not None, (
                 f"Profile {self.name}: {method} needs a trust store"
             )
+
+        # RFC 7296 2.16: with EAP the responder authenticates by signature
+        assert "eap" not in self.remote_auth or self.local_auth != "pre-share", (
+            f"Profile {self.name}: eap needs a certificate on our side"
+        )
 
     def accepts_signature(self, kind: str) -> bool:
         """Tell whether a peer signature by an "rsa" or "ecdsa" key is admitted."""
@@ -177,6 +185,9 @@ class Profile:
 
 
 AllocateAddress = Callable[[str, str], ipaddress.IPv4Address | None]
+# (profile name, identity, session id): for identities no pattern admits,
+# such as the User-Name an EAP exchange ends with
+AllocateInProfile = Callable[[str, str, str], ipaddress.IPv4Address | None]
 ReleaseAddress = Callable[[ipaddress.IPv4Address], None]
 
 
@@ -192,3 +203,4 @@ class ResponderConfig:
     half_open_timeout: float = 30.0
     retransmit_timeout: float = 2.0
     retransmit_tries: int = 5
+    allocate_in_profile: AllocateInProfile | None = None

@@ -43,7 +43,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.hashes import SHA256
 
+from control.ike import eap
 from control.ike.crypto import IntegrityError, Prf, open_message, seal_message
+from control.ike.eap import AaaRequest, AaaResult
 from control.ike.events import (
     Address,
     ChildSADown,
@@ -83,12 +85,16 @@ from control.ike.tasks import (
     EXCHANGE_TASKS,
     REQUEST_RULES,
     RESPONSE_RULES,
+    AuthTask,
     Exchange,
     IkeInitTask,
+    Task,
     check_rules,
 )
 
 __all__ = [
+    "AaaRequest",
+    "AaaResult",
     "ChildSADown",
     "ChildSAUp",
     "Datagram",
@@ -115,6 +121,19 @@ ALLOWED_EXCHANGES: dict[IkeState, set[int]] = {
 }
 
 
+@dataclass
+class _Parked:
+    """An exchange waiting for the AAA answer, and where to go on from."""
+
+    ex: Exchange
+    tasks: list[Task]
+    index: int
+    header: Header
+    data: bytes
+    local: Address
+    remote: Address
+
+
 @dataclass(frozen=True)
 class PeerMoved:
     """The peer's outer address changed (authenticated, RFC 7296 2.23)."""
@@ -136,7 +155,10 @@ class IkeResponder:
         self._half_open: dict[tuple[bytes, Address], IkeSA] = {}
         self._child_spis: set[int] = set()
         self._out: list[Datagram] = []
-        self._events: collections.deque[Event | PeerMoved] = collections.deque()
+        self._events: collections.deque[Event | PeerMoved | AaaRequest] = (
+            collections.deque()
+        )
+        self._parked: dict[bytes, _Parked] = {}
         self._prfs: dict[int, Prf] = {}
 
     # -- public API -----------------------------------------------------------
@@ -157,7 +179,7 @@ class IkeResponder:
         out, self._out = self._out, []
         return out
 
-    def next_event(self) -> Event | PeerMoved | None:
+    def next_event(self) -> Event | PeerMoved | AaaRequest | None:
         """Return the oldest pending event, or None."""
         return self._events.popleft() if self._events else None
 
@@ -215,6 +237,30 @@ class IkeResponder:
         delete = DeletePayload(ProtocolId.ESP, 4, [spi_in.to_bytes(4, "big")])
         self._request(ike, [delete], done, now)
         return True
+
+    def aaa_result(self, session_id: str, result: AaaResult, now: float) -> None:
+        """Resume the exchange that emitted an `AaaRequest`; never raise.
+
+        An answer for an SA that is gone, or that waits for nothing, is
+        counted and dropped.
+        """
+        try:
+            ike = self._by_session(session_id)
+            parked = self._parked.pop(ike.spi_r, None) if ike is not None else None
+            if ike is None or parked is None:
+                self.counters["aaa_result_unexpected"] += 1
+                return
+            parked.ex.now = now
+            parked.tasks[parked.index].resume(parked.ex, result)
+            parked.index += 1
+            self._continue(ike, parked)
+        except Exception:
+            self.counters["internal_error"] += 1
+            logger.exception("internal error handling an AAA result")
+
+    def emit(self, event: AaaRequest) -> None:
+        """Queue an event for the daemon now (tasks that park an exchange)."""
+        self._events.append(event)
 
     def sessions(self) -> list[dict[str, Any]]:
         """Describe every IKE SA for status output."""
@@ -372,6 +418,10 @@ class IkeResponder:
         if header.exchange not in ALLOWED_EXCHANGES[ike.state]:
             self.counters["drop_exchange"] += 1
             return
+        # a retransmission of a request that waits for the AAA server
+        if ike.spi_r in self._parked:
+            self.counters["drop_aaa_pending"] += 1
+            return
         try:
             payloads = open_message(data, message, ike.cipher_in)
         except IntegrityError:
@@ -386,7 +436,8 @@ class IkeResponder:
         # RFC 7296 2.23: an authenticated request may come from a new address
         self._adopt_address(ike, local, remote)
         try:
-            check_rules(payloads, REQUEST_RULES[header.exchange])
+            rules = eap.request_rules(ike, header.exchange)
+            check_rules(payloads, rules or REQUEST_RULES[header.exchange])
         except DecodeError as exc:
             error = ProtocolError(exc.notify, "", exc.data)
             self._refuse(ike, message, data, local, remote, error)
@@ -413,13 +464,28 @@ class IkeResponder:
     ) -> None:
         header = message.header
         ex = Exchange(ike, payloads, now)
-        tasks = [make(self) for make in EXCHANGE_TASKS[header.exchange]]
+        makers = EXCHANGE_TASKS[header.exchange]
+        if header.exchange == ExchangeType.IKE_AUTH:
+            makers = eap.ike_auth_tasks(ike, payloads, AuthTask) or makers
+        tasks = [make(self) for make in makers]
+        self._continue(ike, _Parked(ex, tasks, 0, header, data, local, remote))
 
-        # process in order; a fatal refusal stops the exchange
-        for task in tasks:
-            task.process(ex)
+    def _continue(self, ike: IkeSA, parked: _Parked) -> None:
+        ex, tasks, header = parked.ex, parked.tasks, parked.header
+        data, local, remote, now = parked.data, parked.local, parked.remote, ex.now
+
+        # process in order; a fatal refusal stops the exchange, and a task
+        # that waits for the AAA server parks it until `aaa_result`
+        for index in range(parked.index, len(tasks)):
+            tasks[index].process(ex)
             if ex.fatal is not None:
                 break
+            if ex.waiting:
+                ex.waiting = False
+                parked.index = index
+                self._parked[ike.spi_r] = parked
+                self._extend_half_open(ike, now)
+                return
         if ex.fatal is not None:
             ex.response = [
                 NotifyPayload(ProtocolId.NONE, ex.fatal.notify, b"", ex.fatal.data)
@@ -433,6 +499,10 @@ class IkeResponder:
 
         # consequences: the SA comes up, goes away, or children change
         if header.exchange == ExchangeType.IKE_AUTH:
+            if ex.pending_auth and ex.fatal is None:
+                # RFC 7296 2.16: mid-EAP; the client's next round must come soon
+                self._extend_half_open(ike, now)
+                return
             if not ex.authenticated:
                 self._kill(ike, "authentication failed")
                 return
@@ -453,6 +523,10 @@ class IkeResponder:
             self._events.append(event)
         if ex.delete_ike:
             self._kill(ike, "deleted by peer")
+
+    def _extend_half_open(self, ike: IkeSA, now: float) -> None:
+        assert ike.profile is not None
+        ike.half_open_deadline = now + ike.profile.eap_timeout
 
     def _answer(
         self,
@@ -622,6 +696,8 @@ class IkeResponder:
         ike.children.clear()
         ike.set_state(IkeState.DEAD)
         ike.pending = None
+        ike.eap = None
+        self._parked.pop(ike.spi_r, None)
         self._sas.pop(ike.spi_r, None)
         ike.queued.clear()
         for key, value in list(self._half_open.items()):

@@ -113,6 +113,8 @@ class IkeSA:
     identity: str | None = None
     inside_address: ipaddress.IPv4Address | None = None
     children: dict[int, ChildSA] = field(default_factory=dict)
+    # EAP conversation in IKE_AUTH (control.ike.eap.EapState), None without EAP
+    eap: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.log = SessionLogger(logger, {"session": self.session_id})

@@ -371,6 +371,9 @@ class Exchange:
     authenticated: bool = False
     delete_ike: bool = False
     events: list[Event] = field(default_factory=list)
+    # EAP: parked until the AAA answer comes back; mid-way, neither up nor dead
+    waiting: bool = False
+    pending_auth: bool = False
 
 
 class Task:
@@ -382,6 +385,9 @@ class Task:
 
     def build(self, ex: Exchange) -> None:
         """Append this task's payloads to the response."""
+
+    def resume(self, ex: Exchange, result: object) -> None:
+        """Take the answer this task waited for (it set `Exchange.waiting`)."""
 
 
 class AuthTask(Task):
@@ -423,9 +429,19 @@ class AuthTask(Task):
                 data = req.data
                 ike.peer_certreq += [data[i : i + 20] for i in range(0, len(data), 20)]
 
-        # TODO: EAP (an IKE_AUTH without AUTH).
+        # RFC 7296 2.16: an IKE_AUTH without AUTH asks for EAP
         if not isinstance(auth, AuthPayload):
-            return self._fail(ex, "%s sends no AUTH payload", identity)
+            if "eap" not in profile.remote_auth:
+                return self._fail(ex, "%s sends no AUTH payload", identity)
+            from control.ike import eap
+
+            self._choose_local_id(profiles, profile, wanted)
+            self.profile = profile
+            ike.profile = profile
+            ike.identity = str(identity)
+            idr = IDrPayload(self.local_id.type, self.local_id.data)
+            eap.begin(ex, identity, idi.push_body(), idr.push_body())
+            return
         octets = signed_octets(
             ike.prf, ike.init_request, ike.nonce_r, ike.keys.sk_pi, idi.push_body()
         )
@@ -443,11 +459,7 @@ class AuthTask(Task):
         else:
             return self._fail(ex, "auth method %d not supported", auth.method)
 
-        # our identity: the one asked for if it is ours, else the profile's
-        local_ids = {p.local_id for p in profiles}
-        self.local_id = profile.local_id
-        if wanted is not None and wanted in local_ids:
-            self.local_id = wanted
+        self._choose_local_id(profiles, profile, wanted)
         self.profile = profile
         ike.profile = profile
         ike.identity = str(identity)
@@ -457,6 +469,15 @@ class AuthTask(Task):
         # RFC 7296 2.4: INITIAL_CONTACT means older SAs of this peer are gone
         if notifies(ex.request, NotifyType.INITIAL_CONTACT):
             self.responder.drop_identity(ike.identity, ike)
+
+    def _choose_local_id(
+        self, profiles: list[Profile], profile: Profile, wanted: Identity | None
+    ) -> None:
+        # our identity: the one asked for if it is ours, else the profile's
+        local_ids = {p.local_id for p in profiles}
+        self.local_id = profile.local_id
+        if wanted is not None and wanted in local_ids:
+            self.local_id = wanted
 
     def _check_signature(
         self,
@@ -535,11 +556,15 @@ class ConfigTask(Task):
             # RFC 7296 3.10.1: we require config mode, so say so
             ex.child_error = NotifyType.FAILED_CP_REQUIRED
             return
-        assert ike.identity is not None
+        assert ike.identity is not None and ike.profile is not None
+        config = self.responder.config
         try:
-            address = self.responder.config.allocate_address(
-                ike.identity, ike.session_id
-            )
+            if config.allocate_in_profile is not None:
+                address = config.allocate_in_profile(
+                    ike.profile.name, ike.identity, ike.session_id
+                )
+            else:
+                address = config.allocate_address(ike.identity, ike.session_id)
         except Exception:
             ike.log.exception("address allocator failed")
             address = None

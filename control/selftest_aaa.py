@@ -1,0 +1,340 @@
+"""Self-test cases for AAA: EAP through a real FreeRADIUS, with strongSwan clients.
+
+Theory of operation: each case gets the usual `HeadendLab` (with a test PKI,
+since the headend proves itself by certificate when the client uses EAP),
+then `AaaSetup` starts FreeRADIUS in the hub namespace on its loopback with
+a users file of our own, and restarts ``espgate serve`` with a config that
+adds a ``[radius.lab]`` group (optionally led by a silent server, for
+failover) and an EAP profile. The clients are strongSwan with EAP-MD5 or
+EAP-MSCHAPv2 secrets. A case checks what the client saw (its log names the
+EAP method and whether an MSK was made, its virtual IP), what the headend
+lists, and that traffic flows (`check_traffic`).
+
+The cases register themselves into `control.selftest.CASES`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from control.cli import request
+from control.lab import StrongSwanClient
+from control.lab.radius import FreeRadius, RadiusUser
+from control.selftest import CASES, SERVER_ID, Case, HeadendLab, check_traffic
+
+RADIUS_SECRET = "espgate-lab-radius-secret-42"
+RADIUS_PORT = 18120
+DEAD_PORT = 18121  # nothing listens here: the failover case's first server
+PKI = {"kind": "rsa"}
+LAB_AUTH = ("rsa-sig", ["pre-share"])
+
+USERS = [
+    RadiusUser("alice@espgate.example", "alice-eap-password"),
+    RadiusUser("bob", "bob-eap-password"),
+]
+
+AAA_CONFIG = """\
+[server]
+listen = "{listen}"
+control_socket = "{socket}"
+log_level = "debug"
+
+[engine]
+crypto = "{crypto}"
+
+[pools.lab]
+range = "{pool_range}"
+
+[radius.lab]
+timeout = 1.0
+retransmit = 1
+nas_identifier = "espgate-lab"
+{servers}
+[[profiles]]
+name = "eap"
+match_identity = ["*"]
+local_identity = "fqdn:{server_id}"
+local_auth = "rsa-sig"
+remote_auth = ["eap"]
+certificate = "{cert}"
+private_key = "{key}"
+aaa_authentication = "lab"
+eap_query_identity = {query}
+eap_timeout = 20
+pool = "lab"
+dns = ["198.19.1.53"]
+local_ts = ["{inside_net}"]
+"""
+
+SERVER_BLOCK = """\
+[[radius.lab.servers]]
+address = "127.0.0.1"
+port = {port}
+secret = "{secret}"
+"""
+
+
+class EapClient(StrongSwanClient):
+    """A strongSwan client that authenticates by EAP and wants our certificate."""
+
+    def __init__(self, *args: Any, eap_id: str, eap_secret: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.eap_id = eap_id
+        self.eap_secret = eap_secret
+
+    def _swanctl_conf(self) -> dict[str, Any]:
+        conf = super()._swanctl_conf()
+        # the EAP secret exists only in this file, never in a log
+        conf["secrets"] = {
+            "eap-lab": {"id": self.eap_id, "secret": self.eap_secret}
+        }
+        return conf
+
+
+@dataclass
+class AaaSetup:
+    """FreeRADIUS plus an espgate restarted with a RADIUS-backed EAP profile."""
+
+    lab: HeadendLab
+    query_identity: bool = False
+    failover: bool = False
+    users: list[RadiusUser] = field(default_factory=lambda: list(USERS))
+    radius: FreeRadius | None = None
+
+    def start(self) -> AaaSetup:
+        """Start FreeRADIUS, then restart the headend with the AAA config."""
+        lab = self.lab
+        assert lab.topo is not None and lab.procs is not None and lab.pki is not None
+        self.radius = FreeRadius(
+            lab.workdir / "radius",
+            lab.topo.hub,
+            self.users,
+            secret=RADIUS_SECRET,
+            port=RADIUS_PORT,
+        )
+        self.radius.start(lab.procs)
+        lab.procs.stop(lab.procs.get("espgate"))
+        ports = ([DEAD_PORT] if self.failover else []) + [RADIUS_PORT]
+        servers = "".join(
+            SERVER_BLOCK.format(port=port, secret=RADIUS_SECRET) for port in ports
+        )
+        config = lab.workdir / "espgate-aaa.toml"
+        config.write_text(
+            AAA_CONFIG.format(
+                listen=lab.topo.hub_outer_ip,
+                socket=lab.socket,
+                crypto=lab.crypto,
+                pool_range=lab.pool_range,
+                servers=servers,
+                server_id=SERVER_ID,
+                cert=lab.pki.server_cert_path,
+                key=lab.pki.server_key_path,
+                query="true" if self.query_identity else "false",
+                inside_net=lab.topo.inside_net,
+            )
+        )
+        config.chmod(0o600)
+        espgate = str(Path(sys.executable).with_name("espgate"))
+        argv = [espgate, "serve", "--config", str(config)]
+        proc = lab.procs.start("espgate-aaa", argv, ns=lab.topo.hub)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise RuntimeError(f"espgate exited:\n{proc.stderr_text()[-2000:]}")
+            if os.path.exists(lab.socket):
+                try:
+                    request(lab.socket, "show-counters", timeout=2)
+                    return self
+                except OSError:
+                    pass
+            time.sleep(0.1)
+        raise RuntimeError("espgate did not open its control socket within 15 s")
+
+    def client(
+        self, method: str, ike_id: str, eap_id: str, secret: str, **kwargs: Any
+    ) -> EapClient:
+        """Start a strongSwan client using EAP `method` ("md5", "mschapv2")."""
+        lab = self.lab
+        assert lab.topo is not None and lab.procs is not None and lab.pki is not None
+        local: dict[str, Any] = {"auth": f"eap-{method}", "id": ike_id}
+        if eap_id != ike_id:
+            local["eap_id"] = eap_id
+        client = EapClient(
+            lab.topo,
+            lab.workdir / f"strongswan-{kwargs.pop('name', 'c1')}",
+            eap_id=eap_id,
+            eap_secret=secret,
+            psk=b"unused-in-eap-cases",
+            remote_id=SERVER_ID,
+            local_id=ike_id,
+            remote_ts=lab.topo.inside_net,
+            files=lab.pki.client_files(),
+            extra_conf={"local": local, "remote": {"auth": "pubkey"}},
+            **kwargs,
+        )
+        client.start(lab.procs)
+        lab.clients.append(client)
+        return client
+
+
+def _client_lines(client: StrongSwanClient, *needles: str) -> list[str]:
+    text = client.log_path.read_text(errors="replace")
+    return [
+        line.split("] ", 1)[-1]
+        for line in text.splitlines()
+        if any(n in line for n in needles)
+    ]
+
+
+def _eap_up(
+    lab: HeadendLab,
+    client: StrongSwanClient,
+    method: str,
+    msk: bool,
+    identity: str,
+    nbytes: int = 4 * 1024 * 1024,
+) -> tuple[dict[str, Any], list[str]]:
+    """Check an EAP client that should be up: its log, the session, traffic."""
+    if not client.initiate():
+        return {"client_log": str(client.log_path)}, ["tunnel did not come up"]
+    failures: list[str] = []
+    vip = client.virtual_ip()
+    detail: dict[str, Any] = {"inside_address": vip}
+    if not vip:
+        failures.append("no inside address from config mode")
+    lines = _client_lines(client, "EAP method", "authentication of")
+    detail["client_auth_log"] = lines
+    # strongSwan: "EAP method EAP_MD5 succeeded, no MSK established"
+    wanted = f"EAP method EAP_{method.upper()} succeeded, " + (
+        "MSK established" if msk else "no MSK established"
+    )
+    if not any(wanted in line for line in lines):
+        failures.append(f"client log lacks {wanted!r}")
+    if not any(SERVER_ID in line and "successful" in line for line in lines):
+        failures.append("client did not verify our certificate authentication")
+    sessions = lab.show()["sessions"]
+    detail["sessions"] = sessions
+    if len(sessions) != 1 or sessions[0]["identity"] != identity:
+        failures.append(f"expected one session of {identity!r}: {sessions}")
+    elif sessions[0]["inside"] != vip:
+        failures.append(f"headend says inside {sessions[0]['inside']}, client {vip}")
+    traffic, more = check_traffic(lab, client, nbytes)
+    detail.update(traffic)
+    return detail, failures + more
+
+
+def _eap_refused(
+    lab: HeadendLab, client: StrongSwanClient, needle: str
+) -> tuple[dict[str, Any], list[str]]:
+    """Check an EAP client that must not get in."""
+    up = client.initiate(timeout=15)
+    failures = ["tunnel came up"] if up else []
+    if lab.show()["sessions"]:
+        failures.append("headend kept a session")
+    lines = _client_lines(client, needle)
+    if not lines:
+        failures.append(f"client log lacks {needle!r}")
+    counters = lab.show("counters")
+    detail = {"initiated": up, "client_log": lines, "ike": counters["ike"]}
+    return detail, failures
+
+
+def _case_eap_md5(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    aaa = AaaSetup(lab).start()
+    who = "alice@espgate.example"
+    client = aaa.client("md5", who, who, "alice-eap-password")
+    return _eap_up(lab, client, "md5", msk=False, identity=who)
+
+
+def _case_eap_mschapv2(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    aaa = AaaSetup(lab).start()
+    who = "alice@espgate.example"
+    client = aaa.client("mschapv2", who, who, "alice-eap-password")
+    return _eap_up(lab, client, "mschapv2", msk=True, identity=who)
+
+
+def _case_eap_query_identity(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    aaa = AaaSetup(lab, query_identity=True).start()
+    # the IKE identity is not a RADIUS user; the queried EAP identity is
+    client = aaa.client(
+        "mschapv2", "laptop7@espgate.example", "bob", "bob-eap-password"
+    )
+    detail, failures = _eap_up(lab, client, "mschapv2", msk=True, identity="bob")
+    if not _client_lines(client, "server requested EAP_IDENTITY"):
+        failures.append("client was not asked for its EAP identity")
+    return detail, failures
+
+
+def _case_eap_ip_identity(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    assert lab.topo is not None
+    aaa = AaaSetup(lab).start()
+    ip = lab.topo.client_link(1).outer_ip
+    client = aaa.client("md5", ip, ip, "alice-eap-password")
+    return _eap_refused(lab, client, "AUTHENTICATION_FAILED")
+
+
+def _case_eap_wrong_password(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    aaa = AaaSetup(lab).start()
+    who = "alice@espgate.example"
+    client = aaa.client("md5", who, who, "not-alices-password")
+    detail, failures = _eap_refused(lab, client, "EAP_FAILURE")
+    if not detail["ike"].get("auth_failed"):
+        failures.append("headend did not count the failed authentication")
+    return detail, failures
+
+
+def _case_radius_failover(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    aaa = AaaSetup(lab, failover=True).start()
+    who = "alice@espgate.example"
+    client = aaa.client("mschapv2", who, who, "alice-eap-password")
+    detail, failures = _eap_up(lab, client, "mschapv2", msk=True, identity=who)
+    radius = lab.show("counters")["radius"]["lab"]
+    detail["radius"] = radius
+    if not radius.get("server_timeouts") or not radius.get("access_accept"):
+        failures.append(f"no failover seen in the RADIUS counters: {radius}")
+    return detail, failures
+
+
+def _lab() -> dict[str, Any]:
+    return {"pki": dict(PKI), "auth": LAB_AUTH}
+
+
+CASES.update(
+    {
+        "eap-md5": Case(
+            "EAP-MD5 relayed to FreeRADIUS, AUTH by SK_p (no MSK): traffic",
+            _case_eap_md5,
+            _lab(),
+        ),
+        "eap-mschapv2": Case(
+            "EAP-MSCHAPv2 relayed to FreeRADIUS, MSK from MS-MPPE keys: traffic",
+            _case_eap_mschapv2,
+            _lab(),
+        ),
+        "eap-query-identity": Case(
+            "EAP-Identity asked by the headend; the EAP identity is authorized",
+            _case_eap_query_identity,
+            _lab(),
+        ),
+        "eap-ip-identity-rejected": Case(
+            "an IP address IKE identity cannot be the EAP identity",
+            _case_eap_ip_identity,
+            _lab(),
+        ),
+        "eap-wrong-password": Case(
+            "FreeRADIUS rejects a wrong EAP-MD5 password: EAP-Failure, no session",
+            _case_eap_wrong_password,
+            _lab(),
+        ),
+        "radius-failover": Case(
+            "first RADIUS server silent: retransmit, fail over, EAP-MSCHAPv2 ok",
+            _case_radius_failover,
+            _lab(),
+        ),
+    }
+)
