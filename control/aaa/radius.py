@@ -87,24 +87,6 @@ def mppe_decrypt(value: bytes, secret: bytes, request_authenticator: bytes) -> b
     return plain[1 : 1 + length]
 
 
-def mppe_encrypt(
-    key: bytes, secret: bytes, request_authenticator: bytes, salt: bytes
-) -> bytes:
-    """Encrypt an MPPE key (the server's side of `mppe_decrypt`; for tests)."""
-    plain = bytes([len(key)]) + key
-    plain += bytes(-len(plain) % 16)
-    out = b""
-    previous = request_authenticator + salt
-    for start in range(0, len(plain), 16):
-        pad = hashlib.md5(secret + previous).digest()
-        block = bytes(
-            a ^ b for a, b in zip(plain[start : start + 16], pad, strict=True)
-        )
-        out += block
-        previous = block
-    return salt + out
-
-
 class _Exchange(asyncio.DatagramProtocol):
     """One request on its own connected UDP socket; the first valid reply wins."""
 
