@@ -25,6 +25,7 @@ from typing import Any
 from control.cli import request
 from control.lab import StrongSwanClient
 from control.lab.radius import FreeRadius, RadiusUser
+from control.lab.strongswan import PLUGINS
 from control.selftest import CASES, SERVER_ID, Case, HeadendLab, check_traffic
 
 RADIUS_SECRET = "espgate-lab-radius-secret-42"
@@ -182,6 +183,23 @@ class AaaSetup:
         return client
 
 
+def dns_to_file(path: Path) -> dict[str, Any]:
+    """Return charon settings that write received DNS servers to `path`.
+
+    strongSwan's resolve plugin then records INTERNAL_IP4/6_DNS in a file of
+    this case, never in the host's /etc/resolv.conf (no resolvconf binary).
+    """
+    return {
+        "load": f"{PLUGINS} resolve",
+        "plugins": {
+            "resolve": {
+                "file": str(path),
+                "resolvconf": {"path": "/nonexistent/resolvconf"},
+            }
+        },
+    }
+
+
 def _client_lines(client: StrongSwanClient, *needles: str) -> list[str]:
     text = client.log_path.read_text(errors="replace")
     return [
@@ -300,6 +318,62 @@ def _case_radius_failover(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
     return detail, failures
 
 
+FRAMED_IP = "198.18.128.77"
+
+
+def _case_radius_framed_ip(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    user = RadiusUser(
+        "carol@espgate.example",
+        "carol-eap-password",
+        [("Framed-IP-Address", FRAMED_IP), ("Framed-IP-Netmask", "255.255.255.255")],
+    )
+    aaa = AaaSetup(lab, users=[user]).start()
+    client = aaa.client("md5", user.name, user.name, user.password)
+    detail, failures = _eap_up(lab, client, "md5", msk=False, identity=user.name)
+    if detail.get("inside_address") != FRAMED_IP:
+        failures.append(f"client got {detail.get('inside_address')}, not {FRAMED_IP}")
+    pools = lab.show("counters")["pools"]
+    detail["pools"] = pools
+    if pools["lab"]["in_use"] != 0:
+        failures.append(f"a pool address was taken besides Framed-IP: {pools}")
+    return detail, failures
+
+
+def _case_radius_avpairs(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    assert lab.topo is not None
+    srv = f"{lab.topo.srv_ip}/32"
+    user = RadiusUser(
+        "dave@espgate.example",
+        "dave-eap-password",
+        [
+            ("Cisco-AVPair", "ipsec:dns-servers=198.19.1.99 198.19.1.98"),
+            ("Cisco-AVPair", f"ipsec:route-set=prefix {srv}"),
+            ("Cisco-AVPair", "ipsec:frobnicate=1"),
+            ("Cisco-AVPair", "ipsec:ipsec-flow-limit=99999"),
+        ],
+    )
+    aaa = AaaSetup(lab, users=[user]).start()
+    resolv = lab.workdir / "client-resolv.conf"
+    client = aaa.client(
+        "mschapv2", user.name, user.name, user.password, charon_conf=dns_to_file(resolv)
+    )
+    detail, failures = _eap_up(lab, client, "mschapv2", msk=True, identity=user.name)
+    summary = client.sa_summary() or {}
+    detail["client_remote_ts"] = summary.get("remote_ts")
+    # route-set prefix: the only subnet the client routes into the tunnel
+    if summary.get("remote_ts") not in ([srv], srv):
+        failures.append(f"client remote_ts {summary.get('remote_ts')}, not {srv}")
+    text = resolv.read_text() if resolv.exists() else ""
+    detail["client_resolv_conf"] = text
+    if "nameserver 198.19.1.99" not in text or "nameserver 198.19.1.98" not in text:
+        failures.append(f"client did not install both DNS servers: {text!r}")
+    radius = lab.show("counters")["radius"]["lab"]
+    detail["radius"] = radius
+    if radius.get("avpair_unknown") != 1 or radius.get("avpair_malformed") != 1:
+        failures.append(f"unknown/malformed avpairs not counted once each: {radius}")
+    return detail, failures
+
+
 def _lab() -> dict[str, Any]:
     return {"pki": dict(PKI), "auth": LAB_AUTH}
 
@@ -329,6 +403,16 @@ CASES.update(
         "eap-wrong-password": Case(
             "FreeRADIUS rejects a wrong EAP-MD5 password: EAP-Failure, no session",
             _case_eap_wrong_password,
+            _lab(),
+        ),
+        "radius-framed-ip": Case(
+            "Framed-IP-Address from the Access-Accept is the client's address",
+            _case_radius_framed_ip,
+            _lab(),
+        ),
+        "radius-avpairs-to-client": Case(
+            "cisco-avpair DNS servers and route-set prefix reach the client",
+            _case_radius_avpairs,
             _lab(),
         ),
         "radius-failover": Case(

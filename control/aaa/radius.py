@@ -34,6 +34,7 @@ from typing import Any
 from pyrad import packet
 from pyrad.dictionary import Dictionary
 
+from control.aaa.attributes import parse_authorization
 from control.ike.eap import AaaRequest, AaaResult
 
 log = logging.getLogger("espgate.aaa")
@@ -175,12 +176,15 @@ class RadiusClient:
             log.warning("radius group %s: %s", self.name, exc)
             return AaaResult("reject", b"")
         names = reply.get("User-Name", [])
+        attributes = reply_attributes(reply)
+        authorization = parse_authorization(attributes, self.stats)
         return AaaResult(
             "accept",
             eap_message,
             msk=msk,
             user_name=str(names[0]) if names else None,
-            attributes=reply_attributes(reply),
+            attributes=attributes,
+            policy=None if authorization.is_empty() else authorization.policy(),
         )
 
     def forget(self, session_id: str) -> None:

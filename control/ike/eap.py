@@ -109,6 +109,8 @@ class AaaResult:
     msk: bytes = field(default=b"", repr=False)
     user_name: str | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
+    # the authorization the answer carried (control.ike.profiles.SessionPolicy)
+    policy: Any = None
 
 
 @dataclass
@@ -232,6 +234,8 @@ class EapTask(Task):
             state.msk = result.msk
             state.user_name = result.user_name
             state.attributes = dict(result.attributes)
+            # implicit (cached) authorization: what the Access-Accept carried
+            ike.policy = result.policy
             state.reply = result.eap_message or eap_packet(
                 EAP_SUCCESS, state.identifier
             )

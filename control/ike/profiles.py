@@ -184,6 +184,23 @@ class Profile:
         return any(identity.matches(pattern) for pattern in self.remote_ids)
 
 
+@dataclass
+class SessionPolicy:
+    """Per-session settings from authorization (RADIUS), over the profile's.
+
+    address: the client's address (Framed-IP-Address), taken before any pool;
+    dns/wins: servers for config mode; local_ts: the subnets routed to the
+    client (route-set prefixes); pool: a pool name chosen by authorization.
+    """
+
+    address: ipaddress.IPv4Address | None = None
+    netmask: ipaddress.IPv4Address | None = None
+    dns: list[str] = field(default_factory=list)
+    wins: list[str] = field(default_factory=list)
+    local_ts: list[str] = field(default_factory=list)
+    pool: str | None = None
+
+
 AllocateAddress = Callable[[str, str], ipaddress.IPv4Address | None]
 # (profile name, identity, session id): for identities no pattern admits,
 # such as the User-Name an EAP exchange ends with

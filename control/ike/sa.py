@@ -115,6 +115,8 @@ class IkeSA:
     children: dict[int, ChildSA] = field(default_factory=dict)
     # EAP conversation in IKE_AUTH (control.ike.eap.EapState), None without EAP
     eap: Any = field(default=None, repr=False)
+    # authorization from AAA (control.ike.profiles.SessionPolicy), if any
+    policy: Any = None
 
     def __post_init__(self) -> None:
         self.log = SessionLogger(logger, {"session": self.session_id})

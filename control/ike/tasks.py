@@ -558,8 +558,12 @@ class ConfigTask(Task):
             return
         assert ike.identity is not None and ike.profile is not None
         config = self.responder.config
+        policy = ike.policy
         try:
-            if config.allocate_in_profile is not None:
+            if policy is not None and policy.address is not None:
+                # the address from authorization (Framed-IP-Address) comes first
+                address = policy.address
+            elif config.allocate_in_profile is not None:
                 address = config.allocate_in_profile(
                     ike.profile.name, ike.identity, ike.session_id
                 )
@@ -582,12 +586,21 @@ class ConfigTask(Task):
             ex.response.append(NotifyPayload(ProtocolId.NONE, ex.child_error))
             return
         assert ike.profile is not None
+        policy = ike.policy
         attrs = [
             ConfigAttribute(
                 CfgAttribute.INTERNAL_IP4_ADDRESS, ike.inside_address.packed
             )
         ]
-        for server in ike.profile.dns:
+        # RFC 7296 3.15.1: a netmask only together with an address
+        if policy is not None and policy.netmask is not None:
+            netmask = policy.netmask.packed
+            attrs.append(ConfigAttribute(CfgAttribute.INTERNAL_IP4_NETMASK, netmask))
+        dns = policy.dns if policy is not None and policy.dns else ike.profile.dns
+        for wins in policy.wins if policy is not None else []:
+            packed = ipaddress.IPv4Address(wins).packed
+            attrs.append(ConfigAttribute(CfgAttribute.INTERNAL_IP4_NBNS, packed))
+        for server in dns:
             address = ipaddress.ip_address(server)
             kind = (
                 CfgAttribute.INTERNAL_IP4_DNS
@@ -649,7 +662,9 @@ class ChildCreateTask(Task):
             ke.group if ke is not None else None,
         )
         ts_i = trafficsel.narrow_tsi(tsi.selectors, ike.inside_address)
-        ts_r = trafficsel.narrow_tsr(tsr.selectors, ike.profile.local_ts)
+        policy = ike.policy
+        routed = policy.local_ts if policy is not None and policy.local_ts else None
+        ts_r = trafficsel.narrow_tsr(tsr.selectors, routed or ike.profile.local_ts)
         shared = b""
         self.ke_reply: KEPayload | None = None
         if choice.dh_group != DhGroup.NONE:
