@@ -113,6 +113,7 @@ class ProfileConfig:
     eap_query_identity: bool = False
     eap_timeout: int = 30
     aaa_authentication: str | None = None
+    aaa_psk: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,8 @@ class RadiusGroupConfig:
     timeout: float = 2.0
     retransmit: int = 2
     nas_identifier: str = "espgate"
+    # User-Password of requests that fetch PSKs or authorization
+    user_password: str = field(default="espgate", repr=False)
 
 
 @dataclass(frozen=True)
@@ -284,10 +287,11 @@ class _Reader:
             if not isinstance(item, dict):
                 raise self.error(("profiles", index), "expected a table")
             profiles.append(self.profile(index, item, pools))
-            group = profiles[-1].aaa_authentication
-            if group is not None and group not in radius:
-                path = ("profiles", index, "aaa_authentication")
-                raise self.error(path, f"unknown radius group {group!r}")
+            for key in ("aaa_authentication", "aaa_psk"):
+                group = getattr(profiles[-1], key)
+                if group is not None and group not in radius:
+                    path = ("profiles", index, key)
+                    raise self.error(path, f"unknown radius group {group!r}")
         names = [p.name for p in profiles]
         for index, name in enumerate(names):
             if names.index(name) != index:
@@ -296,7 +300,8 @@ class _Reader:
 
     def radius(self, name: str, data: dict[str, Any]) -> RadiusGroupConfig:
         p: PathKey = ("radius", name)
-        self.table(data, p, {"servers", "timeout", "retransmit", "nas_identifier"})
+        known = {"servers", "timeout", "retransmit", "nas_identifier", "user_password"}
+        self.table(data, p, known)
         d = RadiusGroupConfig(name, ())
         timeout = self.get(data, (*p, "timeout"), (int, float), d.timeout)
         if not 0.1 <= timeout <= 60:
@@ -305,6 +310,7 @@ class _Reader:
         if not 0 <= retransmit <= 10:
             raise self.error((*p, "retransmit"), f"{retransmit} out of range 0..10")
         nas = self.get(data, (*p, "nas_identifier"), str, d.nas_identifier)
+        password = self.get(data, (*p, "user_password"), str, d.user_password)
         servers_data = self.get(data, (*p, "servers"), list, _REQUIRED)
         if not servers_data:
             raise self.error((*p, "servers"), "at least one server is needed")
@@ -326,7 +332,9 @@ class _Reader:
             if len(secret) < 16:
                 raise self.error((*sp, "secret"), "shorter than 16 characters")
             servers.append(RadiusServerConfig(address, port, secret.encode()))
-        return RadiusGroupConfig(name, tuple(servers), float(timeout), retransmit, nas)
+        return RadiusGroupConfig(
+            name, tuple(servers), float(timeout), retransmit, nas, password
+        )
 
     def server(self, data: dict[str, Any]) -> ServerConfig:
         p: PathKey = ("server",)
@@ -409,7 +417,11 @@ class _Reader:
                     (*p, "remote_auth"),
                     f"{item!r} is not one of {', '.join(REMOTE_AUTH)}",
                 )
-        uses_psk = local_auth == "pre-share" or "pre-share" in remote_auth
+        aaa_psk = self.get(data, (*p, "aaa_psk"), str, None)
+        # with aaa_psk the keys come from RADIUS, one per identity
+        uses_psk = aaa_psk is None and (
+            local_auth == "pre-share" or "pre-share" in remote_auth
+        )
         psk = self.get(data, (*p, "psk"), str, _REQUIRED if uses_psk else "")
         if uses_psk and len(psk) < 16:
             # RFC 7296 2.15: a PSK should be as strong as the negotiated keys.
@@ -486,6 +498,7 @@ class _Reader:
             eap_query_identity=eap_query,
             eap_timeout=eap_timeout,
             aaa_authentication=aaa,
+            aaa_psk=aaa_psk,
         )
 
     def path(self, text: str) -> str:

@@ -97,7 +97,11 @@ class Headend:
         self.responder: Any = None
         # AAA: RADIUS groups by name, the group of each profile
         self.radius: dict[str, Any] = {}
-        self._aaa_of = {p.name: p.aaa_authentication for p in config.profiles}
+        self._aaa_of = {
+            (p.name, kind): group
+            for p in config.profiles
+            for kind, group in (("eap", p.aaa_authentication), ("psk", p.aaa_psk))
+        }
         self._aaa_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------
@@ -315,14 +319,17 @@ class Headend:
     async def _aaa_run(self, event: Any) -> None:
         from control.ike.responder import AaaResult
 
-        group = self._aaa_of.get(event.profile)
+        group = self._aaa_of.get((event.profile, event.kind))
         client = self.radius.get(group) if group else None
         if client is None:
-            log.error("profile %s has no RADIUS group for EAP", event.profile)
+            log.error("profile %s: no RADIUS group for %s", event.profile, event.kind)
             result = AaaResult("error")
         else:
             try:
-                result = await client.eap(event)
+                if event.kind == "psk":
+                    result = await client.psk(event)
+                else:
+                    result = await client.eap(event)
             except Exception:
                 self.counters["handler_errors"] += 1
                 log.exception("radius exchange failed")

@@ -43,6 +43,7 @@ def build_responder_config(
             trust=_trust(p),
             eap_query_identity=p.eap_query_identity,
             eap_timeout=float(p.eap_timeout),
+            aaa_psk=p.aaa_psk is not None,
         )
         for p in config.profiles
     ]
@@ -84,6 +85,7 @@ def build_radius_clients(config: Config) -> dict[str, RadiusClient]:
             timeout=group.timeout,
             retransmit=group.retransmit,
             nas_identifier=group.nas_identifier,
+            user_password=group.user_password,
         )
         for name, group in config.radius.items()
     }

@@ -57,9 +57,16 @@ retransmit = 1
 nas_identifier = "espgate-lab"
 {servers}
 [[profiles]]
-name = "eap"
+name = "aaa"
 match_identity = ["*"]
 local_identity = "fqdn:{server_id}"
+{auth}
+pool = "lab"
+dns = ["198.19.1.53"]
+local_ts = ["{inside_net}"]
+"""
+
+EAP_AUTH = """\
 local_auth = "rsa-sig"
 remote_auth = ["eap"]
 certificate = "{cert}"
@@ -67,9 +74,12 @@ private_key = "{key}"
 aaa_authentication = "lab"
 eap_query_identity = {query}
 eap_timeout = 20
-pool = "lab"
-dns = ["198.19.1.53"]
-local_ts = ["{inside_net}"]
+"""
+
+PSK_AUTH = """\
+local_auth = "pre-share"
+remote_auth = ["pre-share"]
+aaa_psk = "lab"
 """
 
 SERVER_BLOCK = """\
@@ -104,6 +114,7 @@ class AaaSetup:
     lab: HeadendLab
     query_identity: bool = False
     failover: bool = False
+    aaa_psk: bool = False
     users: list[RadiusUser] = field(default_factory=lambda: list(USERS))
     radius: FreeRadius | None = None
 
@@ -133,9 +144,13 @@ class AaaSetup:
                 pool_range=lab.pool_range,
                 servers=servers,
                 server_id=SERVER_ID,
-                cert=lab.pki.server_cert_path,
-                key=lab.pki.server_key_path,
-                query="true" if self.query_identity else "false",
+                auth=PSK_AUTH
+                if self.aaa_psk
+                else EAP_AUTH.format(
+                    cert=lab.pki.server_cert_path,
+                    key=lab.pki.server_key_path,
+                    query="true" if self.query_identity else "false",
+                ),
                 inside_net=lab.topo.inside_net,
             )
         )
@@ -374,6 +389,45 @@ def _case_radius_avpairs(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
     return detail, failures
 
 
+AAA_PSK = "aaa-fetched-psk-0123456789"
+
+
+def _case_aaa_psk(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    who = "erin@espgate.example"
+    user = RadiusUser(
+        who,
+        "espgate",  # the User-Password of PSK requests (user_password default)
+        [
+            ("Tunnel-Password", AAA_PSK),
+            ("Cisco-AVPair", "ipsec:dns-servers=198.19.1.77"),
+        ],
+    )
+    aaa = AaaSetup(lab, users=[user], aaa_psk=True).start()
+    resolv = lab.workdir / "client-resolv.conf"
+    client = lab.client(
+        local_id=who, psk=AAA_PSK.encode(), charon_conf=dns_to_file(resolv)
+    )
+    if not client.initiate():
+        return {"client_log": str(client.log_path)}, ["tunnel did not come up"]
+    vip = client.virtual_ip()
+    detail: dict[str, Any] = {"inside_address": vip}
+    failures = [] if vip else ["no inside address"]
+    lines = _client_lines(client, "authentication of")
+    detail["client_auth_log"] = lines
+    if not any(SERVER_ID in x and "pre-shared key" in x for x in lines):
+        failures.append("client did not verify our PSK authentication")
+    text = resolv.read_text() if resolv.exists() else ""
+    detail["client_resolv_conf"] = text
+    if "nameserver 198.19.1.77" not in text:
+        failures.append(f"cached authorization DNS not installed: {text!r}")
+    traffic, more = check_traffic(lab, client, 4 * 1024 * 1024)
+    detail.update(traffic)
+    assert aaa.radius is not None
+    if "Login OK: [erin@espgate.example]" not in aaa.radius.log_text():
+        failures.append("FreeRADIUS did not log the PSK lookup")
+    return detail, failures + more
+
+
 def _lab() -> dict[str, Any]:
     return {"pki": dict(PKI), "auth": LAB_AUTH}
 
@@ -413,6 +467,11 @@ CASES.update(
         "radius-avpairs-to-client": Case(
             "cisco-avpair DNS servers and route-set prefix reach the client",
             _case_radius_avpairs,
+            _lab(),
+        ),
+        "aaa-psk": Case(
+            "PSK from RADIUS Tunnel-Password, DNS from the same Access-Accept",
+            _case_aaa_psk,
             _lab(),
         ),
         "radius-failover": Case(

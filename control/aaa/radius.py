@@ -129,6 +129,7 @@ class RadiusClient:
         timeout: float = 2.0,
         retransmit: int = 2,
         nas_identifier: str = "espgate",
+        user_password: str = "espgate",
         dictionary: Dictionary | None = None,
     ) -> None:
         assert servers, "a RADIUS group needs a server"
@@ -137,6 +138,7 @@ class RadiusClient:
         self.timeout = timeout
         self.retransmit = retransmit
         self.nas_identifier = nas_identifier
+        self.user_password = user_password
         self.dict = dictionary or load_dictionary()
         self.stats: collections.Counter[str] = collections.Counter()
         self._current = 0
@@ -185,6 +187,48 @@ class RadiusClient:
             user_name=str(names[0]) if names else None,
             attributes=attributes,
             policy=None if authorization.is_empty() else authorization.policy(),
+        )
+
+    async def psk(self, request: AaaRequest) -> AaaResult:
+        """Fetch the PSKs (and authorization) of an IKE identity.
+
+        The peer's key is ipsec:ikev2-password-remote, else Tunnel-Password
+        (RFC 2868 3.5); ours is ipsec:ikev2-password-local, else the same.
+        """
+
+        def build(server: RadiusServer) -> packet.AuthPacket:
+            pkt = self._access_request(server, request.user_name, request)
+            pkt["User-Password"] = pkt.PwCrypt(self.user_password)
+            return pkt
+
+        try:
+            sent, reply = await self.send(build)
+        except RadiusError as exc:
+            log.warning("radius group %s: %s", self.name, exc)
+            return AaaResult("error")
+        if reply.code != packet.AccessAccept:
+            self.stats["access_reject"] += 1
+            return AaaResult("reject")
+        self.stats["access_accept"] += 1
+        attributes = reply_attributes(reply)
+        authorization = parse_authorization(attributes, self.stats)
+        remote = authorization.ikev2_password_remote
+        tunnel = attributes.pop("Tunnel-Password", [])
+        if remote is None and tunnel:
+            try:
+                # RFC 2868 3.5: a tag octet, then salt and string as for MPPE
+                remote = mppe_decrypt(tunnel[0][1:], sent.secret, sent.authenticator)
+            except ValueError as exc:
+                log.warning("radius group %s: Tunnel-Password: %s", self.name, exc)
+        local = authorization.ikev2_password_local or remote
+        attributes.pop("Cisco-AVPair", None)  # holds the passwords in clear
+        return AaaResult(
+            "accept",
+            user_name=request.user_name,
+            attributes=attributes,
+            policy=None if authorization.is_empty() else authorization.policy(),
+            psk_remote=remote or b"",
+            psk_local=local or b"",
         )
 
     def forget(self, session_id: str) -> None:

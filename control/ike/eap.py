@@ -84,11 +84,11 @@ class EapPhase(Enum):
 
 @dataclass(frozen=True)
 class AaaRequest:
-    """Ask the daemon's AAA client to relay one EAP response; answer by
-    `IkeResponder.aaa_result` with the same session id."""
+    """Ask the daemon's AAA client to relay one EAP response ("eap") or fetch
+    the PSKs of an identity ("psk"); answer by `IkeResponder.aaa_result`."""
 
     session_id: str
-    kind: str  # "eap"
+    kind: str  # "eap" or "psk"
     profile: str
     user_name: str
     calling_station: str
@@ -111,6 +111,9 @@ class AaaResult:
     attributes: dict[str, Any] = field(default_factory=dict)
     # the authorization the answer carried (control.ike.profiles.SessionPolicy)
     policy: Any = None
+    # "psk" requests: the peer's key and ours (ours defaults to the peer's)
+    psk_remote: bytes = field(default=b"", repr=False)
+    psk_local: bytes = field(default=b"", repr=False)
 
 
 @dataclass

@@ -159,6 +159,8 @@ class Profile:
     # EAP (RFC 7296 2.16): ask for the EAP identity, seconds per client round
     eap_query_identity: bool = False
     eap_timeout: float = 30.0
+    # PSKs from AAA (Tunnel-Password, ipsec:ikev2-password-local/-remote)
+    aaa_psk: bool = False
 
     def __post_init__(self) -> None:
         assert self.local_auth in LOCAL_AUTH, f"Bad local auth {self.local_auth!r}"

@@ -476,7 +476,8 @@ class IkeResponder:
 
         # process in order; a fatal refusal stops the exchange, and a task
         # that waits for the AAA server parks it until `aaa_result`
-        for index in range(parked.index, len(tasks)):
+        start = parked.index if ex.fatal is None else len(tasks)
+        for index in range(start, len(tasks)):
             tasks[index].process(ex)
             if ex.fatal is not None:
                 break
@@ -525,8 +526,8 @@ class IkeResponder:
             self._kill(ike, "deleted by peer")
 
     def _extend_half_open(self, ike: IkeSA, now: float) -> None:
-        assert ike.profile is not None
-        ike.half_open_deadline = now + ike.profile.eap_timeout
+        if ike.profile is not None:
+            ike.half_open_deadline = now + ike.profile.eap_timeout
 
     def _answer(
         self,

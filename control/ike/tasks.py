@@ -448,6 +448,20 @@ class AuthTask(Task):
         if auth.method == AuthMethod.SHARED_KEY_MIC:
             if "pre-share" not in profile.remote_auth:
                 return self._fail(ex, "profile %s refuses PSK auth", profile.name)
+            if profile.aaa_psk:
+                # the keys come from AAA: park the exchange until they do
+                from control.ike.eap import AaaRequest
+
+                self._parked = (profile, identity, wanted, auth.data, octets)
+                self.responder.emit(
+                    AaaRequest(
+                        ike.session_id, "psk", profile.name, str(identity),
+                        ike.remote[0], b"",
+                    )
+                )  # fmt: skip
+                self.responder.counters["aaa_requests"] += 1
+                ex.waiting = True
+                return
             # RFC 7296 2.15: AUTH = prf(prf(PSK, "Key Pad for IKEv2"), octets)
             expected = ike.prf(ike.prf(profile.psk, KEY_PAD), octets)
             if not hmac.compare_digest(expected, auth.data):
@@ -458,7 +472,33 @@ class AuthTask(Task):
                 return self._fail(ex, "%s", f"{identity}: {problem}")
         else:
             return self._fail(ex, "auth method %d not supported", auth.method)
+        self._accept(ex, profile, identity, wanted)
 
+    def resume(self, ex: Exchange, result: object) -> None:
+        """Check the peer's AUTH with the PSKs the AAA server returned."""
+        ike = ex.ike
+        profile, identity, wanted, data, octets = self._parked
+        remote = getattr(result, "psk_remote", b"")
+        if getattr(result, "outcome", None) != "accept" or not remote:
+            return self._fail(ex, "aaa gave no PSK for %s", identity)
+        # RFC 7296 2.15: AUTH = prf(prf(PSK, "Key Pad for IKEv2"), octets)
+        expected = ike.prf(ike.prf(remote, KEY_PAD), octets)
+        if not hmac.compare_digest(expected, data):
+            return self._fail(ex, "wrong PSK (from aaa) from %s", identity)
+        self.local_psk = getattr(result, "psk_local", b"") or remote
+        # implicit (cached) authorization from the same answer
+        ike.policy = getattr(result, "policy", None)
+        self._accept(ex, profile, identity, wanted)
+
+    def _accept(
+        self,
+        ex: Exchange,
+        profile: Profile,
+        identity: Identity,
+        wanted: Identity | None,
+    ) -> None:
+        ike = ex.ike
+        profiles = self.responder.config.profiles
         self._choose_local_id(profiles, profile, wanted)
         self.profile = profile
         ike.profile = profile
@@ -532,7 +572,8 @@ class AuthTask(Task):
             ike.prf, ike.init_response, ike.nonce_i, ike.keys.sk_pr, idr.push_body()
         )
         if profile.local_auth == "pre-share":
-            data = ike.prf(ike.prf(profile.psk, KEY_PAD), octets)
+            psk = getattr(self, "local_psk", None) or profile.psk
+            data = ike.prf(ike.prf(psk, KEY_PAD), octets)
             ex.response += [idr, AuthPayload(AuthMethod.SHARED_KEY_MIC, data)]
             return
         credential = profile.credential

@@ -4,8 +4,9 @@ Theory of operation: Debian's stock configuration wants TLS certificates for
 its EAP module, so `FreeRadius` writes a small one into its work directory:
 `radiusd.conf` with one client (the headend, by address), one virtual server
 listening on `address:port`, the `eap` module with EAP-MD5 and EAP-MSCHAPv2
-only, `mschap` (which the MSCHAPv2 method calls and which adds the MS-MPPE
-keys to the Access-Accept) and `files` reading a users file made from
+only, `pap` (for requests that fetch PSKs or authorization), `mschap`
+(which the MSCHAPv2 method calls and which adds the MS-MPPE keys to the
+Access-Accept) and `files` reading a users file made from
 `RadiusUser` entries: a cleartext password and reply attributes. Every
 client must sign its requests (`require_message_authenticator`).
 
@@ -104,6 +105,8 @@ modules {{
     files {{
         filename = {dir}/users
     }}
+    pap {{
+    }}
     mschap {{
         use_mppe = yes
         require_encryption = yes
@@ -133,16 +136,28 @@ server lab {{
             ok = return
         }}
         files
+        pap
     }}
     authenticate {{
+        Auth-Type PAP {{
+            pap
+        }}
         Auth-Type MS-CHAP {{
             mschap
         }}
         eap
     }}
     post-auth {{
+        # FreeRADIUS 3.2.1 signs EAP answers only; the headend wants every
+        # answer signed, and a Message-Authenticator in the reply makes it so
+        update reply {{
+            Message-Authenticator := 0x00
+        }}
         Post-Auth-Type REJECT {{
             eap
+            update reply {{
+                Message-Authenticator := 0x00
+            }}
         }}
     }}
 }}
