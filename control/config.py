@@ -18,6 +18,9 @@ Layout::
     [radius.NAME]       a RADIUS server group: timeout, retransmit,
                         NAS-Identifier, [[radius.NAME.servers]] in
                         failover order (address, port, secret)
+    [policies.NAME]     a local authorization policy: the FlexVPN policy
+                        fields, named as the cisco-avpair ipsec: attributes
+                        (see POLICY_KEYS); ranges are checked here
 
 Certificate, key, CA and CRL files are loaded while checking, so a bad file
 is reported at its field; relative paths are taken from the config file's
@@ -39,6 +42,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from control.aaa.attributes import Authorization, apply_pair
+from control.aaa.mangle import parse_mangler
 from control.ike import certs
 from control.ike.profiles import Identity
 
@@ -52,6 +57,36 @@ REMOTE_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig", "pubkey", "eap")
 IDENTITY_TYPES = ("fqdn", "email", "ipv4", "ipv6", "dn", "keyid")
 
 PathKey = tuple[str | int, ...]
+
+# [policies.NAME] keys: (ipsec: attribute, TOML type, how many values; 0 = one)
+POLICY_KEYS: dict[str, tuple[str, Any, int]] = {
+    "addr_pool": ("addr-pool", str, 0),
+    "ipv6_addr_pool": ("ipv6-addr-pool", str, 0),
+    "dhcp_server": ("group-dhcp-server", str, 0),
+    "dhcp_giaddr": ("dhcp-giaddr", str, 0),
+    "dhcp_timeout": ("dhcp-timeout", int, 0),
+    "dns_servers": ("dns-servers", list, 2),  # primary, secondary
+    "ipv6_dns_servers": ("ipv6-dns-servers-addr", list, 2),
+    "wins_servers": ("wins-servers", list, 2),
+    "netmask": ("netmask", str, 0),
+    "banner": ("banner", str, 0),
+    "configuration_url": ("configuration-url", str, 0),
+    "configuration_version": ("configuration-version", int, 0),
+    "default_domain": ("default-domain", str, 0),
+    "split_dns": ("split-dns", list, 10),
+    "backup_gateways": ("ipsec-backup-gateway", list, 10),
+    "include_local_lan": ("include-local-lan", bool, 0),
+    "pfs": ("pfs", bool, 0),
+    "ipsec_flow_limit": ("ipsec-flow-limit", int, 0),
+    "route_set_interface": ("route-set", bool, 0),
+    "route_set_access_list": ("route-set", str, 0),
+    "route_set_prefix": ("route-set", list, 50),
+    "route_accept": ("route-accept", str, 0),
+    "session_lifetime": ("session-lifetime", int, 0),
+    "smartcard_removal_disconnect": ("smartcard-removal-disconnect", bool, 0),
+    "interface_mtu": ("interface-config", int, 0),
+}
+AUTHZ_SOURCES = ("local", "radius")
 
 
 class ConfigError(ValueError):
@@ -114,6 +149,15 @@ class ProfileConfig:
     eap_timeout: int = 30
     aaa_authentication: str | None = None
     aaa_psk: str | None = None
+    # authorization: "local" or "radius:GROUP" for the user; "local:POLICY"
+    # or "radius:GROUP" for the group (named by authorization_group_name)
+    authorization_user: str | None = None
+    authorization_username: str | None = None
+    name_mangler: str | None = None
+    authorization_group: str | None = None
+    authorization_group_name: str | None = None
+    authorization_group_override: bool = False
+    authorization_cached: bool = True
 
 
 @dataclass(frozen=True)
@@ -142,6 +186,7 @@ class Config:
     pools: dict[str, PoolConfig]
     profiles: tuple[ProfileConfig, ...]
     radius: dict[str, RadiusGroupConfig] = field(default_factory=dict)
+    policies: dict[str, Authorization] = field(default_factory=dict)
 
 
 def default_text() -> str:
@@ -266,7 +311,15 @@ class _Reader:
         return list(value)
 
     def config(self, data: dict[str, Any]) -> Config:
-        self.table(data, (), {"server", "engine", "pools", "profiles", "radius"})
+        known = {"server", "engine", "pools", "profiles", "radius", "policies"}
+        self.table(data, (), known)
+        policies_data = self.get(data, ("policies",), dict, {})
+        policies = {
+            name: self.policy(
+                name, self.get(policies_data, ("policies", name), dict, None)
+            )
+            for name in policies_data
+        }
         server = self.server(self.get(data, ("server",), dict, {}))
         radius_data = self.get(data, ("radius",), dict, {})
         radius = {
@@ -292,11 +345,107 @@ class _Reader:
                 if group is not None and group not in radius:
                     path = ("profiles", index, key)
                     raise self.error(path, f"unknown radius group {group!r}")
+            self.check_authorization(index, profiles[-1], radius, policies)
         names = [p.name for p in profiles]
         for index, name in enumerate(names):
             if names.index(name) != index:
                 raise self.error(("profiles", index, "name"), f"duplicate {name!r}")
-        return Config(self.source, server, engine, pools, tuple(profiles), radius)
+        return Config(
+            self.source, server, engine, pools, tuple(profiles), radius, policies
+        )
+
+    def policy(self, name: str, data: dict[str, Any]) -> Authorization:
+        """Read one local authorization policy; values checked as RADIUS's are."""
+        p: PathKey = ("policies", name)
+        self.table(data, p, set(POLICY_KEYS))
+        auth = Authorization()
+        for key in data:
+            attr, kind, many = POLICY_KEYS[key]
+            path = (*p, key)
+            value = self.get(data, path, kind, None)
+            values = [str(v) for v in value] if kind is list else [value]
+            if many and len(values) > many:
+                raise self.error(path, f"at most {many} values")
+            try:
+                if key == "netmask":
+                    auth.framed_ip_netmask = ipaddress.IPv4Address(value)
+                elif key == "session_lifetime":
+                    if not 120 <= value <= 86400:
+                        raise ValueError(f"{value} out of range 120..86400")
+                    auth.session_lifetime = value
+                elif key == "interface_mtu":
+                    if not 576 <= value <= 9000:
+                        raise ValueError(f"{value} out of range 576..9000")
+                    auth.interface_config.append(f"ip mtu {value}")
+                elif key == "route_set_interface":
+                    if value:
+                        apply_pair(auth, attr, "interface")
+                elif key == "route_set_access_list":
+                    apply_pair(auth, attr, f"access-list {value}")
+                elif key == "route_set_prefix":
+                    for item in values:
+                        apply_pair(auth, attr, f"prefix {item}")
+                elif kind is list and key in ("split_dns", "backup_gateways"):
+                    for item in values:
+                        apply_pair(auth, attr, item)
+                elif kind is list:
+                    apply_pair(auth, attr, " ".join(values))
+                elif kind is bool:
+                    apply_pair(auth, attr, "1" if value else "0")
+                else:
+                    apply_pair(auth, attr, str(value))
+            except ValueError as exc:
+                raise self.error(path, str(exc)) from None
+        return auth
+
+    def check_authorization(
+        self,
+        index: int,
+        profile: ProfileConfig,
+        radius: dict[str, RadiusGroupConfig],
+        policies: dict[str, Authorization],
+    ) -> None:
+        """Check the authorization keys of a profile against groups and policies."""
+        p: PathKey = ("profiles", index)
+        for key in ("authorization_user", "authorization_group"):
+            value = getattr(profile, key)
+            if value is None:
+                continue
+            source, _, name = value.partition(":")
+            if source not in AUTHZ_SOURCES:
+                raise self.error(
+                    (*p, key), f"expected local or radius:GROUP, got {value!r}"
+                )
+            if source == "radius" and name not in radius:
+                raise self.error((*p, key), f"unknown radius group {name!r}")
+            if (
+                key == "authorization_group"
+                and source == "local"
+                and name not in policies
+            ):
+                raise self.error((*p, key), f"unknown policy {name!r}")
+            if (
+                key == "authorization_group"
+                and source == "radius"
+                and not (profile.authorization_group_name)
+            ):
+                raise self.error((*p, "authorization_group_name"), "missing")
+        if profile.name_mangler is not None:
+            try:
+                parse_mangler(profile.name_mangler)
+            except ValueError as exc:
+                raise self.error((*p, "name_mangler"), str(exc)) from None
+        # certificate auth: a username from the profile or a name mangler
+        certs_used = any(m not in ("pre-share", "eap") for m in profile.remote_auth)
+        if (
+            profile.authorization_user is not None
+            and certs_used
+            and not (profile.authorization_username or profile.name_mangler)
+        ):
+            raise self.error(
+                (*p, "authorization_user"),
+                "certificate auth needs authorization_username or name_mangler",
+            )
 
     def radius(self, name: str, data: dict[str, Any]) -> RadiusGroupConfig:
         p: PathKey = ("radius", name)
@@ -499,6 +648,21 @@ class _Reader:
             eap_timeout=eap_timeout,
             aaa_authentication=aaa,
             aaa_psk=aaa_psk,
+            authorization_user=self.get(data, (*p, "authorization_user"), str, None),
+            authorization_username=self.get(
+                data, (*p, "authorization_username"), str, None
+            ),
+            name_mangler=self.get(data, (*p, "name_mangler"), str, None),
+            authorization_group=self.get(data, (*p, "authorization_group"), str, None),
+            authorization_group_name=self.get(
+                data, (*p, "authorization_group_name"), str, None
+            ),
+            authorization_group_override=self.get(
+                data, (*p, "authorization_group_override"), bool, False
+            ),
+            authorization_cached=self.get(
+                data, (*p, "authorization_cached"), bool, True
+            ),
         )
 
     def path(self, text: str) -> str:

@@ -22,6 +22,7 @@ connection: ``{"cmd": "show-sessions"}`` or ``{"cmd": "show-counters"}``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from control.aaa.authorize import Authorizer
 from control.config import Config
 from control.ikebind import build_radius_clients, build_responder_config
 from control.pool import AddressPool
@@ -103,6 +105,7 @@ class Headend:
             for kind, group in (("eap", p.aaa_authentication), ("psk", p.aaa_psk))
         }
         self._aaa_tasks: set[asyncio.Task[None]] = set()
+        self._cached_of = {p.name: p.authorization_cached for p in config.profiles}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -135,6 +138,7 @@ class Headend:
         self.engine = Engine(sock.fileno(), batch=eng.batch, crypto=eng.crypto)
         responder_config = build_responder_config(self.config, self.pools)
         self.radius = build_radius_clients(self.config)
+        self.authorizer = Authorizer(self.config, self.radius)
         self.responder = IkeResponder(responder_config)
         self.engine.start(self._on_port4500_thread)
 
@@ -319,6 +323,18 @@ class Headend:
     async def _aaa_run(self, event: Any) -> None:
         from control.ike.responder import AaaResult
 
+        if event.kind == "authorize":
+            try:
+                result = await self.authorizer.authorize(event)
+            except Exception:
+                self.counters["handler_errors"] += 1
+                log.exception("authorization failed")
+                result = AaaResult("reject")
+            self._guard(
+                self.responder.aaa_result, event.session_id, result, time.monotonic()
+            )
+            self._after_step()
+            return
         group = self._aaa_of.get((event.profile, event.kind))
         client = self.radius.get(group) if group else None
         if client is None:
@@ -330,6 +346,9 @@ class Headend:
                     result = await client.psk(event)
                 else:
                     result = await client.eap(event)
+                if not self._cached_of.get(event.profile, True):
+                    # authorization_cached = false: the answer authorizes nothing
+                    result = dataclasses.replace(result, policy=None)
             except Exception:
                 self.counters["handler_errors"] += 1
                 log.exception("radius exchange failed")

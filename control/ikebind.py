@@ -44,6 +44,7 @@ def build_responder_config(
             eap_query_identity=p.eap_query_identity,
             eap_timeout=float(p.eap_timeout),
             aaa_psk=p.aaa_psk is not None,
+            authorize=bool(p.authorization_user or p.authorization_group),
         )
         for p in config.profiles
     ]
@@ -73,6 +74,9 @@ def build_responder_config(
         allocate_address=allocate,
         release_address=release,
         allocate_in_profile=allocate_in,
+        allocate_from_pool=lambda name, session_id: (
+            pools[name].allocate(session_id) if name in pools else None
+        ),
     )
 
 

@@ -64,6 +64,8 @@ local_identity = "fqdn:{server_id}"
 pool = "lab"
 dns = ["198.19.1.53"]
 local_ts = ["{inside_net}"]
+{extra_profile}
+{extra_config}
 """
 
 EAP_AUTH = """\
@@ -80,6 +82,20 @@ PSK_AUTH = """\
 local_auth = "pre-share"
 remote_auth = ["pre-share"]
 aaa_psk = "lab"
+"""
+
+LOCAL_PSK_AUTH = """\
+local_auth = "pre-share"
+remote_auth = ["pre-share"]
+psk = "{psk}"
+"""
+
+CERT_AUTH = """\
+local_auth = "rsa-sig"
+remote_auth = ["pubkey"]
+certificate = "{cert}"
+private_key = "{key}"
+ca = ["{ca}"]
 """
 
 SERVER_BLOCK = """\
@@ -101,9 +117,7 @@ class EapClient(StrongSwanClient):
     def _swanctl_conf(self) -> dict[str, Any]:
         conf = super()._swanctl_conf()
         # the EAP secret exists only in this file, never in a log
-        conf["secrets"] = {
-            "eap-lab": {"id": self.eap_id, "secret": self.eap_secret}
-        }
+        conf["secrets"] = {"eap-lab": {"id": self.eap_id, "secret": self.eap_secret}}
         return conf
 
 
@@ -114,7 +128,9 @@ class AaaSetup:
     lab: HeadendLab
     query_identity: bool = False
     failover: bool = False
-    aaa_psk: bool = False
+    mode: str = "eap"  # eap, aaa-psk, psk (from the config), cert
+    extra_profile: str = ""
+    extra_config: str = ""
     users: list[RadiusUser] = field(default_factory=lambda: list(USERS))
     radius: FreeRadius | None = None
 
@@ -144,14 +160,10 @@ class AaaSetup:
                 pool_range=lab.pool_range,
                 servers=servers,
                 server_id=SERVER_ID,
-                auth=PSK_AUTH
-                if self.aaa_psk
-                else EAP_AUTH.format(
-                    cert=lab.pki.server_cert_path,
-                    key=lab.pki.server_key_path,
-                    query="true" if self.query_identity else "false",
-                ),
+                auth=self._auth(),
                 inside_net=lab.topo.inside_net,
+                extra_profile=self.extra_profile,
+                extra_config=self.extra_config,
             )
         )
         config.chmod(0o600)
@@ -170,6 +182,23 @@ class AaaSetup:
                     pass
             time.sleep(0.1)
         raise RuntimeError("espgate did not open its control socket within 15 s")
+
+    def _auth(self) -> str:
+        lab = self.lab
+        assert lab.pki is not None
+        if self.mode == "aaa-psk":
+            return PSK_AUTH
+        if self.mode == "psk":
+            return LOCAL_PSK_AUTH.format(psk=lab.psk)
+        files = {
+            "cert": lab.pki.server_cert_path,
+            "key": lab.pki.server_key_path,
+            "ca": lab.pki.ca_path,
+        }
+        if self.mode == "cert":
+            return CERT_AUTH.format(**files)
+        query = "true" if self.query_identity else "false"
+        return EAP_AUTH.format(query=query, **files)
 
     def client(
         self, method: str, ike_id: str, eap_id: str, secret: str, **kwargs: Any
@@ -402,7 +431,7 @@ def _case_aaa_psk(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
             ("Cisco-AVPair", "ipsec:dns-servers=198.19.1.77"),
         ],
     )
-    aaa = AaaSetup(lab, users=[user], aaa_psk=True).start()
+    aaa = AaaSetup(lab, users=[user], mode="aaa-psk").start()
     resolv = lab.workdir / "client-resolv.conf"
     client = lab.client(
         local_id=who, psk=AAA_PSK.encode(), charon_conf=dns_to_file(resolv)
@@ -426,6 +455,172 @@ def _case_aaa_psk(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
     if "Login OK: [erin@espgate.example]" not in aaa.radius.log_text():
         failures.append("FreeRADIUS did not log the PSK lookup")
     return detail, failures + more
+
+
+def _client_view(
+    lab: HeadendLab, client: StrongSwanClient, resolv: Path
+) -> tuple[dict[str, Any], list[str]]:
+    """Bring a client up; report its address, DNS servers, routes and traffic."""
+    if not client.initiate():
+        return {"client_log": str(client.log_path)}, ["tunnel did not come up"]
+    summary = client.sa_summary() or {}
+    text = resolv.read_text() if resolv.exists() else ""
+    detail: dict[str, Any] = {
+        "inside_address": summary.get("virtual_ip"),
+        "client_remote_ts": summary.get("remote_ts"),
+        # sorted: the resolve plugin writes the servers in reverse order
+        "client_dns": sorted(
+            line.split()[1]
+            for line in text.splitlines()
+            if line.startswith("nameserver")
+        ),
+    }
+    traffic, failures = check_traffic(lab, client, 4 * 1024 * 1024)
+    detail.update(traffic)
+    detail["sessions"] = lab.show()["sessions"]
+    return detail, failures
+
+
+def _expect(detail: dict[str, Any], key: str, wanted: Any) -> list[str]:
+    got = detail.get(key)
+    if isinstance(got, str) and isinstance(wanted, list):
+        got = [got]
+    return [] if got == wanted else [f"client {key} is {got!r}, wanted {wanted!r}"]
+
+
+def _case_local_policy(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    assert lab.topo is not None
+    srv = f"{lab.topo.srv_ip}/32"
+    policy = f"""\
+[pools.staff]
+range = "198.18.128.200-198.18.128.209"
+
+[policies.staff]
+addr_pool = "staff"
+dns_servers = ["198.19.1.91", "198.19.1.92"]
+wins_servers = ["198.19.1.93"]
+route_set_prefix = ["{srv}"]
+netmask = "255.255.255.255"
+banner = "lab staff only"
+default_domain = "lab.espgate.example"
+split_dns = ["lab.espgate.example", "corp.espgate.example"]
+backup_gateways = ["vpn2.espgate.example"]
+include_local_lan = true
+pfs = false
+ipsec_flow_limit = 100
+route_accept = "any tag 10 distance 20"
+session_lifetime = 3600
+smartcard_removal_disconnect = true
+configuration_url = "https://cfg.espgate.example/anyconnect.xml"
+configuration_version = 3
+interface_mtu = 1380
+"""
+    aaa = AaaSetup(
+        lab,
+        mode="psk",
+        extra_profile='authorization_group = "local:staff"',
+        extra_config=policy,
+    ).start()
+    assert aaa.radius is not None
+    resolv = lab.workdir / "client-resolv.conf"
+    client = lab.client(charon_conf=dns_to_file(resolv))
+    detail, failures = _client_view(lab, client, resolv)
+    vip = detail.get("inside_address") or ""
+    if not vip.startswith("198.18.128.20"):
+        failures.append(f"address {vip!r} is not from the policy's pool")
+    failures += _expect(detail, "client_dns", ["198.19.1.91", "198.19.1.92"])
+    failures += _expect(detail, "client_remote_ts", [srv])
+    return detail, failures
+
+
+def _case_group_override(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    users = [
+        RadiusUser(
+            "frank@espgate.example",
+            "frank-eap-password",
+            [("Cisco-AVPair", "ipsec:dns-servers=198.19.1.81")],
+        ),
+        RadiusUser(
+            "engineering",
+            "espgate",
+            [("Cisco-AVPair", "ipsec:dns-servers=198.19.1.82")],
+        ),
+    ]
+    extra = (
+        'authorization_group = "radius:lab"\n'
+        'authorization_group_name = "engineering"\n'
+        "authorization_group_override = true"
+    )
+    aaa = AaaSetup(lab, users=users, extra_profile=extra).start()
+    resolv = lab.workdir / "client-resolv.conf"
+    who = users[0]
+    client = aaa.client(
+        "md5", who.name, who.name, who.password, charon_conf=dns_to_file(resolv)
+    )
+    detail, failures = _client_view(lab, client, resolv)
+    # the group is configured to override the user's (cached) DNS server
+    failures += _expect(detail, "client_dns", ["198.19.1.82"])
+    assert aaa.radius is not None
+    if "Login OK: [engineering]" not in aaa.radius.log_text():
+        failures.append("no group authorization request reached FreeRADIUS")
+    return detail, failures
+
+
+def _case_cached_authorization(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    who = RadiusUser(
+        "gina@espgate.example",
+        "gina-eap-password",
+        [
+            ("Framed-IP-Address", "198.18.128.71"),
+            ("Cisco-AVPair", "ipsec:dns-servers=198.19.1.71"),
+        ],
+    )
+    # explicit user authorization is configured, but the Access-Accept of EAP
+    # carried a Framed-IP-Address, so it must not run (it would be refused:
+    # gina's password is not the authorization password)
+    aaa = AaaSetup(
+        lab, users=[who], extra_profile='authorization_user = "radius:lab"'
+    ).start()
+    resolv = lab.workdir / "client-resolv.conf"
+    client = aaa.client(
+        "md5", who.name, who.name, who.password, charon_conf=dns_to_file(resolv)
+    )
+    detail, failures = _client_view(lab, client, resolv)
+    failures += _expect(detail, "inside_address", "198.18.128.71")
+    failures += _expect(detail, "client_dns", ["198.19.1.71"])
+    assert aaa.radius is not None
+    log_text = aaa.radius.log_text()
+    requests = log_text.count("Login OK: [gina@espgate.example]")
+    detail["radius_logins"] = requests
+    if requests != 1 or "Login incorrect" in log_text:
+        failures.append("explicit user authorization ran despite a cached address")
+    return detail, failures
+
+
+def _case_name_mangler_dn(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    assert lab.topo is not None and lab.pki is not None
+    srv = f"{lab.topo.srv_ip}/32"
+    # the client certificate's subject is C=CH, O=espgate lab, CN=<identity>
+    policy = f"""\
+[policies."espgate lab"]
+dns_servers = ["198.19.1.61"]
+route_set_prefix = ["{srv}"]
+"""
+    extra = 'authorization_user = "local"\nname_mangler = "dn:organization"'
+    AaaSetup(lab, mode="cert", extra_profile=extra, extra_config=policy).start()
+    resolv = lab.workdir / "client-resolv.conf"
+    client = lab.client(
+        files=lab.pki.client_files(),
+        extra_conf={
+            "local": {"auth": "pubkey", "certs": "client.pem"},
+            "remote": {"auth": "pubkey"},
+        },
+        charon_conf=dns_to_file(resolv),
+    )
+    detail, failures = _client_view(lab, client, resolv)
+    failures += _expect(detail, "client_dns", ["198.19.1.61"])
+    failures += _expect(detail, "client_remote_ts", [srv])
+    return detail, failures
 
 
 def _lab() -> dict[str, Any]:
@@ -472,6 +667,26 @@ CASES.update(
         "aaa-psk": Case(
             "PSK from RADIUS Tunnel-Password, DNS from the same Access-Accept",
             _case_aaa_psk,
+            _lab(),
+        ),
+        "group-override": Case(
+            "RADIUS group authorization configured to override the user's",
+            _case_group_override,
+            _lab(),
+        ),
+        "cached-authorization": Case(
+            "a cached Framed-IP-Address skips explicit user authorization",
+            _case_cached_authorization,
+            _lab(),
+        ),
+        "name-mangler-cert-dn": Case(
+            "certificate DN organization names the local user policy",
+            _case_name_mangler_dn,
+            _lab(),
+        ),
+        "local-policy-attributes": Case(
+            "a local group policy: its pool, DNS servers and route set",
+            _case_local_policy,
             _lab(),
         ),
         "radius-failover": Case(

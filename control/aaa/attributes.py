@@ -65,6 +65,7 @@ class Authorization:
     configuration_url: str | None = None
     configuration_version: int | None = None
     interface_config: list[str] = field(default_factory=list)
+    session_lifetime: int | None = None
     ikev2_password_local: bytes | None = field(default=None, repr=False)
     ikev2_password_remote: bytes | None = field(default=None, repr=False)
     unknown: int = 0
@@ -89,7 +90,16 @@ class Authorization:
             wins=[str(a) for a in self.wins_servers],
             local_ts=prefixes,
             pool=self.addr_pool,
+            mtu=self.mtu(),
         )
+
+    def mtu(self) -> int | None:
+        """Return the MTU an "ip mtu N" interface-config line sets, if any."""
+        for line in self.interface_config:
+            words = line.split()
+            if words[:2] == ["ip", "mtu"] and len(words) == 3 and words[2].isdigit():
+                return int(words[2])
+        return None
 
 
 def _ipv4(value: str) -> IPv4:
@@ -123,6 +133,21 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _route_accept(value: str) -> str:
+    # "any [tag 1..497777] [distance 1..255]"
+    words = value.split()
+    if words[:1] == ["any"]:
+        words = words[1:]
+    limits = {"tag": (1, 497777), "distance": (1, 255)}
+    if len(words) % 2:
+        raise ValueError(f"expected 'tag N distance N', got {value!r}")
+    for key, number in zip(words[::2], words[1::2], strict=True):
+        if key not in limits:
+            raise ValueError(f"unknown route-accept word {key!r}")
+        _int_in(*limits[key])(number)
+    return value.strip()
+
+
 def _name(value: str) -> str:
     if not value or len(value) > 255 or any(c in value for c in "\0\n"):
         raise ValueError("empty or overlong")
@@ -141,7 +166,7 @@ AVPAIRS: dict[str, tuple[str, Callable[[str], Any], bool]] = {
     "ipv6-dns-servers-addr": ("ipv6_dns_servers_addr", _ipv6_list, False),
     "addrv6": ("addrv6", ipaddress.IPv6Address, False),
     "prefix-len": ("prefix_len", _int_in(1, 128), False),
-    "route-accept": ("route_accept", _name, False),
+    "route-accept": ("route_accept", _route_accept, False),
     "ipsec-flow-limit": ("ipsec_flow_limit", _int_in(0, 50000), False),
     "banner": ("banner", _name, False),
     "default-domain": ("default_domain", _name, False),
@@ -187,12 +212,46 @@ def parse_authorization(
         auth.tunnel_medium_type = int(value[1] if isinstance(value, tuple) else value)
     for value in attributes.get("Tunnel-Password", [])[:1]:
         auth.tunnel_password = value if isinstance(value, bytes) else None
+    for value in attributes.get("Session-Timeout", [])[:1]:
+        auth.session_lifetime = int(value)
     for pair in attributes.get("Cisco-AVPair", []):
         _avpair(auth, str(pair))
     if stats is not None:
         stats["avpair_unknown"] += auth.unknown
         stats["avpair_malformed"] += auth.malformed
     return auth
+
+
+def apply_pair(auth: Authorization, name: str, value: str) -> None:
+    """Set the field of one ipsec: pair NAME=VALUE; raise ValueError if bad."""
+    if name == "route-set":
+        _route_set(auth, value)
+        return
+    if name not in AVPAIRS:
+        raise ValueError(f"unknown attribute {name!r}")
+    attr, parse, append = AVPAIRS[name]
+    parsed = parse(value)
+    if append:
+        items = getattr(auth, attr)
+        if len(items) >= LIST_LIMITS.get(attr, 10):
+            raise ValueError(f"more than {LIST_LIMITS.get(attr, 10)} values")
+        items.append(parsed)
+    else:
+        setattr(auth, attr, parsed)
+
+
+def merge(high: Authorization, low: Authorization) -> Authorization:
+    """Return `high` with each unset field taken from `low` (per attribute)."""
+    out = Authorization()
+    blank = Authorization()
+    for f in fields(Authorization):
+        if f.name in ("unknown", "malformed"):
+            continue
+        value = getattr(high, f.name)
+        if value == getattr(blank, f.name):
+            value = getattr(low, f.name)
+        setattr(out, f.name, value)
+    return out
 
 
 def _avpair(auth: Authorization, pair: str) -> None:
@@ -206,25 +265,11 @@ def _avpair(auth: Authorization, pair: str) -> None:
         auth.interface_config.append(value)
         return
     family, _, name = key.partition(":")
-    if family != "ipsec":
+    if family != "ipsec" or (name != "route-set" and name not in AVPAIRS):
         auth.unknown += 1
         return
     try:
-        if name == "route-set":
-            _route_set(auth, value)
-            return
-        if name not in AVPAIRS:
-            auth.unknown += 1
-            return
-        attr, parse, append = AVPAIRS[name]
-        parsed = parse(value)
-        if append:
-            items = getattr(auth, attr)
-            if len(items) >= LIST_LIMITS.get(attr, 10):
-                raise ValueError(f"more than {LIST_LIMITS.get(attr, 10)} values")
-            items.append(parsed)
-        else:
-            setattr(auth, attr, parsed)
+        apply_pair(auth, name, value)
     except ValueError as exc:
         auth.malformed += 1
         # the value of a password pair is a secret: name the pair only

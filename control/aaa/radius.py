@@ -221,7 +221,10 @@ class RadiusClient:
             except ValueError as exc:
                 log.warning("radius group %s: Tunnel-Password: %s", self.name, exc)
         local = authorization.ikev2_password_local or remote
-        attributes.pop("Cisco-AVPair", None)  # holds the passwords in clear
+        # the password pairs are secrets: keep them out of what is passed on
+        pairs = [p for p in attributes.pop("Cisco-AVPair", []) if "password" not in p]
+        if pairs:
+            attributes["Cisco-AVPair"] = pairs
         return AaaResult(
             "accept",
             user_name=request.user_name,
@@ -230,6 +233,31 @@ class RadiusClient:
             psk_remote=remote or b"",
             psk_local=local or b"",
         )
+
+    async def lookup(
+        self, user_name: str, calling_station: str
+    ) -> tuple[str, dict[str, list[Any]]]:
+        """Ask for the authorization attributes of a user or group name.
+
+        Returns ("accept", attributes), ("reject", {}) or ("error", {}).
+        """
+        request = AaaRequest("", "authorize", "", user_name, calling_station, b"")
+
+        def build(server: RadiusServer) -> packet.AuthPacket:
+            pkt = self._access_request(server, user_name, request)
+            pkt["User-Password"] = pkt.PwCrypt(self.user_password)
+            return pkt
+
+        try:
+            _, reply = await self.send(build)
+        except RadiusError as exc:
+            log.warning("radius group %s: %s", self.name, exc)
+            return "error", {}
+        if reply.code != packet.AccessAccept:
+            self.stats["access_reject"] += 1
+            return "reject", {}
+        self.stats["access_accept"] += 1
+        return "accept", reply_attributes(reply)
 
     def forget(self, session_id: str) -> None:
         """Drop the EAP state of a session that went away."""

@@ -50,7 +50,7 @@ from control.ike.messages import (
     ProtocolError,
 )
 from control.ike.profiles import Identity
-from control.ike.tasks import ChildCreateTask, ConfigTask, Task
+from control.ike.tasks import AuthorizeTask, ChildCreateTask, ConfigTask, Task
 
 if TYPE_CHECKING:
     from control.ike.sa import IkeSA
@@ -88,11 +88,14 @@ class AaaRequest:
     the PSKs of an identity ("psk"); answer by `IkeResponder.aaa_result`."""
 
     session_id: str
-    kind: str  # "eap" or "psk"
+    kind: str  # "eap", "psk" or "authorize"
     profile: str
     user_name: str
     calling_station: str
     eap_message: bytes = field(repr=False)
+    # "authorize": what authentication left for authorization (identities,
+    # certificate DN, the cached attributes of the EAP or PSK answer)
+    info: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,7 @@ def ike_auth_tasks(
     Config and CHILD SA run only in the round that checks the final AUTH.
     """
     if ike.eap is not None and ike.eap.phase == EapPhase.SUCCESS:
-        return (EapTask, ConfigTask, ChildCreateTask)
+        return (EapTask, AuthorizeTask, ConfigTask, ChildCreateTask)
     if ike.eap is not None:
         return (EapTask,)
     if not any(isinstance(p, AuthPayload) for p in payloads):
@@ -297,6 +300,11 @@ class EapTask(Task):
             AuthMethod.SHARED_KEY_MIC, ike.prf(ike.prf(key_r, KEY_PAD), octets)
         )
         ike.identity = state.authz_identity()
+        ex.auth_info.update(
+            ike_identity=str(state.ike_identity),
+            eap_identity=state.eap_identity,
+            cached=state.attributes,
+        )
         ex.pending_auth = False
         ex.authenticated = True
         # the CHILD SA and config come from the first IKE_AUTH request

@@ -161,6 +161,8 @@ class Profile:
     eap_timeout: float = 30.0
     # PSKs from AAA (Tunnel-Password, ipsec:ikev2-password-local/-remote)
     aaa_psk: bool = False
+    # ask AAA for the session's policy after authentication (AuthorizeTask)
+    authorize: bool = False
 
     def __post_init__(self) -> None:
         assert self.local_auth in LOCAL_AUTH, f"Bad local auth {self.local_auth!r}"
@@ -201,6 +203,7 @@ class SessionPolicy:
     wins: list[str] = field(default_factory=list)
     local_ts: list[str] = field(default_factory=list)
     pool: str | None = None
+    mtu: int | None = None
 
 
 AllocateAddress = Callable[[str, str], ipaddress.IPv4Address | None]
@@ -223,3 +226,5 @@ class ResponderConfig:
     retransmit_timeout: float = 2.0
     retransmit_tries: int = 5
     allocate_in_profile: AllocateInProfile | None = None
+    # (pool name, session id): a pool chosen by authorization (addr-pool)
+    allocate_from_pool: AllocateAddress | None = None

@@ -9,7 +9,9 @@ that refuses only the CHILD SA sets `Exchange.child_error` and later tasks
 leave the CHILD SA out.
 
     IKE_SA_INIT      IkeInitTask (no SA exists yet; run on its own)
-    IKE_AUTH         AuthTask -> ConfigTask -> ChildCreateTask
+    IKE_AUTH         AuthTask -> AuthorizeTask -> ConfigTask -> ChildCreateTask
+                     (EAP rounds: control.ike.eap picks EapTask instead of
+                     AuthTask; AuthorizeTask may park for the AAA answer)
     INFORMATIONAL    DeleteTask -> LivenessTask
     CREATE_CHILD_SA  ChildRekeyTask (new or rekeyed CHILD SA; IKE rekey refused)
 
@@ -374,6 +376,8 @@ class Exchange:
     # EAP: parked until the AAA answer comes back; mid-way, neither up nor dead
     waiting: bool = False
     pending_auth: bool = False
+    # what authentication learnt, for authorization (see AuthorizeTask)
+    auth_info: dict[str, object] = field(default_factory=dict)
 
 
 class Task:
@@ -488,6 +492,7 @@ class AuthTask(Task):
         self.local_psk = getattr(result, "psk_local", b"") or remote
         # implicit (cached) authorization from the same answer
         ike.policy = getattr(result, "policy", None)
+        ex.auth_info["cached"] = getattr(result, "attributes", {})
         self._accept(ex, profile, identity, wanted)
 
     def _accept(
@@ -503,6 +508,7 @@ class AuthTask(Task):
         self.profile = profile
         ike.profile = profile
         ike.identity = str(identity)
+        ex.auth_info["ike_identity"] = str(identity)
         ex.authenticated = True
         self.responder.counters["auth_ok"] += 1
 
@@ -556,6 +562,7 @@ class AuthTask(Task):
         if not identity_in_cert(identity.type, identity.data, certs[0]):
             return "identity is not in the certificate"
         ex.ike.log.debug("certificate %s verified", certs[0].subject.rfc4514_string())
+        ex.auth_info["cert_dn"] = certs[0].subject.rfc4514_string()
         return None
 
     def _fail(self, ex: Exchange, what: str, arg: object) -> None:
@@ -587,6 +594,43 @@ class AuthTask(Task):
         ex.response += [idr, *certs, AuthPayload(method, data)]
 
 
+class AuthorizeTask(Task):
+    """Ask AAA for the session's policy once the peer is authenticated.
+
+    Runs only for profiles with authorization configured; the daemon merges
+    local policies and RADIUS answers (control.aaa.authorize) and answers
+    with the policy config mode and the CHILD SA then use.
+    """
+
+    def process(self, ex: Exchange) -> None:
+        ike = ex.ike
+        profile = ike.profile
+        if not ex.authenticated or profile is None or not profile.authorize:
+            return
+        from control.ike.eap import AaaRequest
+
+        assert ike.identity is not None
+        info = dict(ex.auth_info)
+        self.responder.emit(
+            AaaRequest(
+                ike.session_id, "authorize", profile.name, ike.identity,
+                ike.remote[0], b"", info,
+            )
+        )  # fmt: skip
+        self.responder.counters["aaa_requests"] += 1
+        ex.waiting = True
+
+    def resume(self, ex: Exchange, result: object) -> None:
+        """Take the merged policy, or refuse the session."""
+        if getattr(result, "outcome", None) != "accept":
+            self.responder.counters["authorization_failed"] += 1
+            ex.ike.log.warning("authorization of %s failed", ex.ike.identity)
+            ex.authenticated = False
+            ex.fatal = ProtocolError(NotifyType.AUTHENTICATION_FAILED)
+            return
+        ex.ike.policy = getattr(result, "policy", None)
+
+
 class ConfigTask(Task):
     """Config mode: hand out an inside address and DNS (RFC 7296 2.19, 3.15)."""
 
@@ -604,6 +648,8 @@ class ConfigTask(Task):
             if policy is not None and policy.address is not None:
                 # the address from authorization (Framed-IP-Address) comes first
                 address = policy.address
+            elif policy is not None and policy.pool and config.allocate_from_pool:
+                address = config.allocate_from_pool(policy.pool, ike.session_id)
             elif config.allocate_in_profile is not None:
                 address = config.allocate_in_profile(
                     ike.profile.name, ike.identity, ike.session_id
@@ -856,7 +902,7 @@ class LivenessTask(Task):
 
 
 EXCHANGE_TASKS: dict[int, tuple[Callable[[IkeResponder], Task], ...]] = {
-    ExchangeType.IKE_AUTH: (AuthTask, ConfigTask, ChildCreateTask),
+    ExchangeType.IKE_AUTH: (AuthTask, AuthorizeTask, ConfigTask, ChildCreateTask),
     ExchangeType.INFORMATIONAL: (DeleteTask, LivenessTask),
     ExchangeType.CREATE_CHILD_SA: (ChildRekeyTask,),
 }
