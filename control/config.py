@@ -108,6 +108,8 @@ class ServerConfig:
     natt_port: int = 4500
     control_socket: str = "/run/espgate/control.sock"
     log_level: str = "info"
+    # where leases are kept across restarts (SQLite); empty keeps them in memory
+    state_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -119,13 +121,21 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class PoolConfig:
+    """An IPv4 range, or an IPv6 prefix cut into client prefixes.
+
+    For IPv6, first and last are the first addresses of the first and last
+    client prefix of `client_prefix` bits.
+    """
+
     name: str
-    first: ipaddress.IPv4Address
-    last: ipaddress.IPv4Address
+    first: ipaddress.IPv4Address | ipaddress.IPv6Address
+    last: ipaddress.IPv4Address | ipaddress.IPv6Address
+    client_prefix: int = 32
 
     @property
     def size(self) -> int:
-        return int(self.last) - int(self.first) + 1
+        step = 1 << (self.first.max_prefixlen - self.client_prefix)
+        return (int(self.last) - int(self.first)) // step + 1
 
 
 @dataclass(frozen=True)
@@ -506,6 +516,7 @@ class _Reader:
                 data, (*p, "control_socket"), str, d.control_socket
             ),
             log_level=self.choice(data, (*p, "log_level"), LOG_LEVELS, d.log_level),
+            state_dir=self.get(data, (*p, "state_dir"), str, d.state_dir),
         )
 
     def engine(self, data: dict[str, Any]) -> EngineConfig:
@@ -523,8 +534,12 @@ class _Reader:
 
     def pool(self, name: str, data: dict[str, Any]) -> PoolConfig:
         p: PathKey = ("pools", name)
-        self.table(data, p, {"range"})
+        self.table(data, p, {"range", "client_prefix"})
         text = self.get(data, (*p, "range"), str, _REQUIRED)
+        if ":" in text:
+            return self.pool6(name, data, text)
+        if "client_prefix" in data:
+            raise self.error((*p, "client_prefix"), "only for IPv6 pools")
         try:
             if "/" in text:
                 net = ipaddress.IPv4Network(text, strict=False)
@@ -541,6 +556,23 @@ class _Reader:
         if last < first:
             raise self.error((*p, "range"), f"{last} comes before {first}")
         return PoolConfig(name, first, last)
+
+    def pool6(self, name: str, data: dict[str, Any], text: str) -> PoolConfig:
+        """Read an IPv6 pool: a prefix and the prefix length each client gets."""
+        p: PathKey = ("pools", name)
+        try:
+            net = ipaddress.IPv6Network(text, strict=False)
+        except ValueError:
+            problem = f"expected an IPv6 prefix, got {text!r}"
+            raise self.error((*p, "range"), problem) from None
+        client = self.get(data, (*p, "client_prefix"), int, 128)
+        if not max(net.prefixlen, 64) <= client <= 128:
+            low = max(net.prefixlen, 64)
+            problem = f"{client} out of range {low}..128 for {net}"
+            raise self.error((*p, "client_prefix"), problem)
+        step = 1 << (128 - client)
+        last = ipaddress.IPv6Address(int(net.broadcast_address) - step + 1)
+        return PoolConfig(name, net.network_address, last, client)
 
     def profile(
         self, index: int, data: dict[str, Any], pools: dict[str, PoolConfig]

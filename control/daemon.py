@@ -38,7 +38,7 @@ from typing import Any
 from control.aaa.authorize import Authorizer
 from control.config import Config
 from control.ikebind import build_radius_clients, build_responder_config
-from control.pool import AddressPool
+from control.pool import AddressPool, LeaseStore
 from control.routes import add_route
 
 log = logging.getLogger("espgate.daemon")
@@ -77,7 +77,12 @@ class Headend:
 
     def __init__(self, config: Config):
         self.config = config
-        self.pools = {name: AddressPool(pool) for name, pool in config.pools.items()}
+        # leases in SQLite under state_dir, so they survive a restart
+        state = config.server.state_dir
+        self.leases = LeaseStore(Path(state) / "leases.sqlite") if state else None
+        self.pools = {
+            name: AddressPool(pool, self.leases) for name, pool in config.pools.items()
+        }
         self.sessions: dict[str, Session] = {}
         self.counters: dict[str, int] = {
             "ike_rx_500": 0,

@@ -62,7 +62,9 @@ def build_responder_config(
         profile: str, identity: str, session_id: str
     ) -> ipaddress.IPv4Address | None:
         name = pool_of[profile]
-        return pools[name].allocate(session_id) if name else None
+        if not name or pools[name].version != 4:
+            return None
+        return pools[name].allocate(session_id, identity)  # type: ignore[return-value]
 
     def release(address: ipaddress.IPv4Address) -> None:
         for pool in pools.values():

@@ -44,6 +44,7 @@ AAA_CONFIG = """\
 listen = "{listen}"
 control_socket = "{socket}"
 log_level = "debug"
+state_dir = "{state_dir}"
 
 [engine]
 crypto = "{crypto}"
@@ -156,6 +157,7 @@ class AaaSetup:
             AAA_CONFIG.format(
                 listen=lab.topo.hub_outer_ip,
                 socket=lab.socket,
+                state_dir=lab.workdir / "state",
                 crypto=lab.crypto,
                 pool_range=lab.pool_range,
                 servers=servers,
@@ -623,6 +625,44 @@ route_set_prefix = ["{srv}"]
     return detail, failures
 
 
+def _case_pool_exhausted(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    AaaSetup(lab, mode="psk").start()
+    first, second = (
+        lab.client(f"c{n}", client=n, local_id=f"client{n}@espgate.example")
+        for n in (1, 2)
+    )
+    failures: list[str] = []
+    if not first.initiate():
+        return {"client_log": str(first.log_path)}, ["first client did not come up"]
+    vip = first.virtual_ip()
+    detail: dict[str, Any] = {"first_address": vip}
+    if second.initiate(timeout=10):
+        failures.append("second client came up from a one-address pool")
+    refused = _client_lines(second, "INTERNAL_ADDRESS_FAILURE")
+    detail["second_client_log"] = refused
+    if not refused:
+        failures.append("second client did not receive INTERNAL_ADDRESS_FAILURE")
+    pools = lab.show("counters")["pools"]["lab"]
+    detail["pool"] = pools
+    if pools != {"size": 1, "in_use": 1}:
+        failures.append(f"pool should be 1 of 1 in use: {pools}")
+
+    # the first client leaves: its lease is released and the second gets it
+    first.terminate()
+    deadline = time.monotonic() + 10
+    while lab.show()["sessions"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    second.terminate()
+    if not second.initiate():
+        return detail, failures + ["second client did not come up after release"]
+    detail["second_address"] = second.virtual_ip()
+    if detail["second_address"] != vip:
+        failures.append(f"released {vip} not reused: {detail['second_address']}")
+    traffic, more = check_traffic(lab, second, 4 * 1024 * 1024)
+    detail.update(traffic)
+    return detail, failures + more
+
+
 def _lab() -> dict[str, Any]:
     return {"pki": dict(PKI), "auth": LAB_AUTH}
 
@@ -688,6 +728,11 @@ CASES.update(
             "a local group policy: its pool, DNS servers and route set",
             _case_local_policy,
             _lab(),
+        ),
+        "pool-exhausted": Case(
+            "one-address pool, two clients: INTERNAL_ADDRESS_FAILURE, then reuse",
+            _case_pool_exhausted,
+            {**_lab(), "clients": 2, "pool_range": "198.18.128.10-198.18.128.10"},
         ),
         "radius-failover": Case(
             "first RADIUS server silent: retransmit, fail over, EAP-MSCHAPv2 ok",
