@@ -168,6 +168,7 @@ class ProfileConfig:
     authorization_group_name: str | None = None
     authorization_group_override: bool = False
     authorization_cached: bool = True
+    ipv6_pool: str | None = None
 
 
 @dataclass(frozen=True)
@@ -613,18 +614,25 @@ class _Reader:
         dns = self.strings(data, (*p, "dns"), [])
         for item in dns:
             try:
-                ipaddress.IPv4Address(item)
+                ipaddress.ip_address(item)
             except ValueError:
-                problem = f"not an IPv4 address: {item!r}"
+                problem = f"not an IP address: {item!r}"
                 raise self.error((*p, "dns"), problem) from None
         local_ts = self.strings(data, (*p, "local_ts"), ["0.0.0.0/0"])
         for item in local_ts:
             try:
-                ipaddress.IPv4Network(item)
+                ipaddress.ip_network(item)
             except ValueError:
                 raise self.error(
-                    (*p, "local_ts"), f"not an IPv4 prefix: {item!r}"
+                    (*p, "local_ts"), f"not an IP prefix: {item!r}"
                 ) from None
+        pool6 = self.get(data, (*p, "ipv6_pool"), str, None)
+        if pool6 is not None and (
+            pool6 not in pools or pools[pool6].first.version != 6
+        ):
+            raise self.error((*p, "ipv6_pool"), f"unknown IPv6 pool {pool6!r}")
+        if pool is not None and pools[pool].first.version != 4:
+            raise self.error((*p, "pool"), f"{pool!r} is not an IPv4 pool")
         esp = self.strings(data, (*p, "esp"), list(ESP_PROPOSALS))
         for item in esp:
             if item not in ESP_PROPOSALS:
@@ -695,6 +703,7 @@ class _Reader:
             authorization_cached=self.get(
                 data, (*p, "authorization_cached"), bool, True
             ),
+            ipv6_pool=pool6,
         )
 
     def path(self, text: str) -> str:

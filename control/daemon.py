@@ -57,6 +57,7 @@ class Session:
     tun_fd: int | None = None
     tun_name: str | None = None
     inside_address: str | None = None
+    inside_address6: str | None = None
     children: list[tuple[int, int]] = field(default_factory=list)
     created: float = field(default_factory=time.time)
 
@@ -385,6 +386,12 @@ class Headend:
             session.inside_address = str(ev.inside_address)
             assert session.tun_name is not None
             add_route(session.tun_name, f"{ev.inside_address}/32")
+        six = getattr(ev, "inside_address6", None)
+        if six is not None and session.inside_address6 != str(six):
+            # the client's IPv6 prefix goes into its TUN as well
+            session.inside_address6 = str(six)
+            assert session.tun_name is not None
+            add_route(session.tun_name, str(six.network))
         if not ev.udp_encap:
             # FIXME: raw ESP (IP protocol 50) is not in the engine yet; such a
             # client still gets ESP-in-UDP from us and will drop it.
@@ -515,6 +522,7 @@ class Headend:
             "identity": session.identity,
             "outside": f"{session.remote[0]}:{session.remote[1]}",
             "inside": session.inside_address,
+            "inside6": session.inside_address6,
             "tun": session.tun_name,
             "up_seconds": round(time.time() - session.created, 1),
             "children": children,

@@ -66,6 +66,21 @@ def build_responder_config(
             return None
         return pools[name].allocate(session_id, identity)  # type: ignore[return-value]
 
+    pool6_of = {p.name: p.ipv6_pool for p in config.profiles}
+
+    def allocate6(
+        profile: str, chosen: str | None, session_id: str
+    ) -> ipaddress.IPv6Interface | None:
+        # the pool authorization named, else the profile's
+        name = chosen or pool6_of[profile]
+        pool = pools.get(name) if name else None
+        if pool is None or pool.version != 6:
+            return None
+        address = pool.allocate(session_id)
+        if address is None:
+            return None
+        return ipaddress.IPv6Interface(f"{address}/{pool.client_prefix}")
+
     def release(address: ipaddress.IPv4Address) -> None:
         for pool in pools.values():
             if pool.release(address):
@@ -77,8 +92,11 @@ def build_responder_config(
         release_address=release,
         allocate_in_profile=allocate_in,
         allocate_from_pool=lambda name, session_id: (
-            pools[name].allocate(session_id) if name in pools else None
+            pools[name].allocate(session_id)  # type: ignore[return-value]
+            if name in pools and pools[name].version == 4
+            else None
         ),
+        allocate_address6=allocate6,
     )
 
 

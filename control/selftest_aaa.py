@@ -15,7 +15,10 @@ The cases register themselves into `control.selftest.CASES`.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +27,7 @@ from typing import Any
 
 from control.cli import request
 from control.lab import StrongSwanClient
+from control.lab.procs import netns_argv
 from control.lab.radius import FreeRadius, RadiusUser
 from control.lab.strongswan import PLUGINS
 from control.selftest import CASES, SERVER_ID, Case, HeadendLab, check_traffic
@@ -64,7 +68,7 @@ local_identity = "fqdn:{server_id}"
 {auth}
 pool = "lab"
 dns = ["198.19.1.53"]
-local_ts = ["{inside_net}"]
+local_ts = {local_ts}
 {extra_profile}
 {extra_config}
 """
@@ -132,6 +136,7 @@ class AaaSetup:
     mode: str = "eap"  # eap, aaa-psk, psk (from the config), cert
     extra_profile: str = ""
     extra_config: str = ""
+    local_ts: list[str] = field(default_factory=list)
     users: list[RadiusUser] = field(default_factory=lambda: list(USERS))
     radius: FreeRadius | None = None
 
@@ -163,7 +168,7 @@ class AaaSetup:
                 servers=servers,
                 server_id=SERVER_ID,
                 auth=self._auth(),
-                inside_net=lab.topo.inside_net,
+                local_ts=json.dumps(self.local_ts or [lab.topo.inside_net]),
                 extra_profile=self.extra_profile,
                 extra_config=self.extra_config,
             )
@@ -663,6 +668,118 @@ def _case_pool_exhausted(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
     return detail, failures + more
 
 
+SRV6 = "2001:db8:19::2"
+HUB6 = "2001:db8:19::1"
+INSIDE6 = "2001:db8:19::/64"
+POOL6 = "2001:db8:18:1::/126"  # /128 per client: four clients
+
+
+def _ipv6_inside(lab: HeadendLab) -> None:
+    """Give the hub's inside link and the server IPv6, route the pool back.
+
+    The lab's namespaces start with IPv6 disabled; it is enabled again in the
+    hub, the server and the first client namespace (for charon's TUN).
+    """
+    topo = lab.topo
+    assert topo is not None
+    cmds = [
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            f"net.ipv6.conf.{which}.disable_ipv6=0",
+        ]
+        for ns in (topo.hub, topo.srv, topo.client_link(1).ns)
+        for which in ("all", "default")
+    ]
+    cmds += [
+        ["ip", "-n", topo.hub, "addr", "add", f"{HUB6}/64", "dev",
+         topo.hub_inside_if, "nodad"],
+        ["ip", "-n", topo.srv, "addr", "add", f"{SRV6}/64", "dev", topo.srv_if,
+         "nodad"],
+        ["ip", "-n", topo.srv, "-6", "route", "add", POOL6, "via", HUB6],
+        ["ip", "netns", "exec", topo.hub, "sysctl", "-qw",
+         "net.ipv6.conf.all.forwarding=1"],
+    ]  # fmt: skip
+    for argv in cmds:
+        subprocess.run(argv, check=True, capture_output=True, timeout=10)
+
+
+def _ping6(ns: str, target: str, count: int = 40) -> dict[str, Any]:
+    argv = ["ping", "-6", "-n", "-q", "-c", str(count), "-i", "0.05", "-s", "1200"]
+    res = subprocess.run(
+        netns_argv(ns, [*argv, "-w", "15", target]),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    match = re.search(r"(\d+) packets transmitted, (\d+) received", res.stdout)
+    sent, got = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    return {"sent": sent, "received": got, "output": res.stdout[-300:]}
+
+
+def _case_ipv6(dual: bool) -> Any:
+    def case(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+        assert lab.topo is not None
+        inside4 = lab.topo.inside_net
+        extra = f"""\
+[pools.v6]
+range = "{POOL6}"
+client_prefix = 128
+"""
+        AaaSetup(
+            lab,
+            mode="psk",
+            extra_profile='ipv6_pool = "v6"',
+            local_ts=[inside4, INSIDE6],
+            extra_config=extra,
+        ).start()
+        _ipv6_inside(lab)
+        remote_ts = f"{inside4},{INSIDE6}" if dual else INSIDE6
+        client = lab.client(
+            remote_ts=remote_ts,
+            extra_conf={"vips": "0.0.0.0,::" if dual else "::"},
+        )
+        if not client.initiate():
+            return {"client_log": str(client.log_path)}, ["tunnel did not come up"]
+        sas = client.list_sas()
+        ike = next(iter(sas.values()))
+        vips = list(ike.get("local-vips") or [])
+        detail: dict[str, Any] = {"client_vips": vips}
+        failures: list[str] = []
+        six = [v for v in vips if ":" in v]
+        four = [v for v in vips if "." in v]
+        if not six or not six[0].startswith("2001:db8:18:1::"):
+            failures.append(f"client has no IPv6 address from the pool: {vips}")
+        if dual != bool(four):
+            failures.append(f"IPv4 address {'missing' if dual else 'given'}: {vips}")
+        child = next(iter((ike.get("child-sas") or {}).values()), {})
+        detail["client_remote_ts"] = child.get("remote-ts")
+        detail["client_local_ts"] = child.get("local-ts")
+        if INSIDE6 not in (child.get("remote-ts") or []):
+            failures.append(f"client does not route {INSIDE6}: {child}")
+        detail["ping6"] = _ping6(client.link.ns, SRV6)
+        if (
+            detail["ping6"]["received"] != detail["ping6"]["sent"]
+            or not (detail["ping6"]["sent"])
+        ):
+            failures.append(f"IPv6 ping through the tunnel lost: {detail['ping6']}")
+        if dual:
+            traffic, more = check_traffic(lab, client, 4 * 1024 * 1024)
+            detail.update(traffic)
+            failures += more
+        sessions = lab.show()["sessions"]
+        detail["sessions"] = sessions
+        if not sessions or sessions[0].get("inside6") is None:
+            failures.append(f"headend lists no IPv6 inside address: {sessions}")
+        return detail, failures
+
+    return case
+
+
 def _lab() -> dict[str, Any]:
     return {"pki": dict(PKI), "auth": LAB_AUTH}
 
@@ -733,6 +850,16 @@ CASES.update(
             "one-address pool, two clients: INTERNAL_ADDRESS_FAILURE, then reuse",
             _case_pool_exhausted,
             {**_lab(), "clients": 2, "pool_range": "198.18.128.10-198.18.128.10"},
+        ),
+        "ipv6-pool": Case(
+            "IPv6 pool (a /126 of /128s): INTERNAL_IP6_ADDRESS, IPv6 ping",
+            _case_ipv6(dual=False),
+            _lab(),
+        ),
+        "dual-stack": Case(
+            "IPv4 and IPv6 addresses at once: IPv4 traffic and IPv6 ping",
+            _case_ipv6(dual=True),
+            _lab(),
         ),
         "radius-failover": Case(
             "first RADIUS server silent: retransmit, fail over, EAP-MSCHAPv2 ok",

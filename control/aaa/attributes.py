@@ -91,6 +91,7 @@ class Authorization:
             local_ts=prefixes,
             pool=self.addr_pool,
             mtu=self.mtu(),
+            pool6=self.ipv6_addr_pool,
         )
 
     def mtu(self) -> int | None:

@@ -204,6 +204,7 @@ class SessionPolicy:
     local_ts: list[str] = field(default_factory=list)
     pool: str | None = None
     mtu: int | None = None
+    pool6: str | None = None
 
 
 AllocateAddress = Callable[[str, str], ipaddress.IPv4Address | None]
@@ -228,3 +229,7 @@ class ResponderConfig:
     allocate_in_profile: AllocateInProfile | None = None
     # (pool name, session id): a pool chosen by authorization (addr-pool)
     allocate_from_pool: AllocateAddress | None = None
+    # (profile name, IPv6 pool chosen by authorization or None, session id)
+    allocate_address6: (
+        Callable[[str, str | None, str], ipaddress.IPv6Interface | None] | None
+    ) = None

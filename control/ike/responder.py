@@ -272,6 +272,7 @@ class IkeResponder:
                 "profile": ike.profile.name if ike.profile else None,
                 "remote": ike.remote,
                 "inside_address": ike.inside_address,
+                "inside_address6": ike.inside_address6,
                 "ike_spis": (ike.spi_i.hex(), ike.spi_r.hex()),
                 "child_spis": [(c.spi_in, c.spi_out) for c in ike.children.values()],
                 "established": ike.established_at,
@@ -704,13 +705,17 @@ class IkeResponder:
         for key, value in list(self._half_open.items()):
             if value is ike:
                 del self._half_open[key]
-        if ike.inside_address is not None:
-            address: ipaddress.IPv4Address = ike.inside_address
-            ike.inside_address = None
+        for address in (ike.inside_address, ike.inside_address6):
+            if address is None:
+                continue
             try:
-                self.config.release_address(address)
+                if isinstance(address, ipaddress.IPv6Interface):
+                    self.config.release_address(address.ip)  # type: ignore[arg-type]
+                else:
+                    self.config.release_address(address)
             except Exception:
                 ike.log.exception("address release failed")
+        ike.inside_address = ike.inside_address6 = None
         if was_up:
             self.counters["ike_sa_down"] += 1
             ike.log.info("ike sa down: %s", reason)

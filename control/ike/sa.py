@@ -112,6 +112,7 @@ class IkeSA:
     profile: Profile | None = None
     identity: str | None = None
     inside_address: ipaddress.IPv4Address | None = None
+    inside_address6: ipaddress.IPv6Interface | None = None
     children: dict[int, ChildSA] = field(default_factory=dict)
     # EAP conversation in IKE_AUTH (control.ike.eap.EapState), None without EAP
     eap: Any = field(default=None, repr=False)

@@ -632,7 +632,13 @@ class AuthorizeTask(Task):
 
 
 class ConfigTask(Task):
-    """Config mode: hand out an inside address and DNS (RFC 7296 2.19, 3.15)."""
+    """Config mode: hand out inside addresses and DNS (RFC 7296 2.19, 3.15).
+
+    An IPv4 address unless the client asked for IPv6 only; an IPv6 address
+    (with its prefix length) when asked for and an IPv6 pool is configured.
+    The IPv4 address comes from authorization (Framed-IP-Address), else the
+    pool authorization named, else the profile's pool.
+    """
 
     def process(self, ex: Exchange) -> None:
         ike = ex.ike
@@ -642,47 +648,70 @@ class ConfigTask(Task):
             ex.child_error = NotifyType.FAILED_CP_REQUIRED
             return
         assert ike.identity is not None and ike.profile is not None
-        config = self.responder.config
-        policy = ike.policy
+        asked = {a.type for a in cp.attributes}
+        want6 = CfgAttribute.INTERNAL_IP6_ADDRESS in asked
+        want4 = CfgAttribute.INTERNAL_IP4_ADDRESS in asked or not want6
         try:
-            if policy is not None and policy.address is not None:
-                # the address from authorization (Framed-IP-Address) comes first
-                address = policy.address
-            elif policy is not None and policy.pool and config.allocate_from_pool:
-                address = config.allocate_from_pool(policy.pool, ike.session_id)
-            elif config.allocate_in_profile is not None:
-                address = config.allocate_in_profile(
-                    ike.profile.name, ike.identity, ike.session_id
-                )
-            else:
-                address = config.allocate_address(ike.identity, ike.session_id)
+            if want4:
+                ike.inside_address = self._allocate4(ike)
+            if want6:
+                ike.inside_address6 = self._allocate6(ike)
         except Exception:
             ike.log.exception("address allocator failed")
-            address = None
-        if address is None:
-            # RFC 7296 3.15.4: no address, no CHILD SA; the IKE SA stays
+        # RFC 7296 3.15.4: an address was asked for and none can be given
+        if ike.inside_address is None and ike.inside_address6 is None:
             self.responder.counters["address_failed"] += 1
             ex.child_error = NotifyType.INTERNAL_ADDRESS_FAILURE
-            return
-        ike.inside_address = address
+
+    def _allocate4(self, ike: IkeSA) -> ipaddress.IPv4Address | None:
+        config = self.responder.config
+        policy = ike.policy
+        assert ike.identity is not None and ike.profile is not None
+        if policy is not None and policy.address is not None:
+            # the address from authorization (Framed-IP-Address) comes first
+            return policy.address  # type: ignore[no-any-return]
+        if policy is not None and policy.pool and config.allocate_from_pool:
+            return config.allocate_from_pool(policy.pool, ike.session_id)
+        if config.allocate_in_profile is not None:
+            return config.allocate_in_profile(
+                ike.profile.name, ike.identity, ike.session_id
+            )
+        return config.allocate_address(ike.identity, ike.session_id)
+
+    def _allocate6(self, ike: IkeSA) -> ipaddress.IPv6Interface | None:
+        config = self.responder.config
+        assert ike.identity is not None and ike.profile is not None
+        if config.allocate_address6 is None:
+            return None
+        pool = ike.policy.pool6 if ike.policy is not None else None
+        return config.allocate_address6(ike.profile.name, pool, ike.session_id)
 
     def build(self, ex: Exchange) -> None:
         ike = ex.ike
-        if ike.inside_address is None:
+        if ike.inside_address is None and ike.inside_address6 is None:
             assert ex.child_error is not None
             ex.response.append(NotifyPayload(ProtocolId.NONE, ex.child_error))
             return
         assert ike.profile is not None
         policy = ike.policy
-        attrs = [
-            ConfigAttribute(
-                CfgAttribute.INTERNAL_IP4_ADDRESS, ike.inside_address.packed
+        attrs: list[ConfigAttribute] = []
+        if ike.inside_address is not None:
+            # RFC 7296 3.15.1: one IPv4 address; a netmask only with it
+            attrs.append(
+                ConfigAttribute(
+                    CfgAttribute.INTERNAL_IP4_ADDRESS, ike.inside_address.packed
+                )
             )
-        ]
-        # RFC 7296 3.15.1: a netmask only together with an address
-        if policy is not None and policy.netmask is not None:
-            netmask = policy.netmask.packed
-            attrs.append(ConfigAttribute(CfgAttribute.INTERNAL_IP4_NETMASK, netmask))
+            if policy is not None and policy.netmask is not None:
+                netmask = policy.netmask.packed
+                attrs.append(
+                    ConfigAttribute(CfgAttribute.INTERNAL_IP4_NETMASK, netmask)
+                )
+        if ike.inside_address6 is not None:
+            # RFC 7296 3.15.3: address and prefix length
+            six = ike.inside_address6
+            value = six.ip.packed + bytes([six.network.prefixlen])
+            attrs.append(ConfigAttribute(CfgAttribute.INTERNAL_IP6_ADDRESS, value))
         dns = policy.dns if policy is not None and policy.dns else ike.profile.dns
         for wins in policy.wins if policy is not None else []:
             packed = ipaddress.IPv4Address(wins).packed
@@ -736,7 +765,8 @@ class ChildCreateTask(Task):
         """Choose proposal and selectors, derive keys, record the new CHILD SA."""
         ike = ex.ike
         assert ike.profile is not None and ike.identity is not None
-        if ike.inside_address is None:
+        inside = [a for a in (ike.inside_address, ike.inside_address6) if a is not None]
+        if not inside:
             # remote access: every CHILD SA carries the inside address
             raise ProtocolError(NotifyType.TS_UNACCEPTABLE, "no inside address")
 
@@ -748,7 +778,7 @@ class ChildCreateTask(Task):
             ike.profile.dh_groups if pfs else None,
             ke.group if ke is not None else None,
         )
-        ts_i = trafficsel.narrow_tsi(tsi.selectors, ike.inside_address)
+        ts_i = trafficsel.narrow_tsi(tsi.selectors, inside)
         policy = ike.policy
         routed = policy.local_ts if policy is not None and policy.local_ts else None
         ts_r = trafficsel.narrow_tsr(tsr.selectors, routed or ike.profile.local_ts)
@@ -777,7 +807,8 @@ class ChildCreateTask(Task):
                 session_id=ike.session_id,
                 identity=ike.identity,
                 remote=ike.remote,
-                inside_address=ike.inside_address,
+                inside_address=ike.inside_address,  # type: ignore[arg-type]
+                inside_address6=ike.inside_address6,
                 spi_in=spi_in,
                 spi_out=spi_out,
                 key_in=keys.key_i,
@@ -795,7 +826,9 @@ class ChildCreateTask(Task):
         if self.child is None:
             # INTERNAL_ADDRESS_FAILURE / FAILED_CP_REQUIRED went out with config
             error = ex.child_error
-            if error is not None and ex.ike.inside_address is not None:
+            ike = ex.ike
+            given = ike.inside_address is not None or ike.inside_address6 is not None
+            if error is not None and given:
                 ex.response.append(NotifyPayload(ProtocolId.NONE, error))
             return
         ex.response += [
