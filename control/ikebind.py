@@ -54,17 +54,13 @@ def build_responder_config(
         ident = Identity.from_string(identity)
         for profile in profiles:
             if profile.admits(ident):
-                name = pool_of[profile.name]
-                return pools[name].allocate(session_id) if name else None
+                return _allocate4(pools, pool_of[profile.name], session_id, identity)
         return None
 
     def allocate_in(
         profile: str, identity: str, session_id: str
     ) -> ipaddress.IPv4Address | None:
-        name = pool_of[profile]
-        if not name or pools[name].version != 4:
-            return None
-        return pools[name].allocate(session_id, identity)  # type: ignore[return-value]
+        return _allocate4(pools, pool_of[profile], session_id, identity)
 
     pool6_of = {p.name: p.ipv6_pool for p in config.profiles}
 
@@ -91,13 +87,22 @@ def build_responder_config(
         allocate_address=allocate,
         release_address=release,
         allocate_in_profile=allocate_in,
-        allocate_from_pool=lambda name, session_id: (
-            pools[name].allocate(session_id)  # type: ignore[return-value]
-            if name in pools and pools[name].version == 4
-            else None
+        allocate_from_pool=lambda name, session_id: _allocate4(
+            pools, name, session_id, ""
         ),
         allocate_address6=allocate6,
     )
+
+
+def _allocate4(
+    pools: dict[str, AddressPool], name: str | None, session_id: str, identity: str
+) -> ipaddress.IPv4Address | None:
+    pool = pools.get(name) if name else None
+    if pool is None or pool.version != 4:
+        return None
+    address = pool.allocate(session_id, identity)
+    assert address is None or isinstance(address, ipaddress.IPv4Address)
+    return address
 
 
 def build_radius_clients(config: Config) -> dict[str, RadiusClient]:

@@ -756,7 +756,7 @@ client_prefix = 128
             failures.append(f"client has no IPv6 address from the pool: {vips}")
         if dual != bool(four):
             failures.append(f"IPv4 address {'missing' if dual else 'given'}: {vips}")
-        child = next(iter((ike.get("child-sas") or {}).values()), {})
+        child: dict[str, Any] = next(iter((ike.get("child-sas") or {}).values()), {})
         detail["client_remote_ts"] = child.get("remote-ts")
         detail["client_local_ts"] = child.get("local-ts")
         if INSIDE6 not in (child.get("remote-ts") or []):

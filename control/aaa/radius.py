@@ -274,9 +274,13 @@ class RadiusClient:
             server = self.servers[index]
             pkt = build(server)
             data = pkt.RequestPacket()
-            transport, proto = await loop.create_datagram_endpoint(
-                lambda pkt=pkt: _Exchange(pkt, self.stats),
-                remote_addr=(server.address, server.port),
+            proto = _Exchange(pkt, self.stats)
+
+            def factory(made: _Exchange = proto) -> _Exchange:
+                return made
+
+            transport, _ = await loop.create_datagram_endpoint(
+                factory, remote_addr=(server.address, server.port)
             )
             try:
                 for attempt in range(1 + self.retransmit):

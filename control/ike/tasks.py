@@ -669,7 +669,7 @@ class ConfigTask(Task):
         assert ike.identity is not None and ike.profile is not None
         if policy is not None and policy.address is not None:
             # the address from authorization (Framed-IP-Address) comes first
-            return policy.address  # type: ignore[no-any-return]
+            return policy.address
         if policy is not None and policy.pool and config.allocate_from_pool:
             return config.allocate_from_pool(policy.pool, ike.session_id)
         if config.allocate_in_profile is not None:
