@@ -169,6 +169,10 @@ class ProfileConfig:
     authorization_group_override: bool = False
     authorization_cached: bool = True
     ipv6_pool: str | None = None
+    # DHCP through our relay, used only when the profile has no pool
+    dhcp_server: str | None = None
+    dhcp_giaddr: str | None = None
+    dhcp_timeout: int = 5
 
 
 @dataclass(frozen=True)
@@ -626,6 +630,24 @@ class _Reader:
                 raise self.error(
                     (*p, "local_ts"), f"not an IP prefix: {item!r}"
                 ) from None
+        dhcp: dict[str, Any] = {}
+        for key in ("dhcp_server", "dhcp_giaddr"):
+            value = self.get(data, (*p, key), str, None)
+            if value is not None:
+                try:
+                    ipaddress.IPv4Address(value)
+                except ValueError:
+                    problem = f"not an IPv4 address: {value!r}"
+                    raise self.error((*p, key), problem) from None
+            dhcp[key] = value
+        if (dhcp["dhcp_server"] is None) != (dhcp["dhcp_giaddr"] is None):
+            raise self.error(
+                (*p, "dhcp_giaddr"), "dhcp_server and dhcp_giaddr go together"
+            )
+        dhcp["dhcp_timeout"] = self.get(data, (*p, "dhcp_timeout"), int, 5)
+        if not 1 <= dhcp["dhcp_timeout"] <= 120:
+            problem = f"{dhcp['dhcp_timeout']} out of range 1..120"
+            raise self.error((*p, "dhcp_timeout"), problem)
         pool6 = self.get(data, (*p, "ipv6_pool"), str, None)
         if pool6 is not None and (
             pool6 not in pools or pools[pool6].first.version != 6
@@ -704,6 +726,7 @@ class _Reader:
                 data, (*p, "authorization_cached"), bool, True
             ),
             ipv6_pool=pool6,
+            **dhcp,
         )
 
     def path(self, text: str) -> str:

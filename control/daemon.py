@@ -112,6 +112,8 @@ class Headend:
         }
         self._aaa_tasks: set[asyncio.Task[None]] = set()
         self._cached_of = {p.name: p.authorization_cached for p in config.profiles}
+        self._relays: dict[tuple[str, str], Any] = {}
+        self._leases: dict[str, tuple[Any, Any, asyncio.Future[None]]] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -181,6 +183,10 @@ class Headend:
             await asyncio.sleep(0.3)
         for session in list(self.sessions.values()):
             self._teardown(session, "daemon stopping")
+        for session_id in list(self._leases):
+            self._guard(self._dhcp_release, session_id)
+        for relay in self._relays.values():
+            relay.close()
         if self._timer is not None:
             self._timer.cancel()
         if self.engine is not None:
@@ -315,6 +321,7 @@ class Headend:
         elif isinstance(event, ike.IkeSADown):
             for client in self.radius.values():
                 client.forget(event.session_id)
+            self._guard(self._dhcp_release, event.session_id)
             session = self.sessions.get(event.session_id)
             if session is not None:
                 self._teardown(session, event.reason)
@@ -329,6 +336,13 @@ class Headend:
     async def _aaa_run(self, event: Any) -> None:
         from control.ike.responder import AaaResult
 
+        if event.kind == "dhcp":
+            result = await self._dhcp_lease(event)
+            self._guard(
+                self.responder.aaa_result, event.session_id, result, time.monotonic()
+            )
+            self._after_step()
+            return
         if event.kind == "authorize":
             try:
                 result = await self.authorizer.authorize(event)
@@ -363,6 +377,59 @@ class Headend:
             self.responder.aaa_result, event.session_id, result, time.monotonic()
         )
         self._after_step()
+
+    # -- DHCP: leases through our relay, renewed at T1, released at the end ---
+
+    async def _dhcp_lease(self, event: Any) -> Any:
+        from control.dhcp import DhcpRelay
+        from control.ike.profiles import SessionPolicy
+        from control.ike.responder import AaaResult
+
+        profile = next(p for p in self.config.profiles if p.name == event.profile)
+        assert profile.dhcp_server and profile.dhcp_giaddr
+        key = (profile.dhcp_server, profile.dhcp_giaddr)
+        relay = self._relays.get(key)
+        try:
+            if relay is None:
+                relay = DhcpRelay(*key, timeout=profile.dhcp_timeout / 3)
+                await relay.start()
+                self._relays[key] = relay
+            lease = await relay.lease(event.session_id)
+        except Exception:
+            self.counters["handler_errors"] += 1
+            log.exception("dhcp relay failed")
+            return AaaResult("error")
+        if lease is None:
+            return AaaResult("error")
+        log.info("session %s: dhcp lease %s for %d s", event.session_id,
+                 lease.address, lease.lease_time)  # fmt: skip
+        renewal = asyncio.ensure_future(self._dhcp_renew(relay, lease))
+        self._leases[event.session_id] = (relay, lease, renewal)
+        dns = [str(a) for a in lease.dns]
+        return AaaResult("accept", policy=SessionPolicy(address=lease.address, dns=dns))
+
+    async def _dhcp_renew(self, relay: Any, lease: Any) -> None:
+        # RFC 2131 4.4.5: renew at T1 for as long as the session lasts
+        while True:
+            await asyncio.sleep(lease.renew_after)
+            renewed = await relay.renew(lease)
+            if renewed is None or renewed.address != lease.address:
+                log.warning("session %s: dhcp renewal of %s failed",
+                            lease.session_id, lease.address)  # fmt: skip
+                return
+            lease = renewed
+            entry = self._leases.get(lease.session_id)
+            if entry is not None:
+                self._leases[lease.session_id] = (entry[0], lease, entry[2])
+
+    def _dhcp_release(self, session_id: str) -> None:
+        entry = self._leases.pop(session_id, None)
+        if entry is None:
+            return
+        relay, lease, renewal = entry
+        renewal.cancel()
+        relay.release(lease)
+        log.info("session %s: dhcp lease %s released", session_id, lease.address)
 
     def _session(self, session_id: str, identity: str, remote: Address) -> Session:
         session = self.sessions.get(session_id)

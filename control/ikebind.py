@@ -45,6 +45,7 @@ def build_responder_config(
             eap_timeout=float(p.eap_timeout),
             aaa_psk=p.aaa_psk is not None,
             authorize=bool(p.authorization_user or p.authorization_group),
+            dhcp=p.pool is None and p.dhcp_server is not None,
         )
         for p in config.profiles
     ]

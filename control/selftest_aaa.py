@@ -27,6 +27,7 @@ from typing import Any
 
 from control.cli import request
 from control.lab import StrongSwanClient
+from control.lab.dhcp import Dnsmasq
 from control.lab.procs import netns_argv
 from control.lab.radius import FreeRadius, RadiusUser
 from control.lab.strongswan import PLUGINS
@@ -66,7 +67,7 @@ name = "aaa"
 match_identity = ["*"]
 local_identity = "fqdn:{server_id}"
 {auth}
-pool = "lab"
+{pool_line}
 dns = ["198.19.1.53"]
 local_ts = {local_ts}
 {extra_profile}
@@ -137,6 +138,7 @@ class AaaSetup:
     extra_profile: str = ""
     extra_config: str = ""
     local_ts: list[str] = field(default_factory=list)
+    pool: str | None = "lab"
     users: list[RadiusUser] = field(default_factory=lambda: list(USERS))
     radius: FreeRadius | None = None
 
@@ -169,6 +171,7 @@ class AaaSetup:
                 server_id=SERVER_ID,
                 auth=self._auth(),
                 local_ts=json.dumps(self.local_ts or [lab.topo.inside_net]),
+                pool_line=f'pool = "{self.pool}"' if self.pool else "",
                 extra_profile=self.extra_profile,
                 extra_config=self.extra_config,
             )
@@ -780,6 +783,57 @@ client_prefix = 128
     return case
 
 
+GIADDR = "198.18.130.1"
+DHCP_DNS = "198.19.1.54"
+
+
+def _case_dhcp_lease(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    topo = lab.topo
+    assert topo is not None and lab.procs is not None
+    # giaddr on the hub, and the server's way back to it and to the clients
+    for argv in (
+        ["ip", "-n", topo.hub, "addr", "add", f"{GIADDR}/32", "dev", "lo"],
+        ["ip", "-n", topo.srv, "route", "add", "198.18.130.0/24", "via",
+         topo.hub_inside_ip],
+    ):  # fmt: skip
+        subprocess.run(argv, check=True, capture_output=True, timeout=10)
+    server = Dnsmasq(
+        lab.workdir / "dnsmasq",
+        topo.srv,
+        topo.srv_if,
+        "198.18.130.10",
+        "198.18.130.50",
+        dns=DHCP_DNS,
+    )
+    server.start(lab.procs)
+    extra = f'dhcp_server = "{topo.srv_ip}"\ndhcp_giaddr = "{GIADDR}"\ndhcp_timeout = 6'
+    AaaSetup(lab, mode="psk", pool=None, extra_profile=extra).start()
+    resolv = lab.workdir / "client-resolv.conf"
+    client = lab.client(charon_conf=dns_to_file(resolv))
+    detail, failures = _client_view(lab, client, resolv)
+    vip = detail.get("inside_address") or ""
+    detail["server_leases"] = server.leases()
+    if not vip.startswith("198.18.130."):
+        failures.append(f"address {vip!r} is not from the DHCP range")
+    if vip not in detail["server_leases"]:
+        failures.append(f"dnsmasq has no lease for {vip}: {detail['server_leases']}")
+    failures += _expect(detail, "client_dns", [DHCP_DNS])
+    if "DHCPACK" not in server.log_text():
+        failures.append("dnsmasq did not log a DHCPACK")
+
+    # the session ends: the headend releases the lease
+    client.terminate()
+    deadline = time.monotonic() + 10
+    while vip in server.leases() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    detail["server_leases_after"] = server.leases()
+    if vip and vip in detail["server_leases_after"]:
+        failures.append("lease not released after the session ended")
+    if "DHCPRELEASE" not in server.log_text():
+        failures.append("dnsmasq did not log a DHCPRELEASE")
+    return detail, failures
+
+
 def _lab() -> dict[str, Any]:
     return {"pki": dict(PKI), "auth": LAB_AUTH}
 
@@ -859,6 +913,11 @@ CASES.update(
         "dual-stack": Case(
             "IPv4 and IPv6 addresses at once: IPv4 traffic and IPv6 ping",
             _case_ipv6(dual=True),
+            _lab(),
+        ),
+        "dhcp-lease": Case(
+            "no pool: the address from dnsmasq through our relay (giaddr), released",
+            _case_dhcp_lease,
             _lab(),
         ),
         "radius-failover": Case(

@@ -163,6 +163,8 @@ class Profile:
     aaa_psk: bool = False
     # ask AAA for the session's policy after authentication (AuthorizeTask)
     authorize: bool = False
+    # no pool: IPv4 addresses come from DHCP through the daemon's relay
+    dhcp: bool = False
 
     def __post_init__(self) -> None:
         assert self.local_auth in LOCAL_AUTH, f"Bad local auth {self.local_auth!r}"

@@ -20,6 +20,7 @@ Which payloads each request may carry, and how many, is data: `REQUEST_RULES`.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hmac
 import ipaddress
@@ -87,7 +88,7 @@ from control.ike.messages import (
     notify_name,
     push_message,
 )
-from control.ike.profiles import Identity, IkeAlgorithms, Profile
+from control.ike.profiles import Identity, IkeAlgorithms, Profile, SessionPolicy
 from control.ike.proposals import EspChoice, select_esp, select_ike
 from control.ike.sa import ChildSA, IkeSA
 
@@ -652,12 +653,48 @@ class ConfigTask(Task):
         want6 = CfgAttribute.INTERNAL_IP6_ADDRESS in asked
         want4 = CfgAttribute.INTERNAL_IP4_ADDRESS in asked or not want6
         try:
-            if want4:
-                ike.inside_address = self._allocate4(ike)
             if want6:
                 ike.inside_address6 = self._allocate6(ike)
+            if want4 and self._use_dhcp(ike):
+                # the daemon's DHCP relay leases the address: park until then
+                from control.ike.eap import AaaRequest
+
+                self.responder.emit(
+                    AaaRequest(
+                        ike.session_id, "dhcp", ike.profile.name, ike.identity,
+                        ike.remote[0], b"",
+                    )
+                )  # fmt: skip
+                ex.waiting = True
+                return
+            if want4:
+                ike.inside_address = self._allocate4(ike)
         except Exception:
             ike.log.exception("address allocator failed")
+        self._check(ex)
+
+    def resume(self, ex: Exchange, result: object) -> None:
+        """Take the DHCP lease the daemon obtained (or its failure)."""
+        ike = ex.ike
+        policy = getattr(result, "policy", None)
+        if getattr(result, "outcome", None) == "accept" and policy is not None:
+            ike.inside_address = policy.address
+            # DNS servers of the lease, unless authorization named some
+            if policy.dns and not (ike.policy is not None and ike.policy.dns):
+                base = ike.policy or SessionPolicy()
+                ike.policy = dataclasses.replace(base, dns=list(policy.dns))
+        self._check(ex)
+
+    def _use_dhcp(self, ike: IkeSA) -> bool:
+        # DHCP only without any pool; a pool error never falls through to DHCP
+        assert ike.profile is not None
+        policy = ike.policy
+        if policy is not None and (policy.address is not None or policy.pool):
+            return False
+        return ike.profile.dhcp
+
+    def _check(self, ex: Exchange) -> None:
+        ike = ex.ike
         # RFC 7296 3.15.4: an address was asked for and none can be given
         if ike.inside_address is None and ike.inside_address6 is None:
             self.responder.counters["address_failed"] += 1
