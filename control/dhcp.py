@@ -155,10 +155,17 @@ class DhcpRelay:
     """Get, renew and release leases from one DHCP server through `giaddr`."""
 
     def __init__(
-        self, server: str, giaddr: str, timeout: float = 2.0, retries: int = 2
+        self,
+        server: str,
+        giaddr: str,
+        timeout: float = 2.0,
+        retries: int = 2,
+        port: int = SERVER_PORT,
     ) -> None:
         self.server = IPv4(server)
         self.giaddr = IPv4(giaddr)
+        # both ends use 67 (RFC 2131 4.1); another port only for tests
+        self.port = port
         self.timeout = timeout
         self.retries = retries
         self.stats: dict[str, int] = {}
@@ -170,7 +177,8 @@ class DhcpRelay:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((str(self.giaddr), SERVER_PORT))
+        # tests on another port let a fake server answer to our source port
+        sock.bind((str(self.giaddr), SERVER_PORT if self.port == SERVER_PORT else 0))
         self._transport, _ = await loop.create_datagram_endpoint(
             lambda: _Protocol(self), sock=sock
         )
@@ -260,7 +268,7 @@ class DhcpRelay:
     def _send(self, message: DhcpMessage) -> None:
         if self._transport is None:
             raise RuntimeError("DhcpRelay not started")
-        self._transport.sendto(push_message(message), (str(self.server), SERVER_PORT))
+        self._transport.sendto(push_message(message), (str(self.server), self.port))
 
     def _answer(self, data: bytes) -> None:
         try:
