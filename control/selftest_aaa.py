@@ -680,23 +680,21 @@ POOL6 = "2001:db8:18:1::/126"  # /128 per client: four clients
 def _ipv6_inside(lab: HeadendLab) -> None:
     """Give the hub's inside link and the server IPv6, route the pool back.
 
-    The lab's namespaces start with IPv6 disabled; it is enabled again in the
-    hub, the server and the first client namespace (for charon's TUN).
+    The lab's namespaces start with IPv6 disabled; it is enabled on the two
+    inside interfaces and for devices made later (the session TUNs, charon's
+    TUN), never on the outer links, whose capture must stay IKE/ESP only.
     """
     topo = lab.topo
     assert topo is not None
+    enable = [
+        (topo.hub, "default"),
+        (topo.hub, topo.hub_inside_if),
+        (topo.srv, topo.srv_if),
+        (topo.client_link(1).ns, "default"),
+    ]
     cmds = [
-        [
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            "sysctl",
-            "-qw",
-            f"net.ipv6.conf.{which}.disable_ipv6=0",
-        ]
-        for ns in (topo.hub, topo.srv, topo.client_link(1).ns)
-        for which in ("all", "default")
+        netns_argv(ns, ["sysctl", "-qw", f"net.ipv6.conf.{dev}.disable_ipv6=0"])
+        for ns, dev in enable
     ]
     cmds += [
         ["ip", "-n", topo.hub, "addr", "add", f"{HUB6}/64", "dev",
