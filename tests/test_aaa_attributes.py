@@ -37,7 +37,7 @@ def test_parse_standard_attributes_and_avpairs() -> None:
     policy = auth.policy()
     assert policy.address == ipaddress.IPv4Address("198.18.128.77")
     assert policy.netmask == ipaddress.IPv4Address("255.255.255.0")
-    assert policy.local_ts == ["198.19.1.0/24"]  # IPv6 prefixes stay out
+    assert policy.local_ts == ["198.19.1.0/24", "2001:db8::/64"]
     assert policy.pool == "staff"
     assert auth.unknown == 0 and auth.malformed == 0
 

@@ -82,7 +82,7 @@ class Authorization:
 
     def policy(self) -> SessionPolicy:
         """Return the part the IKE core acts on (config mode, selectors)."""
-        prefixes = [str(p) for p in self.route_set_prefix if p.version == 4]
+        prefixes = [str(p) for p in self.route_set_prefix]
         return SessionPolicy(
             address=self.framed_ip_address,
             netmask=self.framed_ip_netmask,
