@@ -11,7 +11,8 @@ APT_PACKAGES := build-essential python3-dev python3-venv pkg-config \
 	libcharon-extra-plugins libcharon-extauth-plugins \
 	libstrongswan-standard-plugins libstrongswan-extra-plugins \
 	iperf3 iproute2 iputils-ping tcpdump procps util-linux \
-	qemu-system-x86 busybox-static
+	qemu-system-x86 busybox-static \
+	freeradius freeradius-utils dnsmasq-base
 
 SOURCES := pyproject.toml setup.py $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.h)
 

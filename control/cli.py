@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", help="TOML config (default: embedded)")
     p.add_argument("--control-socket", help="override server.control_socket")
     p.add_argument("--listen", help="override server.listen")
+    p.add_argument("--state-dir", help="override server.state_dir")
     p.add_argument("--log-level", choices=configmod.LOG_LEVELS)
     p.set_defaults(func=_cmd_serve)
 
@@ -133,6 +134,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         overrides["control_socket"] = args.control_socket
     if args.listen:
         overrides["listen"] = args.listen
+    if args.state_dir:
+        overrides["state_dir"] = args.state_dir
     if args.log_level:
         overrides["log_level"] = args.log_level
     if overrides:

@@ -12,9 +12,16 @@ Layout::
     [engine]            crypto backend, batch size, TUN MTU
     [pools.NAME]        range = "first-last" or a prefix
     [[profiles]]        identities matched, certificate map, local identity,
-                        PSK, pool, DNS, local traffic selectors, ESP
-                        proposals, local/remote auth methods, certificate,
-                        key, CAs, CRLs
+                        PSK, pool,
+                        DNS, local traffic selectors, ESP proposals,
+                        local/remote auth methods, certificate, key, CAs, CRLs,
+                        EAP (query identity, round timeout, RADIUS group)
+    [radius.NAME]       a RADIUS server group: timeout, retransmit,
+                        NAS-Identifier, [[radius.NAME.servers]] in
+                        failover order (address, port, secret)
+    [policies.NAME]     a local authorization policy: the FlexVPN policy
+                        fields, named as the cisco-avpair ipsec: attributes
+                        (see POLICY_KEYS); ranges are checked here
 
 Certificate, key, CA and CRL files are loaded while checking, so a bad file
 is reported at its field; relative paths are taken from the config file's
@@ -36,6 +43,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from control.aaa.attributes import Authorization, apply_pair
+from control.aaa.mangle import parse_mangler
 from control.ike import certs
 from control.ike.matching import ATTRIBUTE_OIDS, CERT_FIELDS, CERT_OPS, IdentityPattern
 from control.ike.profiles import Identity
@@ -48,7 +57,7 @@ DATAPLANES = ("inline", "process")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTH_METHODS = ("psk",)
 LOCAL_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig")
-REMOTE_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig", "pubkey")
+REMOTE_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig", "pubkey", "eap")
 IDENTITY_TYPES = ("fqdn", "email", "ipv4", "ipv6", "dn", "keyid")
 # seconds; short values are for tests, the upper bound is 300 days
 REKEY_TIME = (5, 25_920_000)
@@ -59,6 +68,36 @@ FLOW_LIMIT = (0, 50_000)
 DPD_DELAY = (1, 86_400)
 
 PathKey = tuple[str | int, ...]
+
+# [policies.NAME] keys: (ipsec: attribute, TOML type, how many values; 0 = one)
+POLICY_KEYS: dict[str, tuple[str, Any, int]] = {
+    "addr_pool": ("addr-pool", str, 0),
+    "ipv6_addr_pool": ("ipv6-addr-pool", str, 0),
+    "dhcp_server": ("group-dhcp-server", str, 0),
+    "dhcp_giaddr": ("dhcp-giaddr", str, 0),
+    "dhcp_timeout": ("dhcp-timeout", int, 0),
+    "dns_servers": ("dns-servers", list, 2),  # primary, secondary
+    "ipv6_dns_servers": ("ipv6-dns-servers-addr", list, 2),
+    "wins_servers": ("wins-servers", list, 2),
+    "netmask": ("netmask", str, 0),
+    "banner": ("banner", str, 0),
+    "configuration_url": ("configuration-url", str, 0),
+    "configuration_version": ("configuration-version", int, 0),
+    "default_domain": ("default-domain", str, 0),
+    "split_dns": ("split-dns", list, 10),
+    "backup_gateways": ("ipsec-backup-gateway", list, 10),
+    "include_local_lan": ("include-local-lan", bool, 0),
+    "pfs": ("pfs", bool, 0),
+    "ipsec_flow_limit": ("ipsec-flow-limit", int, 0),
+    "route_set_interface": ("route-set", bool, 0),
+    "route_set_access_list": ("route-set", str, 0),
+    "route_set_prefix": ("route-set", list, 50),
+    "route_accept": ("route-accept", str, 0),
+    "session_lifetime": ("session-lifetime", int, 0),
+    "smartcard_removal_disconnect": ("smartcard-removal-disconnect", bool, 0),
+    "interface_mtu": ("interface-config", int, 0),
+}
+AUTHZ_SOURCES = ("local", "radius")
 
 
 class ConfigError(ValueError):
@@ -80,6 +119,7 @@ class ServerConfig:
     natt_port: int = 4500
     control_socket: str = "/run/espgate/control.sock"
     log_level: str = "info"
+    # durable state: sequence-number reservations, leases (SQLite)
     state_dir: str = "/var/lib/espgate"
     # RFC 7296 2.6: half-open IKE SAs from which on cookies are demanded
     # (0: always), and how many one source address may hold (0: no limit)
@@ -97,13 +137,21 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class PoolConfig:
+    """An IPv4 range, or an IPv6 prefix cut into client prefixes.
+
+    For IPv6, first and last are the first addresses of the first and last
+    client prefix of `client_prefix` bits.
+    """
+
     name: str
-    first: ipaddress.IPv4Address
-    last: ipaddress.IPv4Address
+    first: ipaddress.IPv4Address | ipaddress.IPv6Address
+    last: ipaddress.IPv4Address | ipaddress.IPv6Address
+    client_prefix: int = 32
 
     @property
     def size(self) -> int:
-        return int(self.last) - int(self.first) + 1
+        step = 1 << (self.first.max_prefixlen - self.client_prefix)
+        return (int(self.last) - int(self.first)) // step + 1
 
 
 @dataclass(frozen=True)
@@ -136,6 +184,42 @@ class ProfileConfig:
     # unanswered for dpd_timeout
     dpd_delay: int = 30
     dpd_timeout: int = 120
+    eap_query_identity: bool = False
+    eap_timeout: int = 30
+    aaa_authentication: str | None = None
+    aaa_psk: str | None = None
+    # authorization: "local" or "radius:GROUP" for the user; "local:POLICY"
+    # or "radius:GROUP" for the group (named by authorization_group_name)
+    authorization_user: str | None = None
+    authorization_username: str | None = None
+    name_mangler: str | None = None
+    authorization_group: str | None = None
+    authorization_group_name: str | None = None
+    authorization_group_override: bool = False
+    authorization_cached: bool = True
+    ipv6_pool: str | None = None
+    # DHCP through our relay, used only when the profile has no pool
+    dhcp_server: str | None = None
+    dhcp_giaddr: str | None = None
+    dhcp_timeout: int = 5
+
+
+@dataclass(frozen=True)
+class RadiusServerConfig:
+    address: str
+    port: int
+    secret: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class RadiusGroupConfig:
+    name: str
+    servers: tuple[RadiusServerConfig, ...]
+    timeout: float = 2.0
+    retransmit: int = 2
+    nas_identifier: str = "espgate"
+    # User-Password of requests that fetch PSKs or authorization
+    user_password: str = field(default="espgate", repr=False)
 
 
 @dataclass(frozen=True)
@@ -145,6 +229,8 @@ class Config:
     engine: EngineConfig
     pools: dict[str, PoolConfig]
     profiles: tuple[ProfileConfig, ...]
+    radius: dict[str, RadiusGroupConfig] = field(default_factory=dict)
+    policies: dict[str, Authorization] = field(default_factory=dict)
 
 
 def default_text() -> str:
@@ -285,7 +371,7 @@ class _Reader:
             if key not in known:
                 raise self.error((*path, key), "unknown field")
 
-    def get(self, data: dict[str, Any], path: PathKey, kind: type, default: Any) -> Any:
+    def get(self, data: dict[str, Any], path: PathKey, kind: Any, default: Any) -> Any:
         key = path[-1]
         assert isinstance(key, str), "field paths end in a key"
         if key not in data:
@@ -294,8 +380,8 @@ class _Reader:
             return default
         value = data[key]
         if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-            shown = _show(path, value)
-            raise self.error(path, f"expected {kind.__name__}, got {shown}")
+            name = getattr(kind, "__name__", "number")
+            raise self.error(path, f"expected {name}, got {_show(path, value)}")
         return value
 
     def choice(
@@ -330,8 +416,21 @@ class _Reader:
         return list(value)
 
     def config(self, data: dict[str, Any]) -> Config:
-        self.table(data, (), {"server", "engine", "pools", "profiles"})
+        known = {"server", "engine", "pools", "profiles", "radius", "policies"}
+        self.table(data, (), known)
+        policies_data = self.get(data, ("policies",), dict, {})
+        policies = {
+            name: self.policy(
+                name, self.get(policies_data, ("policies", name), dict, None)
+            )
+            for name in policies_data
+        }
         server = self.server(self.get(data, ("server",), dict, {}))
+        radius_data = self.get(data, ("radius",), dict, {})
+        radius = {
+            name: self.radius(name, self.get(radius_data, ("radius", name), dict, None))
+            for name in radius_data
+        }
         engine = self.engine(self.get(data, ("engine",), dict, {}))
         pools_data = self.get(data, ("pools",), dict, {})
         pools = {
@@ -354,11 +453,150 @@ class _Reader:
             if not isinstance(item, dict):
                 raise self.error(("profiles", index), "expected a table")
             profiles.append(self.profile(index, item, pools))
+            for key in ("aaa_authentication", "aaa_psk"):
+                group = getattr(profiles[-1], key)
+                if group is not None and group not in radius:
+                    path = ("profiles", index, key)
+                    raise self.error(path, f"unknown radius group {group!r}")
+            self.check_authorization(index, profiles[-1], radius, policies)
         names = [p.name for p in profiles]
         for index, name in enumerate(names):
             if names.index(name) != index:
                 raise self.error(("profiles", index, "name"), f"duplicate {name!r}")
-        return Config(self.source, server, engine, pools, tuple(profiles))
+        return Config(
+            self.source, server, engine, pools, tuple(profiles), radius, policies
+        )
+
+    def policy(self, name: str, data: dict[str, Any]) -> Authorization:
+        """Read one local authorization policy; values checked as RADIUS's are."""
+        p: PathKey = ("policies", name)
+        self.table(data, p, set(POLICY_KEYS))
+        auth = Authorization()
+        for key in data:
+            attr, kind, many = POLICY_KEYS[key]
+            path = (*p, key)
+            value = self.get(data, path, kind, None)
+            values = [str(v) for v in value] if kind is list else [value]
+            if many and len(values) > many:
+                raise self.error(path, f"at most {many} values")
+            try:
+                if key == "netmask":
+                    auth.framed_ip_netmask = ipaddress.IPv4Address(value)
+                elif key == "session_lifetime":
+                    if not 120 <= value <= 86400:
+                        raise ValueError(f"{value} out of range 120..86400")
+                    auth.session_lifetime = value
+                elif key == "interface_mtu":
+                    if not 576 <= value <= 9000:
+                        raise ValueError(f"{value} out of range 576..9000")
+                    auth.interface_config.append(f"ip mtu {value}")
+                elif key == "route_set_interface":
+                    if value:
+                        apply_pair(auth, attr, "interface")
+                elif key == "route_set_access_list":
+                    apply_pair(auth, attr, f"access-list {value}")
+                elif key == "route_set_prefix":
+                    for item in values:
+                        apply_pair(auth, attr, f"prefix {item}")
+                elif kind is list and key in ("split_dns", "backup_gateways"):
+                    for item in values:
+                        apply_pair(auth, attr, item)
+                elif kind is list:
+                    apply_pair(auth, attr, " ".join(values))
+                elif kind is bool:
+                    apply_pair(auth, attr, "1" if value else "0")
+                else:
+                    apply_pair(auth, attr, str(value))
+            except ValueError as exc:
+                raise self.error(path, str(exc)) from None
+        return auth
+
+    def check_authorization(
+        self,
+        index: int,
+        profile: ProfileConfig,
+        radius: dict[str, RadiusGroupConfig],
+        policies: dict[str, Authorization],
+    ) -> None:
+        """Check the authorization keys of a profile against groups and policies."""
+        p: PathKey = ("profiles", index)
+        for key in ("authorization_user", "authorization_group"):
+            value = getattr(profile, key)
+            if value is None:
+                continue
+            source, _, name = value.partition(":")
+            if source not in AUTHZ_SOURCES:
+                raise self.error(
+                    (*p, key), f"expected local or radius:GROUP, got {value!r}"
+                )
+            if source == "radius" and name not in radius:
+                raise self.error((*p, key), f"unknown radius group {name!r}")
+            if (
+                key == "authorization_group"
+                and source == "local"
+                and name not in policies
+            ):
+                raise self.error((*p, key), f"unknown policy {name!r}")
+            if (
+                key == "authorization_group"
+                and source == "radius"
+                and not (profile.authorization_group_name)
+            ):
+                raise self.error((*p, "authorization_group_name"), "missing")
+        if profile.name_mangler is not None:
+            try:
+                parse_mangler(profile.name_mangler)
+            except ValueError as exc:
+                raise self.error((*p, "name_mangler"), str(exc)) from None
+        # certificate auth: a username from the profile or a name mangler
+        certs_used = any(m not in ("pre-share", "eap") for m in profile.remote_auth)
+        if (
+            profile.authorization_user is not None
+            and certs_used
+            and not (profile.authorization_username or profile.name_mangler)
+        ):
+            raise self.error(
+                (*p, "authorization_user"),
+                "certificate auth needs authorization_username or name_mangler",
+            )
+
+    def radius(self, name: str, data: dict[str, Any]) -> RadiusGroupConfig:
+        p: PathKey = ("radius", name)
+        known = {"servers", "timeout", "retransmit", "nas_identifier", "user_password"}
+        self.table(data, p, known)
+        d = RadiusGroupConfig(name, ())
+        timeout = self.get(data, (*p, "timeout"), (int, float), d.timeout)
+        if not 0.1 <= timeout <= 60:
+            raise self.error((*p, "timeout"), f"{timeout} out of range 0.1..60")
+        retransmit = self.get(data, (*p, "retransmit"), int, d.retransmit)
+        if not 0 <= retransmit <= 10:
+            raise self.error((*p, "retransmit"), f"{retransmit} out of range 0..10")
+        nas = self.get(data, (*p, "nas_identifier"), str, d.nas_identifier)
+        password = self.get(data, (*p, "user_password"), str, d.user_password)
+        servers_data = self.get(data, (*p, "servers"), list, _REQUIRED)
+        if not servers_data:
+            raise self.error((*p, "servers"), "at least one server is needed")
+        servers = []
+        for index, item in enumerate(servers_data):
+            sp: PathKey = (*p, "servers", index)
+            if not isinstance(item, dict):
+                raise self.error(sp, "expected a table")
+            self.table(item, sp, {"address", "port", "secret"})
+            address = self.get(item, (*sp, "address"), str, _REQUIRED)
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                problem = f"not an IP address: {address!r}"
+                raise self.error((*sp, "address"), problem) from None
+            port = self.port(item, (*sp, "port"), 1812)
+            secret = self.get(item, (*sp, "secret"), str, _REQUIRED)
+            # RFC 2865 3: the secret should be at least 16 octets
+            if len(secret) < 16:
+                raise self.error((*sp, "secret"), "shorter than 16 characters")
+            servers.append(RadiusServerConfig(address, port, secret.encode()))
+        return RadiusGroupConfig(
+            name, tuple(servers), float(timeout), retransmit, nas, password
+        )
 
     def server(self, data: dict[str, Any]) -> ServerConfig:
         p: PathKey = ("server",)
@@ -407,8 +645,12 @@ class _Reader:
 
     def pool(self, name: str, data: dict[str, Any]) -> PoolConfig:
         p: PathKey = ("pools", name)
-        self.table(data, p, {"range"})
+        self.table(data, p, {"range", "client_prefix"})
         text = self.get(data, (*p, "range"), str, _REQUIRED)
+        if ":" in text:
+            return self.pool6(name, data, text)
+        if "client_prefix" in data:
+            raise self.error((*p, "client_prefix"), "only for IPv6 pools")
         try:
             if "/" in text:
                 net = ipaddress.IPv4Network(text)
@@ -434,6 +676,23 @@ class _Reader:
                     (*p, "range"), f"overlaps {bad}, which clients cannot use"
                 )
         return PoolConfig(name, first, last)
+
+    def pool6(self, name: str, data: dict[str, Any], text: str) -> PoolConfig:
+        """Read an IPv6 pool: a prefix and the prefix length each client gets."""
+        p: PathKey = ("pools", name)
+        try:
+            net = ipaddress.IPv6Network(text, strict=False)
+        except ValueError:
+            problem = f"expected an IPv6 prefix, got {text!r}"
+            raise self.error((*p, "range"), problem) from None
+        client = self.get(data, (*p, "client_prefix"), int, 128)
+        if not max(net.prefixlen, 64) <= client <= 128:
+            low = max(net.prefixlen, 64)
+            problem = f"{client} out of range {low}..128 for {net}"
+            raise self.error((*p, "client_prefix"), problem)
+        step = 1 << (128 - client)
+        last = ipaddress.IPv6Address(int(net.broadcast_address) - step + 1)
+        return PoolConfig(name, net.network_address, last, client)
 
     def profile(
         self, index: int, data: dict[str, Any], pools: dict[str, PoolConfig]
@@ -463,7 +722,11 @@ class _Reader:
                     (*p, "remote_auth"),
                     f"{item!r} is not one of {', '.join(REMOTE_AUTH)}",
                 )
-        uses_psk = local_auth == "pre-share" or "pre-share" in remote_auth
+        aaa_psk = self.get(data, (*p, "aaa_psk"), str, None)
+        # with aaa_psk the keys come from RADIUS, one per identity
+        uses_psk = aaa_psk is None and (
+            local_auth == "pre-share" or "pre-share" in remote_auth
+        )
         psk = self.get(data, (*p, "psk"), str, _REQUIRED if uses_psk else "")
         if uses_psk and len(psk) < 16:
             # RFC 7296 2.15: a PSK should be as strong as the negotiated keys.
@@ -474,20 +737,45 @@ class _Reader:
         dns = self.strings(data, (*p, "dns"), [])
         for item in dns:
             try:
-                ipaddress.IPv4Address(item)
+                ipaddress.ip_address(item)
             except ValueError:
-                problem = f"not an IPv4 address: {item!r}"
+                problem = f"not an IP address: {item!r}"
                 raise self.error((*p, "dns"), problem) from None
         local_ts = self.strings(data, (*p, "local_ts"), ["0.0.0.0/0"])
         if not local_ts:
             raise self.error((*p, "local_ts"), "empty: no traffic could be allowed")
         for item in local_ts:
             try:
-                ipaddress.IPv4Network(item)
+                ipaddress.ip_network(item)
             except ValueError:
                 raise self.error(
-                    (*p, "local_ts"), f"not an IPv4 prefix: {item!r}"
+                    (*p, "local_ts"), f"not an IP prefix: {item!r}"
                 ) from None
+        dhcp: dict[str, Any] = {}
+        for key in ("dhcp_server", "dhcp_giaddr"):
+            value = self.get(data, (*p, key), str, None)
+            if value is not None:
+                try:
+                    ipaddress.IPv4Address(value)
+                except ValueError:
+                    problem = f"not an IPv4 address: {value!r}"
+                    raise self.error((*p, key), problem) from None
+            dhcp[key] = value
+        if (dhcp["dhcp_server"] is None) != (dhcp["dhcp_giaddr"] is None):
+            raise self.error(
+                (*p, "dhcp_giaddr"), "dhcp_server and dhcp_giaddr go together"
+            )
+        dhcp["dhcp_timeout"] = self.get(data, (*p, "dhcp_timeout"), int, 5)
+        if not 1 <= dhcp["dhcp_timeout"] <= 120:
+            problem = f"{dhcp['dhcp_timeout']} out of range 1..120"
+            raise self.error((*p, "dhcp_timeout"), problem)
+        pool6 = self.get(data, (*p, "ipv6_pool"), str, None)
+        if pool6 is not None and (
+            pool6 not in pools or pools[pool6].first.version != 6
+        ):
+            raise self.error((*p, "ipv6_pool"), f"unknown IPv6 pool {pool6!r}")
+        if pool is not None and pools[pool].first.version != 4:
+            raise self.error((*p, "pool"), f"{pool!r} is not an IPv4 pool")
         esp = self.strings(data, (*p, "esp"), list(ESP_PROPOSALS))
         if not esp:
             raise self.error((*p, "esp"), "empty: no CHILD SA could be negotiated")
@@ -521,7 +809,18 @@ class _Reader:
         certificate, private_key = self.credential(data, p, local_auth, local_identity)
         ca = [self.path(x) for x in self.strings(data, (*p, "ca"), [])]
         crl = [self.path(x) for x in self.strings(data, (*p, "crl"), [])]
-        if any(m != "pre-share" for m in remote_auth) and not ca:
+        eap = "eap" in remote_auth
+        eap_query = self.get(data, (*p, "eap_query_identity"), bool, False)
+        eap_timeout = self.get(data, (*p, "eap_timeout"), int, 30)
+        if not 5 <= eap_timeout <= 300:
+            raise self.error((*p, "eap_timeout"), f"{eap_timeout} out of range 5..300")
+        aaa = self.get(data, (*p, "aaa_authentication"), str, None)
+        if eap and aaa is None:
+            raise self.error((*p, "aaa_authentication"), "missing (remote_auth eap)")
+        # RFC 7296 2.16: we prove ourselves by certificate when the peer uses EAP
+        if eap and local_auth == "pre-share":
+            raise self.error((*p, "local_auth"), "eap needs rsa-sig or ecdsa-sig")
+        if any(m not in ("pre-share", "eap") for m in remote_auth) and not ca:
             raise self.error((*p, "ca"), "certificate auth of peers needs a CA file")
         for key, paths, loader in (
             ("ca", ca, certs.load_certificates),
@@ -552,6 +851,27 @@ class _Reader:
             windows_proposals=self.get(data, (*p, "windows_proposals"), bool, False),
             **rekey,
             **liveness,
+            eap_query_identity=eap_query,
+            eap_timeout=eap_timeout,
+            aaa_authentication=aaa,
+            aaa_psk=aaa_psk,
+            authorization_user=self.get(data, (*p, "authorization_user"), str, None),
+            authorization_username=self.get(
+                data, (*p, "authorization_username"), str, None
+            ),
+            name_mangler=self.get(data, (*p, "name_mangler"), str, None),
+            authorization_group=self.get(data, (*p, "authorization_group"), str, None),
+            authorization_group_name=self.get(
+                data, (*p, "authorization_group_name"), str, None
+            ),
+            authorization_group_override=self.get(
+                data, (*p, "authorization_group_override"), bool, False
+            ),
+            authorization_cached=self.get(
+                data, (*p, "authorization_cached"), bool, True
+            ),
+            ipv6_pool=pool6,
+            **dhcp,
         )
 
     def liveness(self, data: dict[str, Any], p: PathKey) -> dict[str, int]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -37,9 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from control.aaa.authorize import Authorizer
 from control.config import Config
-from control.ikebind import build_responder_config
-from control.pool import AddressPool
+from control.ikebind import build_radius_clients, build_responder_config
+from control.pool import AddressPool, LeaseStore
 from control.routes import add_route
 
 log = logging.getLogger("espgate.daemon")
@@ -58,6 +60,7 @@ class Session:
     tun_fd: int | None = None
     tun_name: str | None = None
     inside_address: str | None = None
+    inside_address6: str | None = None
     children: list[tuple[int, int]] = field(default_factory=list)
     created: float = field(default_factory=time.time)
 
@@ -78,7 +81,12 @@ class Headend:
 
     def __init__(self, config: Config):
         self.config = config
-        self.pools = {name: AddressPool(pool) for name, pool in config.pools.items()}
+        # leases in SQLite under state_dir, so they survive a restart
+        state = config.server.state_dir
+        self.leases = LeaseStore(Path(state) / "leases.sqlite") if state else None
+        self.pools = {
+            name: AddressPool(pool, self.leases) for name, pool in config.pools.items()
+        }
         self.sessions: dict[str, Session] = {}
         self.counters: dict[str, int] = {
             "ike_rx_500": 0,
@@ -99,6 +107,17 @@ class Headend:
         self._ctl_inode = -1
         self.engine: Any = None
         self.responder: Any = None
+        # AAA: RADIUS groups by name, the group of each profile
+        self.radius: dict[str, Any] = {}
+        self._aaa_of = {
+            (p.name, kind): group
+            for p in config.profiles
+            for kind, group in (("eap", p.aaa_authentication), ("psk", p.aaa_psk))
+        }
+        self._aaa_tasks: set[asyncio.Task[None]] = set()
+        self._cached_of = {p.name: p.authorization_cached for p in config.profiles}
+        self._relays: dict[tuple[str, str], Any] = {}
+        self._leases: dict[str, tuple[Any, Any, asyncio.Future[None]]] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -176,6 +195,8 @@ class Headend:
         else:
             self.engine = Engine(sock.fileno(), batch=eng.batch, crypto=eng.crypto)
         responder_config = build_responder_config(self.config, self.pools)
+        self.radius = build_radius_clients(self.config)
+        self.authorizer = Authorizer(self.config, self.radius)
         # inbound ESP counts as hearing from the peer (liveness checks)
         responder_config.inbound_packets = lambda spi: int(
             self.engine.sa_counters(spi, True)["packets"]
@@ -203,6 +224,10 @@ class Headend:
             await asyncio.sleep(0.3)
         for session in list(self.sessions.values()):
             self._teardown(session, "daemon stopping")
+        for session_id in list(self._leases):
+            self._guard(self._dhcp_release, session_id)
+        for relay in self._relays.values():
+            relay.close()
         if self._timer is not None:
             self._timer.cancel()
         if self.engine is not None:
@@ -341,10 +366,120 @@ class Headend:
                 moved.remote = (event.remote[0], event.remote[1])
                 if moved.tun_fd is not None:
                     self.engine.set_peer(moved.index, moved.remote)
+        elif isinstance(event, ike.AaaRequest):
+            self._aaa_start(event)
         elif isinstance(event, ike.IkeSADown):
+            for client in self.radius.values():
+                client.forget(event.session_id)
+            self._guard(self._dhcp_release, event.session_id)
             session = self.sessions.get(event.session_id)
             if session is not None:
                 self._teardown(session, event.reason)
+
+    # -- AAA: RADIUS exchanges run as tasks, answers go back into the core ---
+
+    def _aaa_start(self, event: Any) -> None:
+        task = asyncio.ensure_future(self._aaa_run(event))
+        self._aaa_tasks.add(task)
+        task.add_done_callback(self._aaa_tasks.discard)
+
+    async def _aaa_run(self, event: Any) -> None:
+        from control.ike.responder import AaaResult
+
+        if event.kind == "dhcp":
+            result = await self._dhcp_lease(event)
+            self._guard(
+                self.responder.aaa_result, event.session_id, result, time.monotonic()
+            )
+            self._after_step()
+            return
+        if event.kind == "authorize":
+            try:
+                result = await self.authorizer.authorize(event)
+            except Exception:
+                self.counters["handler_errors"] += 1
+                log.exception("authorization failed")
+                result = AaaResult("reject")
+            self._guard(
+                self.responder.aaa_result, event.session_id, result, time.monotonic()
+            )
+            self._after_step()
+            return
+        group = self._aaa_of.get((event.profile, event.kind))
+        client = self.radius.get(group) if group else None
+        if client is None:
+            log.error("profile %s: no RADIUS group for %s", event.profile, event.kind)
+            result = AaaResult("error")
+        else:
+            try:
+                if event.kind == "psk":
+                    result = await client.psk(event)
+                else:
+                    result = await client.eap(event)
+                if not self._cached_of.get(event.profile, True):
+                    # authorization_cached = false: the answer authorizes nothing
+                    result = dataclasses.replace(result, policy=None)
+            except Exception:
+                self.counters["handler_errors"] += 1
+                log.exception("radius exchange failed")
+                result = AaaResult("error")
+        self._guard(
+            self.responder.aaa_result, event.session_id, result, time.monotonic()
+        )
+        self._after_step()
+
+    # -- DHCP: leases through our relay, renewed at T1, released at the end ---
+
+    async def _dhcp_lease(self, event: Any) -> Any:
+        from control.dhcp import DhcpRelay
+        from control.ike.profiles import SessionPolicy
+        from control.ike.responder import AaaResult
+
+        profile = next(p for p in self.config.profiles if p.name == event.profile)
+        assert profile.dhcp_server and profile.dhcp_giaddr
+        key = (profile.dhcp_server, profile.dhcp_giaddr)
+        relay = self._relays.get(key)
+        try:
+            if relay is None:
+                relay = DhcpRelay(*key, timeout=profile.dhcp_timeout / 3)
+                await relay.start()
+                self._relays[key] = relay
+            lease = await relay.lease(event.session_id)
+        except Exception:
+            self.counters["handler_errors"] += 1
+            log.exception("dhcp relay failed")
+            return AaaResult("error")
+        if lease is None:
+            return AaaResult("error")
+        log.info("session %s: dhcp lease %s for %d s", event.session_id,
+                 lease.address, lease.lease_time)  # fmt: skip
+        renewal = asyncio.ensure_future(self._dhcp_renew(relay, lease))
+        self._leases[event.session_id] = (relay, lease, renewal)
+        dns = [str(a) for a in lease.dns]
+        return AaaResult("accept", policy=SessionPolicy(address=lease.address, dns=dns))
+
+    async def _dhcp_renew(self, relay: Any, lease: Any) -> None:
+        # RFC 2131 4.4.5: renew at T1 for as long as the session lasts
+        while True:
+            await asyncio.sleep(lease.renew_after)
+            renewed = await relay.renew(lease)
+            if renewed is None or renewed.address != lease.address:
+                log.warning("session %s: dhcp renewal of %s failed",
+                            lease.session_id, lease.address)  # fmt: skip
+                return
+            lease = renewed
+            entry = self._leases.get(lease.session_id)
+            if entry is not None:
+                self._leases[lease.session_id] = (entry[0], lease, entry[2])
+
+    def _dhcp_release(self, session_id: str) -> None:
+        entry = self._leases.pop(session_id, None)
+        if entry is None:
+            return
+        relay, lease, renewal = entry
+        renewal.cancel()
+        relay.release(lease)
+        log.info("session %s: dhcp lease %s released", session_id, lease.address)
 
     def _session(self, session_id: str, identity: str, remote: Address) -> Session:
         session = self.sessions.get(session_id)
@@ -369,6 +504,12 @@ class Headend:
             session.inside_address = str(ev.inside_address)
             assert session.tun_name is not None
             add_route(session.tun_name, f"{ev.inside_address}/32")
+        six = getattr(ev, "inside_address6", None)
+        if six is not None and session.inside_address6 != str(six):
+            # the client's IPv6 prefix goes into its TUN as well
+            session.inside_address6 = str(six)
+            assert session.tun_name is not None
+            add_route(session.tun_name, str(six.network))
         # RFC 3948: ESP in UDP only when NAT was detected, raw ESP otherwise
         common = {"session": session.index, "peer": tuple(ev.remote), "esn": ev.esn,
                   "encap": ev.udp_encap}
@@ -473,6 +614,7 @@ class Headend:
                 "daemon": dict(self.counters),
                 "ike": dict(self.responder.counters),
                 "engine": self.engine.counters(),
+                "radius": {n: dict(c.stats) for n, c in self.radius.items()},
                 "pools": {
                     n: {"size": p.size, "in_use": p.in_use}
                     for n, p in self.pools.items()
@@ -518,6 +660,7 @@ class Headend:
             "identity": session.identity,
             "outside": f"{session.remote[0]}:{session.remote[1]}",
             "inside": session.inside_address,
+            "inside6": session.inside_address6,
             "tun": session.tun_name,
             "up_seconds": round(time.time() - session.created, 1),
             "children": children,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 
+from control.aaa.radius import RadiusClient, RadiusServer
 from control.config import Config, ProfileConfig
 from control.ike import certs
 from control.ike.cookies import GuardConfig
@@ -58,23 +59,42 @@ def build_responder_config(
             flow_limit=p.flow_limit,
             dpd_delay=float(p.dpd_delay) or None,
             dpd_timeout=float(p.dpd_timeout),
+            eap_query_identity=p.eap_query_identity,
+            eap_timeout=float(p.eap_timeout),
+            aaa_psk=p.aaa_psk is not None,
+            authorize=bool(p.authorization_user or p.authorization_group),
+            dhcp=p.pool is None and p.dhcp_server is not None,
         )
         for p in config.profiles
     ]
     pool_of = {p.name: p.pool for p in config.profiles}
 
-    def allocate_for(
-        profile: str, identity: str, session_id: str
-    ) -> ipaddress.IPv4Address | None:
-        name = pool_of.get(profile)
-        return pools[name].allocate(session_id) if name else None
-
     def allocate(identity: str, session_id: str) -> ipaddress.IPv4Address | None:
         ident = Identity.from_string(identity)
         for profile in profiles:
             if profile.admits(ident):
-                return allocate_for(profile.name, identity, session_id)
+                return _allocate4(pools, pool_of[profile.name], session_id, identity)
         return None
+
+    def allocate_in(
+        profile: str, identity: str, session_id: str
+    ) -> ipaddress.IPv4Address | None:
+        return _allocate4(pools, pool_of[profile], session_id, identity)
+
+    pool6_of = {p.name: p.ipv6_pool for p in config.profiles}
+
+    def allocate6(
+        profile: str, chosen: str | None, session_id: str
+    ) -> ipaddress.IPv6Interface | None:
+        # the pool authorization named, else the profile's
+        name = chosen or pool6_of[profile]
+        pool = pools.get(name) if name else None
+        if pool is None or pool.version != 6:
+            return None
+        address = pool.allocate(session_id)
+        if address is None:
+            return None
+        return ipaddress.IPv6Interface(f"{address}/{pool.client_prefix}")
 
     def release(address: ipaddress.IPv4Address) -> None:
         for pool in pools.values():
@@ -85,7 +105,11 @@ def build_responder_config(
         profiles=profiles,
         allocate_address=allocate,
         release_address=release,
-        allocate_for_profile=allocate_for,
+        allocate_in_profile=allocate_in,
+        allocate_from_pool=lambda name, session_id: _allocate4(
+            pools, name, session_id, ""
+        ),
+        allocate_address6=allocate6,
         guard=GuardConfig(
             cookie_threshold=config.server.cookie_threshold,
             per_source=config.server.half_open_per_source,
@@ -100,6 +124,32 @@ def _proposals(p: ProfileConfig) -> dict[str, list]:
         ike += windows_ike_proposals()
         groups += [g for g in WINDOWS_DH_GROUPS if g not in groups]
     return {"ike_proposals": ike, "dh_groups": groups}
+
+
+def _allocate4(
+    pools: dict[str, AddressPool], name: str | None, session_id: str, identity: str
+) -> ipaddress.IPv4Address | None:
+    pool = pools.get(name) if name else None
+    if pool is None or pool.version != 4:
+        return None
+    address = pool.allocate(session_id, identity)
+    assert address is None or isinstance(address, ipaddress.IPv4Address)
+    return address
+
+
+def build_radius_clients(config: Config) -> dict[str, RadiusClient]:
+    """Return one RADIUS client per ``[radius.NAME]`` group, by name."""
+    return {
+        name: RadiusClient(
+            name,
+            [RadiusServer(s.address, s.port, s.secret) for s in group.servers],
+            timeout=group.timeout,
+            retransmit=group.retransmit,
+            nas_identifier=group.nas_identifier,
+            user_password=group.user_password,
+        )
+        for name, group in config.radius.items()
+    }
 
 
 def _credential(p: ProfileConfig) -> certs.Credential | None:

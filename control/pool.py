@@ -1,62 +1,146 @@
-"""Local IPv4 address pools for config mode.
+"""Local address pools for config mode, with leases kept across restarts.
 
-A pool hands out the lowest free address of its range and remembers which
-session holds it.  An identity that comes back while it still holds an
-address (a reconnect before the old session was torn down) gets a fresh one;
-INITIAL_CONTACT handling, which frees the old lease first, lives above this.
+A pool hands out the next free address of its range round-robin and
+remembers which session (and identity) holds it. IPv4 pools are ranges;
+IPv6 pools are a prefix cut into per-client prefixes of `client_prefix`
+bits (a /126 pool handing out /128s serves 4 clients), of which the client
+gets the first address.
+
+With a `LeaseStore` (SQLite under the daemon's state directory) every lease
+is written through, so leases survive a daemon restart: the leases found at
+start are held for their identity, which gets the same address back when it
+reconnects; an address held for an identity that has not come back is
+reclaimed only when the pool has nothing else free. A session's lease is
+released when the session ends. An identity that comes back while it still
+holds an address in a live session gets a fresh one; INITIAL_CONTACT
+handling, which frees the old lease first, lives above this.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import sqlite3
+import time
+from pathlib import Path
 
 from control.config import PoolConfig
 
 log = logging.getLogger("espgate.pool")
 
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class LeaseStore:
+    """Leases of all pools in one SQLite file; every change is committed."""
+
+    def __init__(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path))
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS leases (pool TEXT, address TEXT, "
+            "session TEXT, identity TEXT, updated REAL, PRIMARY KEY (pool, address))"
+        )
+        self.db.commit()
+
+    def load(self, pool: str) -> list[tuple[str, str, str]]:
+        """Return (address, session, identity) of the leases of `pool`."""
+        rows = self.db.execute(
+            "SELECT address, session, identity FROM leases WHERE pool = ? "
+            "ORDER BY updated",
+            (pool,),
+        )
+        return [(str(a), str(s), str(i)) for a, s, i in rows]
+
+    def put(self, pool: str, address: str, session: str, identity: str) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?)",
+            (pool, address, session, identity, time.time()),
+        )
+        self.db.commit()
+
+    def delete(self, pool: str, address: str) -> None:
+        self.db.execute(
+            "DELETE FROM leases WHERE pool = ? AND address = ?", (pool, address)
+        )
+        self.db.commit()
+
+    def close(self) -> None:
+        self.db.close()
+
 
 class AddressPool:
-    """Allocate and release addresses from one configured range."""
+    """Allocate and release addresses from one configured range or prefix."""
 
-    def __init__(self, config: PoolConfig):
+    def __init__(self, config: PoolConfig, store: LeaseStore | None = None):
         self.name = config.name
+        self.version = config.first.version
+        self.step = 1 << (128 - config.client_prefix) if self.version == 6 else 1
         self.first = int(config.first)
         self.last = int(config.last)
+        self.client_prefix = config.client_prefix
+        self.store = store
         self._leases: dict[int, str] = {}
+        # leases found in the store at start: address -> identity
+        self._held: dict[int, str] = {}
         self._next = self.first
+        if store is not None:
+            for text, _session, identity in store.load(self.name):
+                address = int(ipaddress.ip_address(text))
+                if self.first <= address <= self.last:
+                    self._held[address] = identity
+            if self._held:
+                log.info("pool %s: %d lease(s) kept from before", self.name,
+                         len(self._held))  # fmt: skip
 
     @property
     def size(self) -> int:
-        return self.last - self.first + 1
+        return (self.last - self.first) // self.step + 1
 
     @property
     def in_use(self) -> int:
-        return len(self._leases)
+        return len(self._leases) + len(self._held)
 
-    def allocate(self, session_id: str) -> ipaddress.IPv4Address | None:
+    def allocate(self, session_id: str, identity: str = "") -> Address | None:
         """Lease a free address to ``session_id``; None when the pool is empty."""
-        if len(self._leases) >= self.size:
-            log.warning("pool %s exhausted (%d addresses)", self.name, self.size)
-            return None
+        # the identity's own lease from before a restart
+        for address, holder in list(self._held.items()):
+            if identity and holder == identity:
+                del self._held[address]
+                return self._lease(address, session_id, identity)
+        if len(self._leases) + len(self._held) >= self.size:
+            if not self._held:
+                log.warning("pool %s exhausted (%d addresses)", self.name, self.size)
+                return None
+            # reclaim the oldest lease kept for an identity that did not return
+            address = next(iter(self._held))
+            del self._held[address]
+            return self._lease(address, session_id, identity)
         # round-robin from the last allocation, so a just-released address is
         # not handed straight to the next client
         candidate = self._next
-        while candidate in self._leases:
-            candidate = self.first if candidate >= self.last else candidate + 1
-        self._leases[candidate] = session_id
-        self._next = self.first if candidate >= self.last else candidate + 1
-        address = ipaddress.IPv4Address(candidate)
+        while candidate in self._leases or candidate in self._held:
+            candidate = self.first if candidate >= self.last else candidate + self.step
+        self._next = self.first if candidate >= self.last else candidate + self.step
+        return self._lease(candidate, session_id, identity)
+
+    def _lease(self, value: int, session_id: str, identity: str) -> Address:
+        self._leases[value] = session_id
+        address = ipaddress.ip_address(value)
+        if self.store is not None:
+            self.store.put(self.name, str(address), session_id, identity)
         log.debug("pool %s: %s -> %s", self.name, address, session_id)
         return address
 
-    def release(self, address: ipaddress.IPv4Address) -> bool:
+    def release(self, address: Address) -> bool:
         """Return ``address`` to the pool; False if it was not leased."""
         holder = self._leases.pop(int(address), None)
         if holder is None:
             return False
+        if self.store is not None:
+            self.store.delete(self.name, str(address))
         log.debug("pool %s: %s released by %s", self.name, address, holder)
         return True
 
-    def holder(self, address: ipaddress.IPv4Address) -> str | None:
+    def holder(self, address: Address) -> str | None:
         return self._leases.get(int(address))

@@ -161,7 +161,8 @@ class HeadendLab:
             profile = default.profiles[0]
             self.psk = profile.psk.decode()
             self.server_id = profile.local_identity.partition(":")[2]
-            return [espgate, "serve", "--control-socket", self.socket]
+            return [espgate, "serve", "--control-socket", self.socket,
+                    "--state-dir", str(self.workdir / "state")]
         config = self.workdir / "espgate.toml"
         config.write_text(
             CONFIG_TEMPLATE.format(
@@ -181,7 +182,8 @@ class HeadendLab:
             )
         )
         config.chmod(0o600)
-        return [espgate, "serve", "--config", str(config)]
+        return [espgate, "serve", "--config", str(config),
+                "--state-dir", str(self.workdir / "state")]
 
     def _profile_extra(self) -> str:
         local, remote = self.auth
@@ -541,3 +543,6 @@ def run(
     if not keep_logs and all(r["passed"] for r in results):
         shutil.rmtree(base, ignore_errors=True)
     return results
+
+# AAA cases (EAP through RADIUS) register themselves into CASES
+import control.selftest_aaa  # noqa: E402,F401

@@ -807,7 +807,7 @@ def test_certificate_map_selects_profile_and_its_pool(client_pki: Any) -> None:
         chosen.append(profile)
         return ipaddress.IPv4Address("198.18.200.1")
 
-    r.config.allocate_for_profile = allocate_for
+    r.config.allocate_in_profile = allocate_for
     result = connect(r, _cert_client(client_pki))
     assert result.inside_address == ipaddress.IPv4Address("198.18.200.1")
     assert chosen == ["clients"]

@@ -50,6 +50,8 @@ class ChildSAUp:
     local_ts: list[str]
     remote_ts: list[str]
     udp_encap: bool
+    # IPv6 inside address and the prefix routed to the client, if any
+    inside_address6: ipaddress.IPv6Interface | None = None
 
 
 @dataclass(frozen=True)

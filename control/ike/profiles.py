@@ -27,7 +27,7 @@ from control.ike.messages import DhGroup, EncrId, IDType, IntegId, PrfId
 
 ID_PREFIXES = ("fqdn", "email", "ipv4", "ipv6", "dn", "keyid")
 LOCAL_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig")
-REMOTE_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig", "pubkey")
+REMOTE_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig", "pubkey", "eap")
 
 
 @dataclass(frozen=True)
@@ -185,6 +185,15 @@ class Profile:
     # dpd_timeout seconds: the peer is gone (control.ike.liveness)
     dpd_delay: float | None = None
     dpd_timeout: float = 120.0
+    # EAP (RFC 7296 2.16): ask for the EAP identity, seconds per client round
+    eap_query_identity: bool = False
+    eap_timeout: float = 30.0
+    # PSKs from AAA (Tunnel-Password, ipsec:ikev2-password-local/-remote)
+    aaa_psk: bool = False
+    # ask AAA for the session's policy after authentication (AuthorizeTask)
+    authorize: bool = False
+    # no pool: IPv4 addresses come from DHCP through the daemon's relay
+    dhcp: bool = False
 
     def __post_init__(self) -> None:
         assert self.local_auth in LOCAL_AUTH, f"Bad local auth {self.local_auth!r}"
@@ -193,9 +202,14 @@ class Profile:
         )
         for method in self.remote_auth:
             assert method in REMOTE_AUTH, f"Bad remote auth {method!r}"
-            assert method == "pre-share" or self.trust is not None, (
+            assert method in ("pre-share", "eap") or self.trust is not None, (
                 f"Profile {self.name}: {method} needs a trust store"
             )
+
+        # RFC 7296 2.16: with EAP the responder authenticates by signature
+        assert "eap" not in self.remote_auth or self.local_auth != "pre-share", (
+            f"Profile {self.name}: eap needs a certificate on our side"
+        )
 
     def accepts_signature(self, kind: str) -> bool:
         """Tell whether a peer signature by an "rsa" or "ecdsa" key is admitted."""
@@ -206,9 +220,29 @@ class Profile:
         return matching.admits(self, identity.type, identity.data, leaf)
 
 
+@dataclass
+class SessionPolicy:
+    """Per-session settings from authorization (RADIUS), over the profile's.
+
+    address: the client's address (Framed-IP-Address), taken before any pool;
+    dns/wins: servers for config mode; local_ts: the subnets routed to the
+    client (route-set prefixes); pool: a pool name chosen by authorization.
+    """
+
+    address: ipaddress.IPv4Address | None = None
+    netmask: ipaddress.IPv4Address | None = None
+    dns: list[str] = field(default_factory=list)
+    wins: list[str] = field(default_factory=list)
+    local_ts: list[str] = field(default_factory=list)
+    pool: str | None = None
+    mtu: int | None = None
+    pool6: str | None = None
+
+
 AllocateAddress = Callable[[str, str], ipaddress.IPv4Address | None]
-# (profile name, identity, session id): the pool follows the chosen profile
-AllocateForProfile = Callable[[str, str, str], ipaddress.IPv4Address | None]
+# (profile name, identity, session id): for identities no pattern admits,
+# such as the User-Name an EAP exchange ends with
+AllocateInProfile = Callable[[str, str, str], ipaddress.IPv4Address | None]
 ReleaseAddress = Callable[[ipaddress.IPv4Address], None]
 
 
@@ -224,9 +258,14 @@ class ResponderConfig:
     half_open_timeout: float = 30.0
     retransmit_timeout: float = 2.0
     retransmit_tries: int = 5
-    # preferred over allocate_address when set (certificate maps need it)
-    allocate_for_profile: AllocateForProfile | None = None
     # cookie threshold and half-open limit per source (RFC 7296 2.6)
     guard: GuardConfig = field(default_factory=GuardConfig)
     # inbound ESP packets counted on a CHILD SA's inbound SPI (liveness)
     inbound_packets: Callable[[int], int] | None = None
+    allocate_in_profile: AllocateInProfile | None = None
+    # (pool name, session id): a pool chosen by authorization (addr-pool)
+    allocate_from_pool: AllocateAddress | None = None
+    # (profile name, IPv6 pool chosen by authorization or None, session id)
+    allocate_address6: (
+        Callable[[str, str | None, str], ipaddress.IPv6Interface | None] | None
+    ) = None

@@ -44,9 +44,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.hashes import SHA256
 
-from control.ike import initiate, liveness
+from control.ike import eap, initiate, liveness
 from control.ike.cookies import InitGuard, Verdict
 from control.ike.crypto import IntegrityError, Prf, open_message, seal_message
+from control.ike.eap import AaaRequest, AaaResult
 from control.ike.events import (
     Address,
     ChildSADown,
@@ -88,12 +89,16 @@ from control.ike.tasks import (
     EXCHANGE_TASKS,
     REQUEST_RULES,
     RESPONSE_RULES,
+    AuthTask,
     Exchange,
     IkeInitTask,
+    Task,
     check_rules,
 )
 
 __all__ = [
+    "AaaRequest",
+    "AaaResult",
     "ChildSADown",
     "ChildSAUp",
     "Datagram",
@@ -120,6 +125,19 @@ ALLOWED_EXCHANGES: dict[IkeState, set[int]] = {
 }
 
 
+@dataclass
+class _Parked:
+    """An exchange waiting for the AAA answer, and where to go on from."""
+
+    ex: Exchange
+    tasks: list[Task]
+    index: int
+    header: Header
+    data: bytes
+    local: Address
+    remote: Address
+
+
 @dataclass(frozen=True)
 class PeerMoved:
     """The peer's outer address changed (authenticated, RFC 7296 2.23)."""
@@ -141,7 +159,10 @@ class IkeResponder:
         self._half_open: dict[tuple[bytes, Address], IkeSA] = {}
         self._child_spis: set[int] = set()
         self._out: list[Datagram] = []
-        self._events: collections.deque[Event | PeerMoved] = collections.deque()
+        self._events: collections.deque[Event | PeerMoved | AaaRequest] = (
+            collections.deque()
+        )
+        self._parked: dict[bytes, _Parked] = {}
         self._prfs: dict[int, Prf] = {}
         self.guard = InitGuard(config.guard, rng)
 
@@ -163,7 +184,7 @@ class IkeResponder:
         out, self._out = self._out, []
         return out
 
-    def next_event(self) -> Event | PeerMoved | None:
+    def next_event(self) -> Event | PeerMoved | AaaRequest | None:
         """Return the oldest pending event, or None."""
         return self._events.popleft() if self._events else None
 
@@ -226,6 +247,30 @@ class IkeResponder:
         self._request(ike, [delete], done, now)
         return True
 
+    def aaa_result(self, session_id: str, result: AaaResult, now: float) -> None:
+        """Resume the exchange that emitted an `AaaRequest`; never raise.
+
+        An answer for an SA that is gone, or that waits for nothing, is
+        counted and dropped.
+        """
+        try:
+            ike = self._by_session(session_id)
+            parked = self._parked.pop(ike.our_spi, None) if ike is not None else None
+            if ike is None or parked is None:
+                self.counters["aaa_result_unexpected"] += 1
+                return
+            parked.ex.now = now
+            parked.tasks[parked.index].resume(parked.ex, result)
+            parked.index += 1
+            self._continue(ike, parked)
+        except Exception:
+            self.counters["internal_error"] += 1
+            logger.exception("internal error handling an AAA result")
+
+    def emit(self, event: AaaRequest) -> None:
+        """Queue an event for the daemon now (tasks that park an exchange)."""
+        self._events.append(event)
+
     def sessions(self) -> list[dict[str, Any]]:
         """Describe every IKE SA for status output."""
         return [
@@ -236,6 +281,7 @@ class IkeResponder:
                 "profile": ike.profile.name if ike.profile else None,
                 "remote": ike.remote,
                 "inside_address": ike.inside_address,
+                "inside_address6": ike.inside_address6,
                 "ike_spis": (ike.spi_i.hex(), ike.spi_r.hex()),
                 "child_spis": [(c.spi_in, c.spi_out) for c in ike.children.values()],
                 "established": ike.established_at,
@@ -306,6 +352,8 @@ class IkeResponder:
             old.rekeying.collided(new)
         new.profile, new.identity = old.profile, old.identity
         new.inside_address, old.inside_address = old.inside_address, None
+        new.inside_address6, old.inside_address6 = old.inside_address6, None
+        new.policy = old.policy
         new.children, old.children = old.children, {}
         new.child_rekeys, old.child_rekeys = old.child_rekeys, {}
         old.superseded = True
@@ -478,6 +526,10 @@ class IkeResponder:
         if header.exchange not in ALLOWED_EXCHANGES[ike.state]:
             self.counters["drop_exchange"] += 1
             return
+        # a retransmission of a request that waits for the AAA server
+        if ike.our_spi in self._parked:
+            self.counters["drop_aaa_pending"] += 1
+            return
         try:
             payloads = open_message(data, message, ike.cipher_in)
         except IntegrityError:
@@ -493,7 +545,8 @@ class IkeResponder:
         self._adopt_address(ike, local, remote)
         liveness.heard(ike, now)
         try:
-            check_rules(payloads, REQUEST_RULES[header.exchange])
+            rules = eap.request_rules(ike, header.exchange)
+            check_rules(payloads, rules or REQUEST_RULES[header.exchange])
         except DecodeError as exc:
             error = ProtocolError(exc.notify, "", exc.data)
             self._refuse(ike, message, data, local, remote, error)
@@ -520,13 +573,29 @@ class IkeResponder:
     ) -> None:
         header = message.header
         ex = Exchange(ike, payloads, now)
-        tasks = [make(self) for make in EXCHANGE_TASKS[header.exchange]]
+        makers = EXCHANGE_TASKS[header.exchange]
+        if header.exchange == ExchangeType.IKE_AUTH:
+            makers = eap.ike_auth_tasks(ike, payloads, AuthTask) or makers
+        tasks = [make(self) for make in makers]
+        self._continue(ike, _Parked(ex, tasks, 0, header, data, local, remote))
 
-        # process in order; a fatal refusal stops the exchange
-        for task in tasks:
-            task.process(ex)
+    def _continue(self, ike: IkeSA, parked: _Parked) -> None:
+        ex, tasks, header = parked.ex, parked.tasks, parked.header
+        data, local, remote, now = parked.data, parked.local, parked.remote, ex.now
+
+        # process in order; a fatal refusal stops the exchange, and a task
+        # that waits for the AAA server parks it until `aaa_result`
+        start = parked.index if ex.fatal is None else len(tasks)
+        for index in range(start, len(tasks)):
+            tasks[index].process(ex)
             if ex.fatal is not None:
                 break
+            if ex.waiting:
+                ex.waiting = False
+                parked.index = index
+                self._parked[ike.our_spi] = parked
+                self._extend_half_open(ike, now)
+                return
         if ex.fatal is not None:
             ex.response = [
                 NotifyPayload(ProtocolId.NONE, ex.fatal.notify, b"", ex.fatal.data)
@@ -540,6 +609,10 @@ class IkeResponder:
 
         # consequences: the SA comes up, goes away, or children change
         if header.exchange == ExchangeType.IKE_AUTH:
+            if ex.pending_auth and ex.fatal is None:
+                # RFC 7296 2.16: mid-EAP; the client's next round must come soon
+                self._extend_half_open(ike, now)
+                return
             if not ex.authenticated:
                 self._kill(ike, "authentication failed")
                 return
@@ -560,6 +633,10 @@ class IkeResponder:
             self._events.append(event)
         if ex.delete_ike:
             self._kill(ike, "deleted by peer")
+
+    def _extend_half_open(self, ike: IkeSA, now: float) -> None:
+        if ike.profile is not None:
+            ike.half_open_deadline = now + ike.profile.eap_timeout
 
     def _answer(
         self,
@@ -740,18 +817,24 @@ class IkeResponder:
         ike.children.clear()
         ike.set_state(IkeState.DEAD)
         ike.pending = None
+        ike.eap = None
+        self._parked.pop(ike.our_spi, None)
         self._sas.pop(ike.our_spi, None)
         ike.queued.clear()
         for key, value in list(self._half_open.items()):
             if value is ike:
                 del self._half_open[key]
-        if ike.inside_address is not None:
-            address: ipaddress.IPv4Address = ike.inside_address
-            ike.inside_address = None
+        for address in (ike.inside_address, ike.inside_address6):
+            if address is None:
+                continue
             try:
-                self.config.release_address(address)
+                if isinstance(address, ipaddress.IPv6Interface):
+                    self.config.release_address(address.ip)  # type: ignore[arg-type]
+                else:
+                    self.config.release_address(address)
             except Exception:
                 ike.log.exception("address release failed")
+        ike.inside_address = ike.inside_address6 = None
         if ike.superseded:
             ike.log.debug("rekeyed ike sa gone: %s", reason)
         elif was_up:

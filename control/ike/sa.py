@@ -124,6 +124,7 @@ class IkeSA:
     profile: Profile | None = None
     identity: str | None = None
     inside_address: ipaddress.IPv4Address | None = None
+    inside_address6: ipaddress.IPv6Interface | None = None
     children: dict[int, ChildSA] = field(default_factory=dict)
     # the session this SA serves: its first SA's SPIr, kept across IKE rekeys
     session: str = ""
@@ -139,6 +140,10 @@ class IkeSA:
     child_rekeys: dict[int, Any] = field(default_factory=dict, repr=False)
     # when we last heard from the peer (control.ike.liveness.Liveness)
     liveness: Any = field(default=None, repr=False)
+    # EAP conversation in IKE_AUTH (control.ike.eap.EapState), None without EAP
+    eap: Any = field(default=None, repr=False)
+    # authorization from AAA (control.ike.profiles.SessionPolicy), if any
+    policy: Any = None
 
     def __post_init__(self) -> None:
         self.log = SessionLogger(logger, {"session": self.session_id})

@@ -9,7 +9,9 @@ that refuses only the CHILD SA sets `Exchange.child_error` and later tasks
 leave the CHILD SA out.
 
     IKE_SA_INIT      IkeInitTask (no SA exists yet; run on its own)
-    IKE_AUTH         AuthTask -> ConfigTask -> ChildCreateTask
+    IKE_AUTH         AuthTask -> AuthorizeTask -> ConfigTask -> ChildCreateTask
+                     (EAP rounds: control.ike.eap picks EapTask instead of
+                     AuthTask; AuthorizeTask may park for the AAA answer)
     INFORMATIONAL    DeleteTask -> LivenessTask
     CREATE_CHILD_SA  IkeRekeyTask (control.ike.rekey) -> ChildRekeyTask (new or
                      rekeyed CHILD SA); each leaves the other's requests alone
@@ -19,6 +21,7 @@ Which payloads each request may carry, and how many, is data: `REQUEST_RULES`.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hmac
 import ipaddress
@@ -87,7 +90,7 @@ from control.ike.messages import (
     notify_name,
     push_message,
 )
-from control.ike.profiles import Identity, IkeAlgorithms, Profile
+from control.ike.profiles import Identity, IkeAlgorithms, Profile, SessionPolicy
 from control.ike.proposals import EspChoice, select_esp, select_ike
 from control.ike.sa import ChildSA, IkeSA
 
@@ -401,6 +404,11 @@ class Exchange:
     authenticated: bool = False
     delete_ike: bool = False
     events: list[Event] = field(default_factory=list)
+    # EAP: parked until the AAA answer comes back; mid-way, neither up nor dead
+    waiting: bool = False
+    pending_auth: bool = False
+    # what authentication learnt, for authorization (see AuthorizeTask)
+    auth_info: dict[str, object] = field(default_factory=dict)
 
 
 class Task:
@@ -412,6 +420,9 @@ class Task:
 
     def build(self, ex: Exchange) -> None:
         """Append this task's payloads to the response."""
+
+    def resume(self, ex: Exchange, result: object) -> None:
+        """Take the answer this task waited for (it set `Exchange.waiting`)."""
 
 
 class AuthTask(Task):
@@ -458,9 +469,19 @@ class AuthTask(Task):
                 data = req.data
                 ike.peer_certreq += [data[i : i + 20] for i in range(0, len(data), 20)]
 
-        # TODO: EAP (an IKE_AUTH without AUTH).
+        # RFC 7296 2.16: an IKE_AUTH without AUTH asks for EAP
         if not isinstance(auth, AuthPayload):
-            return self._fail(ex, "%s sends no AUTH payload", identity)
+            if "eap" not in profile.remote_auth:
+                return self._fail(ex, "%s sends no AUTH payload", identity)
+            from control.ike import eap
+
+            self._choose_local_id(profiles, profile, wanted)
+            self.profile = profile
+            ike.profile = profile
+            ike.identity = str(identity)
+            idr = IDrPayload(self.local_id.type, self.local_id.data)
+            eap.begin(ex, identity, idi.push_body(), idr.push_body())
+            return
         octets = signed_octets(
             ike.prf, ike.init_request, ike.nonce_r, ike.keys.sk_pi, idi.push_body()
         )
@@ -470,6 +491,20 @@ class AuthTask(Task):
         if auth.method == AuthMethod.SHARED_KEY_MIC:
             if "pre-share" not in profile.remote_auth:
                 return self._fail(ex, "profile %s refuses PSK auth", profile.name)
+            if profile.aaa_psk:
+                # the keys come from AAA: park the exchange until they do
+                from control.ike.eap import AaaRequest
+
+                self._parked = (profile, identity, wanted, auth.data, octets)
+                self.responder.emit(
+                    AaaRequest(
+                        ike.session_id, "psk", profile.name, str(identity),
+                        ike.remote[0], b"",
+                    )
+                )  # fmt: skip
+                self.responder.counters["aaa_requests"] += 1
+                ex.waiting = True
+                return
             # RFC 7296 2.15: AUTH = prf(prf(PSK, "Key Pad for IKEv2"), octets)
             expected = ike.prf(ike.prf(profile.psk, KEY_PAD), octets)
             if not hmac.compare_digest(expected, auth.data):
@@ -480,21 +515,54 @@ class AuthTask(Task):
                 return self._fail(ex, "%s", f"{identity}: {problem}")
         else:
             return self._fail(ex, "auth method %d not supported", auth.method)
+        self._accept(ex, profile, identity, wanted)
 
-        # our identity: the one asked for if it is ours, else the profile's
-        local_ids = {p.local_id for p in profiles}
-        self.local_id = profile.local_id
-        if wanted is not None and wanted in local_ids:
-            self.local_id = wanted
+    def resume(self, ex: Exchange, result: object) -> None:
+        """Check the peer's AUTH with the PSKs the AAA server returned."""
+        ike = ex.ike
+        profile, identity, wanted, data, octets = self._parked
+        remote = getattr(result, "psk_remote", b"")
+        if getattr(result, "outcome", None) != "accept" or not remote:
+            return self._fail(ex, "aaa gave no PSK for %s", identity)
+        # RFC 7296 2.15: AUTH = prf(prf(PSK, "Key Pad for IKEv2"), octets)
+        expected = ike.prf(ike.prf(remote, KEY_PAD), octets)
+        if not hmac.compare_digest(expected, data):
+            return self._fail(ex, "wrong PSK (from aaa) from %s", identity)
+        self.local_psk = getattr(result, "psk_local", b"") or remote
+        # implicit (cached) authorization from the same answer
+        ike.policy = getattr(result, "policy", None)
+        ex.auth_info["cached"] = getattr(result, "attributes", {})
+        self._accept(ex, profile, identity, wanted)
+
+    def _accept(
+        self,
+        ex: Exchange,
+        profile: Profile,
+        identity: Identity,
+        wanted: Identity | None,
+    ) -> None:
+        ike = ex.ike
+        profiles = self.responder.config.profiles
+        self._choose_local_id(profiles, profile, wanted)
         self.profile = profile
         ike.profile = profile
         ike.identity = str(identity)
+        ex.auth_info["ike_identity"] = str(identity)
         ex.authenticated = True
         self.responder.counters["auth_ok"] += 1
 
         # RFC 7296 2.4: INITIAL_CONTACT means older SAs of this peer are gone
         if notifies(ex.request, NotifyType.INITIAL_CONTACT):
             self.responder.drop_identity(ike.identity, ike)
+
+    def _choose_local_id(
+        self, profiles: list[Profile], profile: Profile, wanted: Identity | None
+    ) -> None:
+        # our identity: the one asked for if it is ours, else the profile's
+        local_ids = {p.local_id for p in profiles}
+        self.local_id = profile.local_id
+        if wanted is not None and wanted in local_ids:
+            self.local_id = wanted
 
     def _check_signature(
         self,
@@ -533,6 +601,7 @@ class AuthTask(Task):
         if not identity_in_cert(identity.type, identity.data, certs[0]):
             return "identity is not in the certificate"
         ex.ike.log.debug("certificate %s verified", certs[0].subject.rfc4514_string())
+        ex.auth_info["cert_dn"] = certs[0].subject.rfc4514_string()
         return None
 
     def _fail(self, ex: Exchange, what: str, arg: object) -> None:
@@ -549,7 +618,8 @@ class AuthTask(Task):
             ike.prf, ike.init_response, ike.nonce_i, ike.keys.sk_pr, idr.push_body()
         )
         if profile.local_auth == "pre-share":
-            data = ike.prf(ike.prf(profile.psk, KEY_PAD), octets)
+            psk = getattr(self, "local_psk", None) or profile.psk
+            data = ike.prf(ike.prf(psk, KEY_PAD), octets)
             ex.response += [idr, AuthPayload(AuthMethod.SHARED_KEY_MIC, data)]
             return
         credential = profile.credential
@@ -563,8 +633,51 @@ class AuthTask(Task):
         ex.response += [idr, *certs, AuthPayload(method, data)]
 
 
+class AuthorizeTask(Task):
+    """Ask AAA for the session's policy once the peer is authenticated.
+
+    Runs only for profiles with authorization configured; the daemon merges
+    local policies and RADIUS answers (control.aaa.authorize) and answers
+    with the policy config mode and the CHILD SA then use.
+    """
+
+    def process(self, ex: Exchange) -> None:
+        ike = ex.ike
+        profile = ike.profile
+        if not ex.authenticated or profile is None or not profile.authorize:
+            return
+        from control.ike.eap import AaaRequest
+
+        assert ike.identity is not None
+        info = dict(ex.auth_info)
+        self.responder.emit(
+            AaaRequest(
+                ike.session_id, "authorize", profile.name, ike.identity,
+                ike.remote[0], b"", info,
+            )
+        )  # fmt: skip
+        self.responder.counters["aaa_requests"] += 1
+        ex.waiting = True
+
+    def resume(self, ex: Exchange, result: object) -> None:
+        """Take the merged policy, or refuse the session."""
+        if getattr(result, "outcome", None) != "accept":
+            self.responder.counters["authorization_failed"] += 1
+            ex.ike.log.warning("authorization of %s failed", ex.ike.identity)
+            ex.authenticated = False
+            ex.fatal = ProtocolError(NotifyType.AUTHENTICATION_FAILED)
+            return
+        ex.ike.policy = getattr(result, "policy", None)
+
+
 class ConfigTask(Task):
-    """Config mode: hand out an inside address and DNS (RFC 7296 2.19, 3.15)."""
+    """Config mode: hand out inside addresses and DNS (RFC 7296 2.19, 3.15).
+
+    An IPv4 address unless the client asked for IPv6 only; an IPv6 address
+    (with its prefix length) when asked for and an IPv6 pool is configured.
+    The IPv4 address comes from authorization (Framed-IP-Address), else the
+    pool authorization named, else the profile's pool.
+    """
 
     def process(self, ex: Exchange) -> None:
         ike = ex.ike
@@ -574,37 +687,111 @@ class ConfigTask(Task):
             ex.child_error = NotifyType.FAILED_CP_REQUIRED
             return
         assert ike.identity is not None and ike.profile is not None
-        config = self.responder.config
+        asked = {a.type for a in cp.attributes}
+        want6 = CfgAttribute.INTERNAL_IP6_ADDRESS in asked
+        want4 = CfgAttribute.INTERNAL_IP4_ADDRESS in asked or not want6
         try:
-            if config.allocate_for_profile is not None:
-                address = config.allocate_for_profile(
-                    ike.profile.name, ike.identity, ike.session_id
-                )
-            else:
-                address = config.allocate_address(ike.identity, ike.session_id)
+            if want6:
+                ike.inside_address6 = self._allocate6(ike)
+            if want4 and self._use_dhcp(ike):
+                # the daemon's DHCP relay leases the address: park until then
+                from control.ike.eap import AaaRequest
+
+                self.responder.emit(
+                    AaaRequest(
+                        ike.session_id, "dhcp", ike.profile.name, ike.identity,
+                        ike.remote[0], b"",
+                    )
+                )  # fmt: skip
+                ex.waiting = True
+                return
+            if want4:
+                ike.inside_address = self._allocate4(ike)
         except Exception:
             ike.log.exception("address allocator failed")
-            address = None
-        if address is None:
-            # RFC 7296 3.15.4: no address, no CHILD SA; the IKE SA stays
+        self._check(ex)
+
+    def resume(self, ex: Exchange, result: object) -> None:
+        """Take the DHCP lease the daemon obtained (or its failure)."""
+        ike = ex.ike
+        policy = getattr(result, "policy", None)
+        if getattr(result, "outcome", None) == "accept" and policy is not None:
+            ike.inside_address = policy.address
+            # DNS servers of the lease, unless authorization named some
+            if policy.dns and not (ike.policy is not None and ike.policy.dns):
+                base = ike.policy or SessionPolicy()
+                ike.policy = dataclasses.replace(base, dns=list(policy.dns))
+        self._check(ex)
+
+    def _use_dhcp(self, ike: IkeSA) -> bool:
+        # DHCP only without any pool; a pool error never falls through to DHCP
+        assert ike.profile is not None
+        policy = ike.policy
+        if policy is not None and (policy.address is not None or policy.pool):
+            return False
+        return ike.profile.dhcp
+
+    def _check(self, ex: Exchange) -> None:
+        ike = ex.ike
+        # RFC 7296 3.15.4: an address was asked for and none can be given
+        if ike.inside_address is None and ike.inside_address6 is None:
             self.responder.counters["address_failed"] += 1
             ex.child_error = NotifyType.INTERNAL_ADDRESS_FAILURE
-            return
-        ike.inside_address = address
+
+    def _allocate4(self, ike: IkeSA) -> ipaddress.IPv4Address | None:
+        config = self.responder.config
+        policy = ike.policy
+        assert ike.identity is not None and ike.profile is not None
+        if policy is not None and policy.address is not None:
+            # the address from authorization (Framed-IP-Address) comes first
+            return policy.address
+        if policy is not None and policy.pool and config.allocate_from_pool:
+            return config.allocate_from_pool(policy.pool, ike.session_id)
+        if config.allocate_in_profile is not None:
+            return config.allocate_in_profile(
+                ike.profile.name, ike.identity, ike.session_id
+            )
+        return config.allocate_address(ike.identity, ike.session_id)
+
+    def _allocate6(self, ike: IkeSA) -> ipaddress.IPv6Interface | None:
+        config = self.responder.config
+        assert ike.identity is not None and ike.profile is not None
+        if config.allocate_address6 is None:
+            return None
+        pool = ike.policy.pool6 if ike.policy is not None else None
+        return config.allocate_address6(ike.profile.name, pool, ike.session_id)
 
     def build(self, ex: Exchange) -> None:
         ike = ex.ike
-        if ike.inside_address is None:
+        if ike.inside_address is None and ike.inside_address6 is None:
             assert ex.child_error is not None
             ex.response.append(NotifyPayload(ProtocolId.NONE, ex.child_error))
             return
         assert ike.profile is not None
-        attrs = [
-            ConfigAttribute(
-                CfgAttribute.INTERNAL_IP4_ADDRESS, ike.inside_address.packed
+        policy = ike.policy
+        attrs: list[ConfigAttribute] = []
+        if ike.inside_address is not None:
+            # RFC 7296 3.15.1: one IPv4 address; a netmask only with it
+            attrs.append(
+                ConfigAttribute(
+                    CfgAttribute.INTERNAL_IP4_ADDRESS, ike.inside_address.packed
+                )
             )
-        ]
-        for server in ike.profile.dns:
+            if policy is not None and policy.netmask is not None:
+                netmask = policy.netmask.packed
+                attrs.append(
+                    ConfigAttribute(CfgAttribute.INTERNAL_IP4_NETMASK, netmask)
+                )
+        if ike.inside_address6 is not None:
+            # RFC 7296 3.15.3: address and prefix length
+            six = ike.inside_address6
+            value = six.ip.packed + bytes([six.network.prefixlen])
+            attrs.append(ConfigAttribute(CfgAttribute.INTERNAL_IP6_ADDRESS, value))
+        dns = policy.dns if policy is not None and policy.dns else ike.profile.dns
+        for wins in policy.wins if policy is not None else []:
+            packed = ipaddress.IPv4Address(wins).packed
+            attrs.append(ConfigAttribute(CfgAttribute.INTERNAL_IP4_NBNS, packed))
+        for server in dns:
             address = ipaddress.ip_address(server)
             kind = (
                 CfgAttribute.INTERNAL_IP4_DNS
@@ -653,7 +840,8 @@ class ChildCreateTask(Task):
         """Choose proposal and selectors, derive keys, record the new CHILD SA."""
         ike = ex.ike
         assert ike.profile is not None and ike.identity is not None
-        if ike.inside_address is None:
+        inside = [a for a in (ike.inside_address, ike.inside_address6) if a is not None]
+        if not inside:
             # remote access: every CHILD SA carries the inside address
             raise ProtocolError(NotifyType.TS_UNACCEPTABLE, "no inside address")
 
@@ -665,8 +853,10 @@ class ChildCreateTask(Task):
             ike.profile.dh_groups if pfs else None,
             ke.group if ke is not None else None,
         )
-        ts_i = trafficsel.narrow_tsi(tsi.selectors, ike.inside_address)
-        ts_r = trafficsel.narrow_tsr(tsr.selectors, ike.profile.local_ts)
+        ts_i = trafficsel.narrow_tsi(tsi.selectors, inside)
+        policy = ike.policy
+        routed = policy.local_ts if policy is not None and policy.local_ts else None
+        ts_r = trafficsel.narrow_tsr(tsr.selectors, routed or ike.profile.local_ts)
         shared = b""
         self.ke_reply: KEPayload | None = None
         if choice.dh_group != DhGroup.NONE:
@@ -703,7 +893,8 @@ class ChildCreateTask(Task):
                 session_id=ike.session_id,
                 identity=ike.identity,
                 remote=ike.remote,
-                inside_address=ike.inside_address,
+                inside_address=ike.inside_address,  # type: ignore[arg-type]
+                inside_address6=ike.inside_address6,
                 spi_in=spi_in,
                 spi_out=spi_out,
                 key_in=keys.key_i,
@@ -721,7 +912,9 @@ class ChildCreateTask(Task):
         if self.child is None:
             # INTERNAL_ADDRESS_FAILURE / FAILED_CP_REQUIRED went out with config
             error = ex.child_error
-            if error is not None and ex.ike.inside_address is not None:
+            ike = ex.ike
+            given = ike.inside_address is not None or ike.inside_address6 is not None
+            if error is not None and given:
                 ex.response.append(NotifyPayload(ProtocolId.NONE, error))
             return
         ex.response += [
@@ -856,7 +1049,7 @@ def _ike_rekey_task(responder: IkeResponder) -> Task:
 
 
 EXCHANGE_TASKS: dict[int, tuple[Callable[[IkeResponder], Task], ...]] = {
-    ExchangeType.IKE_AUTH: (AuthTask, ConfigTask, ChildCreateTask),
+    ExchangeType.IKE_AUTH: (AuthTask, AuthorizeTask, ConfigTask, ChildCreateTask),
     ExchangeType.INFORMATIONAL: (DeleteTask, LivenessTask),
     ExchangeType.CREATE_CHILD_SA: (_ike_rekey_task, ChildRekeyTask),
 }

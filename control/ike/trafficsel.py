@@ -6,13 +6,14 @@ we allow, field by field: the overlap of the address ranges, of the port
 ranges, and a protocol that is either the common one or the specific one when
 the other side says any. For a remote-access client TSi collapses to the one
 inside address we handed out, and TSr to the intersection of its request with
-the profile's local subnets. Only IPv4 selectors are narrowed for now; IPv6
-ones are narrowed away, which RFC 7296 2.9 permits.
+the profile's local subnets. A dual-stack client gets one selector per
+inside address, IPv4 and IPv6.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 from control.ike.messages import NotifyType, ProtocolError, TrafficSelector, TSType
 
@@ -35,13 +36,16 @@ def ts_from_network(text: str) -> TrafficSelector:
 
 
 def ts_for_address(
-    address: ipaddress.IPv4Address,
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
     ip_protocol: int = 0,
     ports: tuple[int, int] = ANY_PORT,
 ) -> TrafficSelector:
-    return TrafficSelector(
-        TSType.TS_IPV4_ADDR_RANGE, ip_protocol, *ports, address.packed, address.packed
+    kind = (
+        TSType.TS_IPV4_ADDR_RANGE
+        if address.version == 4
+        else (TSType.TS_IPV6_ADDR_RANGE)
     )
+    return TrafficSelector(kind, ip_protocol, *ports, address.packed, address.packed)
 
 
 def ts_to_string(ts: TrafficSelector) -> str:
@@ -75,16 +79,29 @@ def intersect(a: TrafficSelector, b: TrafficSelector) -> TrafficSelector | None:
 
 
 def narrow_tsi(
-    offered: list[TrafficSelector], address: ipaddress.IPv4Address
+    offered: list[TrafficSelector],
+    address: Any,
 ) -> list[TrafficSelector]:
-    """Narrow the initiator's TSi to the inside address we assigned."""
-    own = ts_for_address(address)
-    for ts in offered:
-        result = intersect(ts, own)
-        if result is not None:
-            return [result]
+    """Narrow the initiator's TSi to the inside address(es) we assigned.
+
+    `address` is one address or a list (IPv4Address, IPv6Address or
+    IPv6Interface, whose whole prefix is the client's).
+    """
+    result: list[TrafficSelector] = []
+    for item in address if isinstance(address, list) else [address]:
+        if isinstance(item, ipaddress.IPv6Interface):
+            own = ts_from_network(str(item.network))
+        else:
+            own = ts_for_address(item)
+        for ts in offered:
+            common = intersect(ts, own)
+            if common is not None:
+                result.append(common)
+                break
     # RFC 7296 2.9: nothing acceptable within what was proposed
-    raise ProtocolError(NotifyType.TS_UNACCEPTABLE, f"TSi does not cover {address}")
+    if not result:
+        raise ProtocolError(NotifyType.TS_UNACCEPTABLE, f"TSi does not cover {address}")
+    return result
 
 
 def narrow_tsr(

@@ -1,0 +1,1 @@
+"""AAA for the headend: RADIUS authentication (EAP relay) and its daemon glue."""

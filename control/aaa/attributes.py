@@ -1,0 +1,278 @@
+"""RADIUS authorization attributes, mapped to one per-session policy.
+
+Theory of operation: an Access-Accept (of EAP, or of a PSK or authorization
+request) carries standard attributes (Framed-IP-Address, Framed-IP-Netmask,
+Tunnel-Type, Tunnel-Medium-Type, Tunnel-Password) and Cisco `cisco-avpair`
+strings of the form ``ipsec:NAME=VALUE`` or ``ip:interface-config=...``.
+`parse_authorization` reads them into an `Authorization` whose fields carry
+the same names as the local policy keys, so both sources merge field by
+field. Each `ipsec:` pair has a parser in `AVPAIRS`: pairs we do not know are
+counted and ignored, malformed ones are dropped with a warning naming the
+pair (never its secret value). `Authorization.policy()` turns the result into
+the core's `SessionPolicy` (what config mode and the CHILD SA use).
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from control.ike.profiles import SessionPolicy
+
+log = logging.getLogger("espgate.aaa")
+
+IPv4 = ipaddress.IPv4Address
+SECRET_FIELDS = ("ikev2_password_local", "ikev2_password_remote", "tunnel_password")
+
+
+@dataclass
+class Authorization:
+    """What one AAA answer says about a session; None or empty means unset."""
+
+    framed_ip_address: IPv4 | None = None
+    framed_ip_netmask: IPv4 | None = None
+    tunnel_type: int | None = None
+    tunnel_medium_type: int | None = None
+    tunnel_password: bytes | None = field(default=None, repr=False)
+    addr_pool: str | None = None
+    ipv6_addr_pool: str | None = None
+    group_dhcp_server: IPv4 | None = None
+    dhcp_giaddr: IPv4 | None = None
+    dhcp_timeout: int | None = None
+    dns_servers: list[IPv4] = field(default_factory=list)
+    wins_servers: list[IPv4] = field(default_factory=list)
+    ipv6_dns_servers_addr: list[ipaddress.IPv6Address] = field(default_factory=list)
+    addrv6: ipaddress.IPv6Address | None = None
+    prefix_len: int | None = None
+    route_set_prefix: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(
+        default_factory=list
+    )
+    route_set_interface: str | None = None
+    route_set_access_list: str | None = None
+    route_accept: str | None = None
+    ipsec_flow_limit: int | None = None
+    banner: str | None = None
+    default_domain: str | None = None
+    split_dns: list[str] = field(default_factory=list)
+    ipsec_backup_gateway: list[str] = field(default_factory=list)
+    pfs: bool | None = None
+    include_local_lan: bool | None = None
+    smartcard_removal_disconnect: bool | None = None
+    configuration_url: str | None = None
+    configuration_version: int | None = None
+    interface_config: list[str] = field(default_factory=list)
+    session_lifetime: int | None = None
+    ikev2_password_local: bytes | None = field(default=None, repr=False)
+    ikev2_password_remote: bytes | None = field(default=None, repr=False)
+    unknown: int = 0
+    malformed: int = 0
+
+    def is_empty(self) -> bool:
+        """Tell whether no attribute at all was set."""
+        blank = Authorization()
+        return all(
+            getattr(self, f.name) == getattr(blank, f.name)
+            for f in fields(self)
+            if f.name not in ("unknown", "malformed")
+        )
+
+    def policy(self) -> SessionPolicy:
+        """Return the part the IKE core acts on (config mode, selectors)."""
+        prefixes = [str(p) for p in self.route_set_prefix]
+        return SessionPolicy(
+            address=self.framed_ip_address,
+            netmask=self.framed_ip_netmask,
+            dns=[str(a) for a in self.dns_servers + self.ipv6_dns_servers_addr],
+            wins=[str(a) for a in self.wins_servers],
+            local_ts=prefixes,
+            pool=self.addr_pool,
+            mtu=self.mtu(),
+            pool6=self.ipv6_addr_pool,
+        )
+
+    def mtu(self) -> int | None:
+        """Return the MTU an "ip mtu N" interface-config line sets, if any."""
+        for line in self.interface_config:
+            words = line.split()
+            if words[:2] == ["ip", "mtu"] and len(words) == 3 and words[2].isdigit():
+                return int(words[2])
+        return None
+
+
+def _ipv4(value: str) -> IPv4:
+    return IPv4(value.strip())
+
+
+def _ipv4_list(value: str) -> list[IPv4]:
+    return [IPv4(v) for v in value.replace(",", " ").split()]
+
+
+def _ipv6_list(value: str) -> list[ipaddress.IPv6Address]:
+    return [ipaddress.IPv6Address(v) for v in value.replace(",", " ").split()]
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "enable"):
+        return True
+    if lowered in ("0", "false", "no", "disable"):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        number = int(value)
+        if not low <= number <= high:
+            raise ValueError(f"{number} out of range {low}..{high}")
+        return number
+
+    return parse
+
+
+def _route_accept(value: str) -> str:
+    # "any [tag 1..497777] [distance 1..255]"
+    words = value.split()
+    if words[:1] == ["any"]:
+        words = words[1:]
+    limits = {"tag": (1, 497777), "distance": (1, 255)}
+    if len(words) % 2:
+        raise ValueError(f"expected 'tag N distance N', got {value!r}")
+    for key, number in zip(words[::2], words[1::2], strict=True):
+        if key not in limits:
+            raise ValueError(f"unknown route-accept word {key!r}")
+        _int_in(*limits[key])(number)
+    return value.strip()
+
+
+def _name(value: str) -> str:
+    if not value or len(value) > 255 or any(c in value for c in "\0\n"):
+        raise ValueError("empty or overlong")
+    return value
+
+
+# ipsec:NAME -> (field, parser, appends to a list field)
+AVPAIRS: dict[str, tuple[str, Callable[[str], Any], bool]] = {
+    "addr-pool": ("addr_pool", _name, False),
+    "ipv6-addr-pool": ("ipv6_addr_pool", _name, False),
+    "group-dhcp-server": ("group_dhcp_server", _ipv4, False),
+    "dhcp-giaddr": ("dhcp_giaddr", _ipv4, False),
+    "dhcp-timeout": ("dhcp_timeout", _int_in(1, 120), False),
+    "dns-servers": ("dns_servers", _ipv4_list, False),
+    "wins-servers": ("wins_servers", _ipv4_list, False),
+    "ipv6-dns-servers-addr": ("ipv6_dns_servers_addr", _ipv6_list, False),
+    "addrv6": ("addrv6", ipaddress.IPv6Address, False),
+    "prefix-len": ("prefix_len", _int_in(1, 128), False),
+    "route-accept": ("route_accept", _route_accept, False),
+    "ipsec-flow-limit": ("ipsec_flow_limit", _int_in(0, 50000), False),
+    "banner": ("banner", _name, False),
+    "default-domain": ("default_domain", _name, False),
+    "split-dns": ("split_dns", _name, True),
+    "ipsec-backup-gateway": ("ipsec_backup_gateway", _name, True),
+    "pfs": ("pfs", _bool, False),
+    "include-local-lan": ("include_local_lan", _bool, False),
+    "smartcard-removal-disconnect": ("smartcard_removal_disconnect", _bool, False),
+    "configuration-url": ("configuration_url", _name, False),
+    "configuration-version": ("configuration_version", _int_in(0, 2**31 - 1), False),
+    "ikev2-password-local": ("ikev2_password_local", str.encode, False),
+    "ikev2-password-remote": ("ikev2_password_remote", str.encode, False),
+}
+LIST_LIMITS = {"split_dns": 10, "ipsec_backup_gateway": 10}
+
+
+def _route_set(auth: Authorization, value: str) -> None:
+    # route-set=interface | prefix <net> | access-list <name>
+    kind, _, rest = value.strip().partition(" ")
+    if kind == "prefix":
+        auth.route_set_prefix.append(ipaddress.ip_network(rest.strip()))
+    elif kind == "interface":
+        auth.route_set_interface = "interface"
+    elif kind == "access-list":
+        auth.route_set_access_list = _name(rest.strip())
+    else:
+        raise ValueError(f"unknown route-set kind {kind!r}")
+
+
+def parse_authorization(
+    attributes: dict[str, list[Any]],
+    stats: collections.Counter[str] | None = None,
+) -> Authorization:
+    """Map RADIUS reply attributes by name to an `Authorization`."""
+    auth = Authorization()
+    for value in attributes.get("Framed-IP-Address", [])[:1]:
+        auth.framed_ip_address = _ipv4(str(value))
+    for value in attributes.get("Framed-IP-Netmask", [])[:1]:
+        auth.framed_ip_netmask = _ipv4(str(value))
+    for value in attributes.get("Tunnel-Type", [])[:1]:
+        auth.tunnel_type = int(value[1] if isinstance(value, tuple) else value)
+    for value in attributes.get("Tunnel-Medium-Type", [])[:1]:
+        auth.tunnel_medium_type = int(value[1] if isinstance(value, tuple) else value)
+    for value in attributes.get("Tunnel-Password", [])[:1]:
+        auth.tunnel_password = value if isinstance(value, bytes) else None
+    for value in attributes.get("Session-Timeout", [])[:1]:
+        auth.session_lifetime = int(value)
+    for pair in attributes.get("Cisco-AVPair", []):
+        _avpair(auth, str(pair))
+    if stats is not None:
+        stats["avpair_unknown"] += auth.unknown
+        stats["avpair_malformed"] += auth.malformed
+    return auth
+
+
+def apply_pair(auth: Authorization, name: str, value: str) -> None:
+    """Set the field of one ipsec: pair NAME=VALUE; raise ValueError if bad."""
+    if name == "route-set":
+        _route_set(auth, value)
+        return
+    if name not in AVPAIRS:
+        raise ValueError(f"unknown attribute {name!r}")
+    attr, parse, append = AVPAIRS[name]
+    parsed = parse(value)
+    if append:
+        items = getattr(auth, attr)
+        if len(items) >= LIST_LIMITS.get(attr, 10):
+            raise ValueError(f"more than {LIST_LIMITS.get(attr, 10)} values")
+        items.append(parsed)
+    else:
+        setattr(auth, attr, parsed)
+
+
+def merge(high: Authorization, low: Authorization) -> Authorization:
+    """Return `high` with each unset field taken from `low` (per attribute)."""
+    out = Authorization()
+    blank = Authorization()
+    for f in fields(Authorization):
+        if f.name in ("unknown", "malformed"):
+            continue
+        value = getattr(high, f.name)
+        if value == getattr(blank, f.name):
+            value = getattr(low, f.name)
+        setattr(out, f.name, value)
+    return out
+
+
+def _avpair(auth: Authorization, pair: str) -> None:
+    """Apply one cisco-avpair; count unknown ones, warn on malformed ones."""
+    key, sep, value = pair.partition("=")
+    if not sep:
+        auth.malformed += 1
+        log.warning("malformed cisco-avpair without '=': %.40s", key)
+        return
+    if key == "ip:interface-config":
+        auth.interface_config.append(value)
+        return
+    family, _, name = key.partition(":")
+    if family != "ipsec" or (name != "route-set" and name not in AVPAIRS):
+        auth.unknown += 1
+        return
+    try:
+        apply_pair(auth, name, value)
+    except ValueError as exc:
+        auth.malformed += 1
+        # the value of a password pair is a secret: name the pair only
+        shown = "" if "password" in name else f": {exc}"
+        log.warning("malformed cisco-avpair %s ignored%s", key, shown)
