@@ -54,6 +54,8 @@ IDENTITY_TYPES = ("fqdn", "email", "ipv4", "ipv6", "dn", "keyid")
 REKEY_TIME = (5, 25_920_000)
 # upper bound of the half-open limits in [server]
 HALF_OPEN_MAX = 1_000_000
+# RFC 7383 fragment size, a whole IP datagram: the IPv4 minimum .. IP's maximum
+FRAGMENT_SIZE = (576, 65535)
 
 PathKey = tuple[str | int, ...]
 
@@ -82,6 +84,9 @@ class ServerConfig:
     # (0: always), and how many one source address may hold (0: no limit)
     cookie_threshold: int = 50
     half_open_per_source: int = 10
+    # RFC 7383: largest IP datagram of an IKE fragment we send; 0 = no
+    # fragmentation (neither announced nor used)
+    fragment_size: int = 1280
 
 
 @dataclass(frozen=True)
@@ -313,6 +318,13 @@ class _Reader:
             raise self.error(path, f"{value} is not 0..{HALF_OPEN_MAX}")
         return value
 
+    def fragment_size(self, data: dict[str, Any], path: PathKey) -> int:
+        value = int(self.get(data, path, int, ServerConfig.fragment_size))
+        low, high = FRAGMENT_SIZE
+        if value != 0 and not low <= value <= high:
+            raise self.error(path, f"{value} is not 0 or {low}..{high}")
+        return value
+
     def strings(self, data: dict[str, Any], path: PathKey, default: Any) -> list[str]:
         value = self.get(data, path, list, default)
         for item in value:
@@ -378,6 +390,7 @@ class _Reader:
             half_open_per_source=self.count(
                 data, (*p, "half_open_per_source"), d.half_open_per_source
             ),
+            fragment_size=self.fragment_size(data, (*p, "fragment_size")),
         )
 
     def engine(self, data: dict[str, Any]) -> EngineConfig:

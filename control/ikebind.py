@@ -87,6 +87,7 @@ def build_responder_config(
             cookie_threshold=config.server.cookie_threshold,
             per_source=config.server.half_open_per_source,
         ),
+        fragment_size=config.server.fragment_size,
     )
 
 

@@ -342,3 +342,28 @@ def test_parse_windows_proposals_off_by_default_and_bound():
     profile = build_responder_config(cfg, {}).profiles[0]
     assert DhGroup.MODP_1024 in profile.dh_groups
     assert any(a.integ == IntegId.AUTH_HMAC_SHA1_96 for a in profile.ike_proposals)
+
+
+def _server_line(line: str) -> str:
+    return GOOD.replace('listen = "198.18.1.1"\n', f'listen = "198.18.1.1"\n{line}\n')
+
+
+def test_parse_fragment_size_default_set_and_off() -> None:
+    assert config.parse(GOOD, "t.toml").server.fragment_size == 1280
+    for value in (576, 1200, 0):
+        text = _server_line(f"fragment_size = {value}")
+        assert config.parse(text, "t.toml").server.fragment_size == value
+
+
+@pytest.mark.parametrize("value", ["575", "65536", "-1", '"1280"'])
+def test_parse_fragment_size_out_of_range_rejected(value: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        config.parse(_server_line(f"fragment_size = {value}"), "t.toml")
+    assert exc.value.fieldname == "server.fragment_size" and exc.value.line == 3
+
+
+def test_bind_fragment_size_reaches_the_responder() -> None:
+    from control.ikebind import build_responder_config
+
+    cfg = config.parse(_server_line("fragment_size = 600"), "t.toml")
+    assert build_responder_config(cfg, {}).fragment_size == 600
