@@ -438,3 +438,8 @@ IKE_CASES: dict[str, tuple[str, Any, dict[str, Any]]] = {
 from control.selftest_limits import LIMIT_CASES  # noqa: E402
 
 IKE_CASES.update(LIMIT_CASES)
+
+# IKE fragmentation over a small MTU (RFC 7383)
+from control.selftest_frag import FRAG_CASES  # noqa: E402
+
+IKE_CASES.update(FRAG_CASES)
