@@ -52,6 +52,8 @@ REMOTE_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig", "pubkey")
 IDENTITY_TYPES = ("fqdn", "email", "ipv4", "ipv6", "dn", "keyid")
 # seconds; short values are for tests, the upper bound is 300 days
 REKEY_TIME = (5, 25_920_000)
+# seconds a session may live: 2 minutes .. 300 days (0 = no limit)
+SESSION_LIFETIME = (120, 25_920_000)
 # upper bound of the half-open limits in [server]
 HALF_OPEN_MAX = 1_000_000
 # RFC 7383 fragment size, a whole IP datagram: the IPv4 minimum .. IP's maximum
@@ -130,6 +132,8 @@ class ProfileConfig:
     # seconds until the headend rekeys an SA itself; 0 = never
     ike_rekey_time: int = 86400
     child_rekey_time: int = 28800
+    # seconds until the headend deletes the session, across rekeys; 0 = never
+    session_lifetime: int = 0
     # add the Windows client's IKE proposals (AES-CBC-256, SHA1/SHA2, DH 2/14)
     windows_proposals: bool = False
 
@@ -516,6 +520,12 @@ class _Reader:
                 low, high = REKEY_TIME
                 raise self.error((*p, key), f"{value} is not 0 or {low}..{high}")
             rekey[key] = value
+        lifetime = int(self.get(data, (*p, "session_lifetime"), int, 0))
+        low, high = SESSION_LIFETIME
+        if lifetime != 0 and not low <= lifetime <= high:
+            raise self.error(
+                (*p, "session_lifetime"), f"{lifetime} is not 0 or {low}..{high}"
+            )
         certmap = self.cert_map(data, p)
         if certmap and remote_auth == ["pre-share"]:
             raise self.error(
@@ -553,6 +563,7 @@ class _Reader:
             crl=tuple(crl),
             match_certificate=certmap,
             windows_proposals=self.get(data, (*p, "windows_proposals"), bool, False),
+            session_lifetime=lifetime,
             **rekey,
         )
 

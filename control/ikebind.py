@@ -54,6 +54,7 @@ def build_responder_config(
             cert_map=[CertRule(*rule) for rule in p.match_certificate],
             ike_rekey_time=float(p.ike_rekey_time) or None,
             child_rekey_time=float(p.child_rekey_time) or None,
+            session_lifetime=float(p.session_lifetime) or None,
             **_proposals(p),
         )
         for p in config.profiles

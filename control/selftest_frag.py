@@ -1,4 +1,4 @@
-"""Self-test cases for IKE fragmentation (RFC 7383) over a small MTU (issue 6).
+"""Self-test cases for IKE fragmentation over a small MTU and lifetimes (issue 6).
 
 Theory of operation: like `control.selftest_limits`, each case is a function
 of a running :class:`control.selftest.HeadendLab`, registered through
@@ -14,11 +14,16 @@ requires our response to come back in fragments as small.
 
 ESP needs room under the small MTU too: the client's libipsec TUN (ipsec0)
 is set to 1200 bytes, so TCP's MSS keeps ESP-in-UDP below 1280.
+
+The session-lifetime case gives the profile the shortest lifetime the
+config takes (120 s), checks traffic, then waits for the headend to delete
+the session: the client must log our DELETE and hold no SA afterwards.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +110,42 @@ def _case_fragmentation(
     return case
 
 
+SESSION_LIFETIME = 120
+
+
+def _case_session_lifetime(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    from control.selftest import check_traffic
+
+    client = lab.client()
+    if not client.initiate():
+        return {"client_log": str(client.log_path)}, ["tunnel did not come up"]
+    up_at = time.monotonic()
+    detail, failures = check_traffic(lab, client, TRANSFER)
+
+    # the headend deletes the session once its lifetime is over
+    deadline = up_at + SESSION_LIFETIME + 30
+    deleted = False
+    while time.monotonic() < deadline and not deleted:
+        time.sleep(1.0)
+        log = client.log_path.read_text(errors="replace")
+        deleted = "received DELETE for IKE_SA" in log
+    detail["seconds_to_delete"] = round(time.monotonic() - up_at, 1)
+    if not deleted:
+        failures.append("the client saw no DELETE of its IKE SA")
+    elif detail["seconds_to_delete"] < SESSION_LIFETIME - 5:
+        failures.append(f"deleted early, after {detail['seconds_to_delete']} s")
+    time.sleep(1.0)
+    detail["client_sas_after"] = client.list_sas()
+    detail["headend_sessions_after"] = lab.show()["sessions"]
+    counters = dict(lab.show("counters")["ike"])
+    detail["session_expired"] = counters.get("session_expired", 0)
+    if detail["client_sas_after"] or detail["headend_sessions_after"]:
+        failures.append("an SA outlived the session lifetime")
+    if detail["session_expired"] != 1:
+        failures.append(f"headend counted {detail['session_expired']} expiries")
+    return detail, failures
+
+
 FRAG_CASES: dict[str, tuple[str, Any, dict[str, Any]]] = {
     "fragmentation-small-mtu": (
         "RSA chains both ways over a 1280-byte MTU: IKE_AUTH fragmented both "
@@ -119,3 +160,9 @@ FRAG_CASES: dict[str, tuple[str, Any, dict[str, Any]]] = {
         {"pki": {"kind": "rsa", "chain": True}, "auth": ("rsa-sig", ["rsa-sig"])},
     ),
 }
+FRAG_CASES["session-lifetime"] = (
+    f"a profile's session_lifetime of {SESSION_LIFETIME} s: traffic, then the "
+    "headend deletes the session on time",
+    _case_session_lifetime,
+    {"profile_keys": {"session_lifetime": SESSION_LIFETIME}},
+)

@@ -367,3 +367,20 @@ def test_bind_fragment_size_reaches_the_responder() -> None:
 
     cfg = config.parse(_server_line("fragment_size = 600"), "t.toml")
     assert build_responder_config(cfg, {}).fragment_size == 600
+
+
+def test_parse_session_lifetime_default_and_bounds() -> None:
+    from control.ikebind import build_responder_config
+
+    assert config.parse(GOOD, "t.toml").profiles[0].session_lifetime == 0
+    for value in (120, 25_920_000):
+        cfg = _rekey_config(f"session_lifetime = {value}\n")
+        assert cfg.profiles[0].session_lifetime == value
+        bound = build_responder_config(cfg, {}).profiles[0]
+        assert bound.session_lifetime == value
+
+
+@pytest.mark.parametrize("value", [119, 25_920_001, -1])
+def test_parse_session_lifetime_out_of_range_rejected(value: int) -> None:
+    with pytest.raises(ConfigError, match="session_lifetime: .* is not 0 or 120"):
+        _rekey_config(f"session_lifetime = {value}\n")

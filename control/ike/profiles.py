@@ -180,6 +180,9 @@ class Profile:
     # seconds until we rekey an SA ourselves (less up to 10% jitter); None: never
     ike_rekey_time: float | None = 86400.0
     child_rekey_time: float | None = 28800.0
+    # seconds a session may live in all, across IKE rekeys; the headend
+    # deletes it then; None: no limit
+    session_lifetime: float | None = None
 
     def __post_init__(self) -> None:
         assert self.local_auth in LOCAL_AUTH, f"Bad local auth {self.local_auth!r}"

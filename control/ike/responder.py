@@ -33,7 +33,9 @@ RFC 7296 3.15.4 describes; the client normally deletes it. Events are only
 emitted for SAs that authenticated: a half-open SA dies silently. INITIAL_CONTACT
 replaces older SAs of the same identity. CREATE_CHILD_SA creates or rekeys
 CHILD SAs (with PFS when offered) and rekeys the IKE SA
-(`control.ike.rekey`): the session keeps its id across IKE SA generations.
+(`control.ike.rekey`): the session keeps its id across IKE SA generations,
+and its lifetime (`Profile.session_lifetime`): when that ends we delete the
+IKE SA ourselves.
 `PeerMoved` (beyond the core API) reports an authenticated change of the
 peer's address.
 """
@@ -194,6 +196,8 @@ class IkeResponder:
                 deadlines.append(ike.pending.deadline)
             if ike.state == IkeState.ESTABLISHED and not ike.superseded:
                 deadlines += initiate.rekey_deadlines(ike)
+                if ike.expires_at is not None:
+                    deadlines.append(ike.expires_at)
         return min(deadlines, default=None)
 
     def handle_timer(self, now: float) -> None:
@@ -329,6 +333,7 @@ class IkeResponder:
         new.established_at = now
         assert new.profile is not None
         new.rekey_at = self.rekey_deadline(new.profile.ike_rekey_time, now)
+        new.expires_at = old.expires_at
         self._sas[new.our_spi] = new
         self.counters["ike_rekeyed"] += 1
         old.log.info("ike sa rekeyed, new spis %s/%s", new.spi_i.hex(), new.spi_r.hex())
@@ -758,6 +763,15 @@ class IkeResponder:
                 self.counters["half_open_expired"] += 1
                 self._kill(ike, "half-open timeout")
                 continue
+            if (
+                ike.state == IkeState.ESTABLISHED
+                and not ike.superseded
+                and ike.expires_at is not None
+                and now >= ike.expires_at
+            ):
+                self.counters["session_expired"] += 1
+                ike.log.info("session lifetime over, deleting")
+                self.delete_ike_sa(ike.session_id, now)
             if ike.state == IkeState.ESTABLISHED and not ike.superseded:
                 initiate.start_due_rekeys(self, ike, now)
             pending = ike.pending
@@ -781,6 +795,8 @@ class IkeResponder:
         ike.half_open_deadline = None
         assert ike.profile is not None
         ike.rekey_at = self.rekey_deadline(ike.profile.ike_rekey_time, now)
+        if ike.profile.session_lifetime is not None:
+            ike.expires_at = now + ike.profile.session_lifetime
         for key, value in list(self._half_open.items()):
             if value is ike:
                 del self._half_open[key]

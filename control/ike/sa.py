@@ -143,6 +143,8 @@ class IkeSA:
     we_initiated: bool = False
     # when we rekey it (lifetime); None: never
     rekey_at: float | None = None
+    # when the session's lifetime ends and we delete it; None: never
+    expires_at: float | None = None
     # our IKE rekey in flight on this SA (control.ike.initiate.IkeRekeyRequest)
     rekeying: Any = field(default=None, repr=False)
     # our CHILD rekeys in flight by the old SA's inbound SPI (ChildRekeyRequest)
