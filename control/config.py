@@ -61,11 +61,15 @@ REMOTE_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig", "pubkey", "eap")
 IDENTITY_TYPES = ("fqdn", "email", "ipv4", "ipv6", "dn", "keyid")
 # seconds; short values are for tests, the upper bound is 300 days
 REKEY_TIME = (5, 25_920_000)
+# seconds a session may live: 2 minutes .. 300 days (0 = no limit)
+SESSION_LIFETIME = (120, 25_920_000)
 # upper bound of the half-open limits in [server]
 HALF_OPEN_MAX = 1_000_000
 # CHILD SAs per session (0 = no limit); liveness delays in seconds
 FLOW_LIMIT = (0, 50_000)
 DPD_DELAY = (1, 86_400)
+# RFC 7383 fragment size, a whole IP datagram: the IPv4 minimum .. IP's maximum
+FRAGMENT_SIZE = (576, 65535)
 
 PathKey = tuple[str | int, ...]
 
@@ -125,6 +129,9 @@ class ServerConfig:
     # (0: always), and how many one source address may hold (0: no limit)
     cookie_threshold: int = 50
     half_open_per_source: int = 10
+    # RFC 7383: largest IP datagram of an IKE fragment we send; 0 = no
+    # fragmentation (neither announced nor used)
+    fragment_size: int = 1280
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,8 @@ class ProfileConfig:
     # seconds until the headend rekeys an SA itself; 0 = never
     ike_rekey_time: int = 86400
     child_rekey_time: int = 28800
+    # seconds until the headend deletes the session, across rekeys; 0 = never
+    session_lifetime: int = 0
     # add the Windows client's IKE proposals (AES-CBC-256, SHA1/SHA2, DH 2/14)
     windows_proposals: bool = False
     # CHILD SAs per session; 0 = no limit
@@ -408,6 +417,13 @@ class _Reader:
             raise self.error(path, f"{value} is not 0..{HALF_OPEN_MAX}")
         return value
 
+    def fragment_size(self, data: dict[str, Any], path: PathKey) -> int:
+        value = int(self.get(data, path, int, ServerConfig.fragment_size))
+        low, high = FRAGMENT_SIZE
+        if value != 0 and not low <= value <= high:
+            raise self.error(path, f"{value} is not 0 or {low}..{high}")
+        return value
+
     def strings(self, data: dict[str, Any], path: PathKey, default: Any) -> list[str]:
         value = self.get(data, path, list, default)
         for item in value:
@@ -625,6 +641,7 @@ class _Reader:
             half_open_per_source=self.count(
                 data, (*p, "half_open_per_source"), d.half_open_per_source
             ),
+            fragment_size=self.fragment_size(data, (*p, "fragment_size")),
         )
 
     def engine(self, data: dict[str, Any]) -> EngineConfig:
@@ -801,6 +818,12 @@ class _Reader:
                 raise self.error((*p, key), f"{value} is not 0 or {low}..{high}")
             rekey[key] = value
         liveness = self.liveness(data, p)
+        lifetime = int(self.get(data, (*p, "session_lifetime"), int, 0))
+        low, high = SESSION_LIFETIME
+        if lifetime != 0 and not low <= lifetime <= high:
+            raise self.error(
+                (*p, "session_lifetime"), f"{lifetime} is not 0 or {low}..{high}"
+            )
         certmap = self.cert_map(data, p)
         if certmap and remote_auth == ["pre-share"]:
             raise self.error(
@@ -849,6 +872,7 @@ class _Reader:
             crl=tuple(crl),
             match_certificate=certmap,
             windows_proposals=self.get(data, (*p, "windows_proposals"), bool, False),
+            session_lifetime=lifetime,
             **rekey,
             **liveness,
             eap_query_identity=eap_query,

@@ -55,6 +55,7 @@ def build_responder_config(
             cert_map=[CertRule(*rule) for rule in p.match_certificate],
             ike_rekey_time=float(p.ike_rekey_time) or None,
             child_rekey_time=float(p.child_rekey_time) or None,
+            session_lifetime=float(p.session_lifetime) or None,
             **_proposals(p),
             flow_limit=p.flow_limit,
             dpd_delay=float(p.dpd_delay) or None,
@@ -114,6 +115,7 @@ def build_responder_config(
             cookie_threshold=config.server.cookie_threshold,
             per_source=config.server.half_open_per_source,
         ),
+        fragment_size=config.server.fragment_size,
     )
 
 

@@ -687,3 +687,8 @@ from control.selftest_limits import LIMIT_CASES  # noqa: E402
 
 IKE_CASES.update(LIMIT_CASES)
 IKE_CASES.update(SESSION_CASES)
+
+# IKE fragmentation over a small MTU (RFC 7383)
+from control.selftest_frag import FRAG_CASES  # noqa: E402
+
+IKE_CASES.update(FRAG_CASES)

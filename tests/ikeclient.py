@@ -40,6 +40,7 @@ from control.ike.messages import (
     CPPayload,
     DeletePayload,
     EncrId,
+    EncryptedFragmentPayload,
     EncryptedPayload,
     ExchangeType,
     Header,
@@ -386,6 +387,70 @@ class IkeClient:
         body = prefix + iv + enc.update(padded) + enc.finalize()
         return body + hmac.new(sk_a, body, hashlib.sha256).digest()[:16]
 
+    def seal_fragments(
+        self,
+        exchange: int,
+        mid: int,
+        payloads: list[Payload],
+        flags: int,
+        datagram_size: int,
+    ) -> list[bytes]:
+        """Seal a message as Encrypted Fragments (RFC 7383 2.5), each alone."""
+        first, plain = push_payloads(payloads)
+        gcm = self.encr == EncrId.ENCR_AES_GCM_16
+        iv_size = 8 if gcm else 16
+        # header 28, SKF header 4, number and total 4, IV, ICV 16
+        room = datagram_size - 36 - iv_size - 16
+        chunk = room - 1 if gcm else room // 16 * 16 - 1
+        pieces = [plain[i : i + chunk] for i in range(0, len(plain), chunk)]
+        sk_e, sk_a = (self.sk_er, self.sk_ar) if self.we_respond else (
+            self.sk_ei, self.sk_ai)  # fmt: skip
+        out = []
+        for number, piece in enumerate(pieces, start=1):
+            if gcm:
+                padded = piece + b"\x00"
+            else:
+                pad = (-(len(piece) + 1)) % 16
+                padded = piece + bytes(pad) + bytes([pad])
+            iv = os.urandom(iv_size)
+            skf_len = 8 + iv_size + len(padded) + 16
+            header = Header(
+                self.spi_i, self.spi_r, PayloadType.SKF, 0x20, exchange, flags, mid,
+                28 + skf_len,
+            )  # fmt: skip
+            prefix = (
+                self._header_bytes(header)
+                + bytes([first if number == 1 else 0, 0])
+                + skf_len.to_bytes(2, "big")
+                + number.to_bytes(2, "big")
+                + len(pieces).to_bytes(2, "big")
+            )
+            if gcm:
+                aead = AESGCM(sk_e[:-4])
+                out.append(prefix + iv + aead.encrypt(sk_e[-4:] + iv, padded, prefix))
+                continue
+            enc = Cipher(algorithms.AES(sk_e), modes.CBC(iv)).encryptor()
+            body = prefix + iv + enc.update(padded) + enc.finalize()
+            out.append(body + hmac.new(sk_a, body, hashlib.sha256).digest()[:16])
+        return out
+
+    def open_fragments(self, datagrams: list[bytes]) -> tuple[Header, list[Payload]]:
+        """Verify, decrypt and join the responder's fragments of one message."""
+        chunks: dict[int, bytes] = {}
+        first = 0
+        header = None
+        for data in datagrams:
+            message = pull_message(data)
+            skf = message.payloads[-1]
+            assert isinstance(skf, EncryptedFragmentPayload)
+            header = message.header
+            chunks[skf.number] = self._decrypt(data, len(data) - len(skf.data))
+            first = skf.first_payload if skf.number == 1 else first
+            total = skf.total
+        assert header is not None and sorted(chunks) == list(range(1, total + 1))
+        plain = b"".join(chunks[n] for n in sorted(chunks))
+        return header, pull_payloads(plain, first)
+
     @staticmethod
     def _header_bytes(h: Header) -> bytes:
         return (
@@ -401,7 +466,10 @@ class IkeClient:
         message = pull_message(data)
         sk = message.payloads[-1]
         assert isinstance(sk, EncryptedPayload)
-        offset = len(data) - len(sk.data)
+        plain = self._decrypt(data, len(data) - len(sk.data))
+        return message.header, pull_payloads(plain, sk.first_payload)
+
+    def _decrypt(self, data: bytes, offset: int) -> bytes:
         sk_e, sk_a = (self.sk_ei, self.sk_ai) if self.we_respond else (
             self.sk_er, self.sk_ar)  # fmt: skip
         if self.encr == EncrId.ENCR_AES_GCM_16:
@@ -415,8 +483,7 @@ class IkeClient:
             iv = data[offset : offset + 16]
             dec = Cipher(algorithms.AES(sk_e), modes.CBC(iv)).decryptor()
             padded = dec.update(data[offset + 16 : -16]) + dec.finalize()
-        plain = padded[: -(padded[-1] + 1)]
-        return message.header, pull_payloads(plain, sk.first_payload)
+        return padded[: -(padded[-1] + 1)]
 
     # -- IKE_AUTH -----------------------------------------------------------------
 
@@ -450,6 +517,27 @@ class IkeClient:
 
     def auth_request(self, extra: list[Payload] | None = None) -> bytes:
         """Build the IKE_AUTH request the way strongSwan lays it out."""
+        self.auth_req = self.seal(
+            ExchangeType.IKE_AUTH, 1, self.auth_payloads(extra), HeaderFlag.INITIATOR
+        )
+        self.next_mid = 2
+        return self.auth_req
+
+    def auth_request_fragments(
+        self, datagram_size: int, extra: list[Payload] | None = None
+    ) -> list[bytes]:
+        """Build the IKE_AUTH request as RFC 7383 fragments of that UDP size."""
+        self.next_mid = 2
+        return self.seal_fragments(
+            ExchangeType.IKE_AUTH,
+            1,
+            self.auth_payloads(extra),
+            HeaderFlag.INITIATOR,
+            datagram_size,
+        )
+
+    def auth_payloads(self, extra: list[Payload] | None = None) -> list[Payload]:
+        """Return the IKE_AUTH request's payloads in strongSwan's order."""
         idi = IDiPayload(self.identity.type, self.identity.data)
         payloads: list[Payload] = [
             idi,
@@ -483,15 +571,16 @@ class IkeClient:
             NotifyPayload(0, NotifyType.EAP_ONLY_AUTHENTICATION),
         ]
         payloads += extra or []
-        self.auth_req = self.seal(
-            ExchangeType.IKE_AUTH, 1, payloads, HeaderFlag.INITIATOR
-        )
-        self.next_mid = 2
-        return self.auth_req
+        return payloads
 
-    def handle_auth_response(self, data: bytes) -> AuthResult:
+    def handle_auth_response(self, data: bytes | list[bytes]) -> AuthResult:
         """Check the responder's AUTH and derive the CHILD SA keys."""
-        header, payloads = self.open(data)
+        if isinstance(data, list) and len(data) == 1:
+            data = data[0]
+        if isinstance(data, list):
+            header, payloads = self.open_fragments(data)
+        else:
+            header, payloads = self.open(data)
         assert header.is_response and header.message_id == 1
         errors = [p for p in payloads if isinstance(p, NotifyPayload) and p.is_error]
         if errors and not any(isinstance(p, AuthPayload) for p in payloads):

@@ -369,3 +369,45 @@ def test_profile_flow_limit_or_liveness_out_of_range_is_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=problem):
         _rekey_config(line + "\n")
+
+
+def _server_line(line: str) -> str:
+    return GOOD.replace('listen = "198.18.1.1"\n', f'listen = "198.18.1.1"\n{line}\n')
+
+
+def test_parse_fragment_size_default_set_and_off() -> None:
+    assert config.parse(GOOD, "t.toml").server.fragment_size == 1280
+    for value in (576, 1200, 0):
+        text = _server_line(f"fragment_size = {value}")
+        assert config.parse(text, "t.toml").server.fragment_size == value
+
+
+@pytest.mark.parametrize("value", ["575", "65536", "-1", '"1280"'])
+def test_parse_fragment_size_out_of_range_rejected(value: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        config.parse(_server_line(f"fragment_size = {value}"), "t.toml")
+    assert exc.value.fieldname == "server.fragment_size" and exc.value.line == 3
+
+
+def test_bind_fragment_size_reaches_the_responder() -> None:
+    from control.ikebind import build_responder_config
+
+    cfg = config.parse(_server_line("fragment_size = 600"), "t.toml")
+    assert build_responder_config(cfg, {}).fragment_size == 600
+
+
+def test_parse_session_lifetime_default_and_bounds() -> None:
+    from control.ikebind import build_responder_config
+
+    assert config.parse(GOOD, "t.toml").profiles[0].session_lifetime == 0
+    for value in (120, 25_920_000):
+        cfg = _rekey_config(f"session_lifetime = {value}\n")
+        assert cfg.profiles[0].session_lifetime == value
+        bound = build_responder_config(cfg, {}).profiles[0]
+        assert bound.session_lifetime == value
+
+
+@pytest.mark.parametrize("value", [119, 25_920_001, -1])
+def test_parse_session_lifetime_out_of_range_rejected(value: int) -> None:
+    with pytest.raises(ConfigError, match="session_lifetime: .* is not 0 or 120"):
+        _rekey_config(f"session_lifetime = {value}\n")

@@ -42,7 +42,7 @@ def verdicts(tmp_path_factory):
          "asymmetric-cert-psk", "unknown-identity-rejected", "profile-match-identity",
          "profile-match-certmap", "child-rekey-pfs", "ike-rekey",
          "rekey-under-traffic-no-loss", "headend-child-rekey", "delete-by-server",
-         "initial-contact"]
+         "initial-contact", "fragmentation-small-mtu"]
     )
     env = dict(os.environ, ESPGATE_LAB_PREFIX=LAB)
     proc = subprocess.run([ESPGATE, "selftest", "--cases", cases, "--json", str(out)],
@@ -165,3 +165,14 @@ def test_headend_rekeys_child_sa_with_pfs_retry(verdicts):
     assert d["child_spis_before"] != d["child_spis_after"]
     assert d["ike_counters"]["child_rekey_refused_NO_PROPOSAL_CHOSEN"] == 1
     assert d["transfer"]["match"] and len(d["headend_children"]) == 1
+
+
+def test_fragmentation_both_ways_over_small_mtu(verdicts):
+    results, _ = verdicts
+    r = results["fragmentation-small-mtu"]
+    assert r["passed"], r["detail"]["failures"]
+    d = r["detail"]
+    assert d["client_split_into"] and d["client_reassembled"]
+    assert d["ike_counters"]["reassembled"] >= 1 and d["ike_counters"]["fragmented"]
+    assert d["handshake_capture"]["by_proto"].get("other", 0) == 0
+    assert d["transfer"]["match"]

@@ -13,7 +13,9 @@ AES key followed by a 4-byte salt, the nonce is salt | 8-byte explicit IV, the
 AAD is the IKE header through the SK generic header, the 16-byte tag is the
 ICV, and no integrity key exists. AES-CBC with HMAC-SHA2-256-128: a random
 16-byte IV, padding to the block size, and an ICV over the whole message up to
-the ICV itself.
+the ICV itself. An Encrypted Fragment payload (RFC 7383 2.5) is sealed the same
+way, one fragment at a time: its AAD or ICV covers the IKE header, the SKF
+generic header and the fragment number and total.
 
 Everything here is pure computation; randomness comes from the `rng` callable
 the caller passes, so tests can replay exchanges.
@@ -32,11 +34,13 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from control.ike.messages import (
+    FRAGMENT_FIELDS_LENGTH,
     GENERIC_HEADER_LENGTH,
     HEADER_LENGTH,
     DecodeError,
     DhGroup,
     EncrId,
+    EncryptedFragmentPayload,
     EncryptedPayload,
     Header,
     IntegId,
@@ -507,3 +511,59 @@ def open_message(data: bytes, message: Message, cipher: SkCipher) -> list[Payloa
     body_offset = len(data) - len(sk.data)
     plaintext = cipher.open(data, body_offset)
     return pull_payloads(plaintext, sk.first_payload)
+
+
+def fragment_chunk_size(cipher: SkCipher, datagram_size: int) -> int:
+    """Return how much plaintext fits one fragment of `datagram_size` bytes."""
+    overhead = HEADER_LENGTH + GENERIC_HEADER_LENGTH + FRAGMENT_FIELDS_LENGTH
+    room = datagram_size - overhead - cipher.iv_size - cipher.icv_size
+    # the padded plaintext (with its pad length octet) is whole blocks
+    return (room // cipher.block_size) * cipher.block_size - 1
+
+
+def seal_fragments(
+    header: Header, payloads: list[Payload], cipher: SkCipher, datagram_size: int
+) -> list[bytes]:
+    """Serialize `payloads` as Encrypted Fragment datagrams of at most that size.
+
+    RFC 7383 2.5: every fragment carries the original message's header and
+    message ID, and is protected on its own.
+    """
+    first, plaintext = push_payloads(payloads)
+    chunk = fragment_chunk_size(cipher, datagram_size)
+    assert chunk > 0, f"fragment size {datagram_size} leaves no room"
+    pieces = [plaintext[i : i + chunk] for i in range(0, len(plaintext), chunk)]
+    pieces = pieces or [b""]
+    out = []
+    for number, piece in enumerate(pieces, start=1):
+        padded = cipher.padded(piece)
+        skf_length = (
+            GENERIC_HEADER_LENGTH
+            + FRAGMENT_FIELDS_LENGTH
+            + cipher.sealed_size(len(padded))
+        )
+        header.next_payload = PayloadType.SKF
+        header.length = HEADER_LENGTH + skf_length
+        prefix = (
+            push_header(header)
+            + bytes([first if number == 1 else PayloadType.NONE, 0])
+            + skf_length.to_bytes(2, "big")
+            + number.to_bytes(2, "big")
+            + len(pieces).to_bytes(2, "big")
+        )
+        out.append(prefix + cipher.seal(prefix, padded))
+    return out
+
+
+def open_fragment(data: bytes, message: Message, cipher: SkCipher) -> bytes:
+    """Verify and decrypt one Encrypted Fragment; return its plaintext chunk.
+
+    Raises IntegrityError when the ICV fails.
+    """
+    skf = message.payloads[-1] if message.payloads else None
+    assert isinstance(skf, EncryptedFragmentPayload), "message is not a fragment"
+    try:
+        return cipher.open(data, len(data) - len(skf.data))
+    except DecodeError as exc:
+        # bad padding inside a verified fragment: the sender is broken
+        raise IntegrityError(str(exc)) from exc

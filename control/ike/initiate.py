@@ -479,6 +479,8 @@ class IkeRekeyRequest:
             self_behind_nat=old.self_behind_nat,
             peer_sig_hashes=old.peer_sig_hashes,
             peer_certreq=old.peer_certreq,
+            fragmentation=old.fragmentation,
+            peer_fragment_size=old.peer_fragment_size,
             expected_request_id=0,
             session=old.session_id,
             we_initiated=True,

@@ -7,7 +7,8 @@ list of dataclasses (fields in wire order); `push_message` does the reverse and
 fills in every length. The Encrypted payload (SK) is always last: its generic
 header names the first *inner* payload, and its body (IV, ciphertext, ICV) is
 kept opaque here; `control.ike.crypto` opens it and hands the plaintext back to
-`pull_payloads` with that first inner type.
+`pull_payloads` with that first inner type. The Encrypted Fragment payload
+(SKF, RFC 7383) is parsed the same way, with its fragment number and total.
 
 Every structure checks its own lengths. Anything malformed raises
 `DecodeError` (a `ValueError`) and nothing else; an unknown payload is skipped
@@ -960,6 +961,43 @@ class EncryptedPayload(Payload):
     data: bytes
 
 
+# Encrypted Fragment payload body (RFC 7383 2.5); `first_payload` is the
+# first inner payload's type in fragment 1 and zero in the others:
+# +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+# |        Fragment Number        |        Total Fragments        |
+# +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+# |                     Initialization Vector                     |
+# +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+# ~                Encrypted content, padding, ICV                ~
+# +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+FRAGMENT_FIELDS_LENGTH = 4
+
+
+@dataclass
+class EncryptedFragmentPayload(Payload):
+    TYPE: ClassVar[int] = PayloadType.SKF
+    first_payload: int
+    number: int
+    total: int
+    data: bytes
+
+    @classmethod
+    def pull_fragment(cls, first_payload: int, body: bytes) -> EncryptedFragmentPayload:
+        buf = Buffer(body)
+        number = buf.pull_uint16()
+        total = buf.pull_uint16()
+        # RFC 7383 2.5: numbers start at 1 and never exceed the total
+        if not 1 <= number <= total:
+            raise DecodeError(f"fragment number {number} of {total}")
+        # RFC 7383 2.5: only the first fragment names the first inner payload
+        if number != 1 and first_payload != PayloadType.NONE:
+            raise DecodeError(f"fragment {number} names next payload {first_payload}")
+        return cls(first_payload, number, total, buf.pull_bytes(buf.remaining()))
+
+    def push_body(self) -> bytes:
+        return struct.pack("!HH", self.number, self.total) + self.data
+
+
 @dataclass
 class UnknownPayload(Payload):
     payload_type_code: int
@@ -1014,6 +1052,12 @@ def pull_payloads(data: bytes, first: int) -> list[Payload]:
                 raise DecodeError("encrypted payload is not the last payload")
             payloads.append(EncryptedPayload(next_type, body))
             break
+        if ptype == PayloadType.SKF:
+            # RFC 7383 2.5: the Encrypted Fragment payload is the last one
+            if not buf.eof():
+                raise DecodeError("encrypted fragment is not the last payload")
+            payloads.append(EncryptedFragmentPayload.pull_fragment(next_type, body))
+            break
         cls = PAYLOAD_CLASSES.get(ptype)
         if cls is None:
             # RFC 7296 2.5: skip unknown payloads unless marked critical
@@ -1039,10 +1083,12 @@ def push_payloads(payloads: Sequence[Payload]) -> tuple[int, bytes]:
     """Serialize a chain; return the first payload's type and the bytes."""
     out = []
     for i, payload in enumerate(payloads):
-        if isinstance(payload, EncryptedPayload):
+        if isinstance(payload, EncryptedPayload | EncryptedFragmentPayload):
             assert i == len(payloads) - 1, "encrypted payload must be last"
             next_type = payload.first_payload
             body = payload.data
+            if isinstance(payload, EncryptedFragmentPayload):
+                body = payload.push_body()
         else:
             next_type = payloads[i + 1].payload_type if i + 1 < len(payloads) else 0
             body = payload.push_body()

@@ -22,6 +22,7 @@ from cryptography import x509
 from control.ike import matching
 from control.ike.certs import Credential, TrustStore
 from control.ike.cookies import GuardConfig
+from control.ike.fragments import DEFAULT_FRAGMENT_SIZE
 from control.ike.matching import CertRule
 from control.ike.messages import DhGroup, EncrId, IDType, IntegId, PrfId
 
@@ -194,6 +195,9 @@ class Profile:
     authorize: bool = False
     # no pool: IPv4 addresses come from DHCP through the daemon's relay
     dhcp: bool = False
+    # seconds a session may live in all, across IKE rekeys; the headend
+    # deletes it then; None: no limit
+    session_lifetime: float | None = None
 
     def __post_init__(self) -> None:
         assert self.local_auth in LOCAL_AUTH, f"Bad local auth {self.local_auth!r}"
@@ -256,6 +260,9 @@ class ResponderConfig:
     # wall clock (POSIX seconds) for certificate validity; injected for tests
     wall_clock: Callable[[], float] = time.time
     half_open_timeout: float = 30.0
+    # RFC 7383: the largest IP datagram we send an IKE fragment in; 0: we
+    # neither announce nor use fragmentation
+    fragment_size: int = DEFAULT_FRAGMENT_SIZE
     retransmit_timeout: float = 2.0
     retransmit_tries: int = 5
     # cookie threshold and half-open limit per source (RFC 7296 2.6)

@@ -167,6 +167,8 @@ class IkeRekeyTask(Task):
             self_behind_nat=ike.self_behind_nat,
             peer_sig_hashes=ike.peer_sig_hashes,
             peer_certreq=ike.peer_certreq,
+            fragmentation=ike.fragmentation,
+            peer_fragment_size=ike.peer_fragment_size,
             expected_request_id=0,
             session=ike.session_id,
         )

@@ -19,6 +19,13 @@ A datagram goes through these steps:
    process it and build the response in a documented order.
 4. A response to one of our own requests (deletes) completes that request.
 
+Fragmentation (RFC 7383, `control.ike.fragments`): once IKE_SA_INIT showed
+that both sides support it, a request or response may arrive as Encrypted
+Fragments; each is verified and decrypted alone, then reassembled, and the
+whole message continues at step 3. Whatever we send that would not fit
+`ResponderConfig.fragment_size` goes out as fragments, and a retransmission
+resends all of them.
+
 Choices worth knowing: a failed IKE_AUTH (wrong PSK, unknown identity, no
 acceptable profile) answers AUTHENTICATION_FAILED and forgets the SA. When
 the address allocator returns None the IKE SA stays up without a CHILD SA, as
@@ -26,7 +33,9 @@ RFC 7296 3.15.4 describes; the client normally deletes it. Events are only
 emitted for SAs that authenticated: a half-open SA dies silently. INITIAL_CONTACT
 replaces older SAs of the same identity. CREATE_CHILD_SA creates or rekeys
 CHILD SAs (with PFS when offered) and rekeys the IKE SA
-(`control.ike.rekey`): the session keeps its id across IKE SA generations.
+(`control.ike.rekey`): the session keeps its id across IKE SA generations,
+and its lifetime (`Profile.session_lifetime`): when that ends we delete the
+IKE SA ourselves.
 `PeerMoved` (beyond the core API) reports an authenticated change of the
 peer's address.
 """
@@ -46,7 +55,14 @@ from cryptography.hazmat.primitives.hashes import SHA256
 
 from control.ike import eap, initiate, liveness
 from control.ike.cookies import InitGuard, Verdict
-from control.ike.crypto import IntegrityError, Prf, open_message, seal_message
+from control.ike.crypto import (
+    IntegrityError,
+    Prf,
+    open_fragment,
+    open_message,
+    seal_fragments,
+    seal_message,
+)
 from control.ike.eap import AaaRequest, AaaResult
 from control.ike.events import (
     Address,
@@ -57,11 +73,13 @@ from control.ike.events import (
     IkeSADown,
     IkeSAUp,
 )
+from control.ike.fragments import MIN_FRAGMENT_SIZE, datagram_budget, ip_size
 from control.ike.messages import (
     HEADER_LENGTH,
     IKE_VERSION,
     DecodeError,
     DeletePayload,
+    EncryptedFragmentPayload,
     EncryptedPayload,
     ExchangeType,
     Header,
@@ -75,6 +93,7 @@ from control.ike.messages import (
     ProtocolId,
     notify_name,
     pull_message,
+    pull_payloads,
     push_message,
 )
 from control.ike.profiles import (
@@ -200,6 +219,8 @@ class IkeResponder:
                 deadlines += initiate.rekey_deadlines(ike)
                 if (due := liveness.deadline(ike)) is not None:
                     deadlines.append(due)
+                if ike.expires_at is not None:
+                    deadlines.append(ike.expires_at)
         return min(deadlines, default=None)
 
     def handle_timer(self, now: float) -> None:
@@ -362,6 +383,7 @@ class IkeResponder:
         new.established_at = now
         assert new.profile is not None
         new.rekey_at = self.rekey_deadline(new.profile.ike_rekey_time, now)
+        new.expires_at = old.expires_at
         self._sas[new.our_spi] = new
         self.counters["ike_rekeyed"] += 1
         old.log.info("ike sa rekeyed, new spis %s/%s", new.spi_i.hex(), new.spi_r.hex())
@@ -416,9 +438,10 @@ class IkeResponder:
         if header.is_initiator == ike.we_initiated:
             self.counters["drop_flags"] += 1
             return
-        # RFC 7296 3.14: every message after IKE_SA_INIT is encrypted
+        # RFC 7296 3.14: every message after IKE_SA_INIT is encrypted (or
+        # an encrypted fragment, RFC 7383 2.5)
         if not message.payloads or not isinstance(
-            message.payloads[-1], EncryptedPayload
+            message.payloads[-1], EncryptedPayload | EncryptedFragmentPayload
         ):
             self.counters["drop_unencrypted"] += 1
             return
@@ -513,11 +536,9 @@ class IkeResponder:
 
         # RFC 7296 2.1: the request we answered last gets the same response
         if mid == ike.expected_request_id - 1 and ike.last_response is not None:
-            if ike.last_request_digest == hashlib.sha256(data).digest() or (
-                self._verify(ike, message, data) is not None
-            ):
+            if self._is_retransmission(ike, message, data):
                 self.counters["retransmitted_response"] += 1
-                self._send(ike.last_response, local, remote)
+                self._send_all(ike.last_response, local, remote)
             return
         # RFC 7296 2.3: a window of one; anything but the next ID is dropped
         if mid != ike.expected_request_id:
@@ -531,7 +552,7 @@ class IkeResponder:
             self.counters["drop_aaa_pending"] += 1
             return
         try:
-            payloads = open_message(data, message, ike.cipher_in)
+            payloads = self._open(ike, message, data, now)
         except IntegrityError:
             # RFC 7296 2.21.2: a failed integrity check is a silent drop
             self.counters["drop_integrity"] += 1
@@ -539,6 +560,8 @@ class IkeResponder:
         except DecodeError as exc:
             error = ProtocolError(exc.notify, "", exc.data)
             self._refuse(ike, message, data, local, remote, error)
+            return
+        if payloads is None:
             return
 
         # RFC 7296 2.23: an authenticated request may come from a new address
@@ -553,13 +576,70 @@ class IkeResponder:
             return
         self._run_tasks(ike, message, payloads, data, local, remote, now)
 
-    def _verify(
-        self, ike: IkeSA, message: Message, data: bytes
-    ) -> list[Payload] | None:
+    def _is_retransmission(self, ike: IkeSA, message: Message, data: bytes) -> bool:
+        last = message.payloads[-1]
         try:
-            return open_message(data, message, ike.cipher_in)
+            if isinstance(last, EncryptedFragmentPayload):
+                # RFC 7383 2.6.1: answer a retransmitted fragmented request
+                # once, on its first fragment
+                if not ike.fragmentation or last.number != 1:
+                    return False
+                open_fragment(data, message, ike.cipher_in)
+                return True
+            if ike.last_request_digest == hashlib.sha256(data).digest():
+                return True
+            open_message(data, message, ike.cipher_in)
+            return True
         except (IntegrityError, DecodeError):
+            return False
+
+    def _open(
+        self, ike: IkeSA, message: Message, data: bytes, now: float
+    ) -> list[Payload] | None:
+        """Decrypt a message, or collect a fragment; None until it is whole."""
+        last = message.payloads[-1]
+        if isinstance(last, EncryptedPayload):
+            return open_message(data, message, ike.cipher_in)
+        assert isinstance(last, EncryptedFragmentPayload)
+        # RFC 7383 2.3: fragments only once both sides announced support
+        if not ike.fragmentation:
+            self.counters["drop_fragment_not_negotiated"] += 1
             return None
+        # RFC 7383 2.6: each fragment is verified before it is kept
+        chunk = open_fragment(data, message, ike.cipher_in)
+        self.counters["fragment_rx"] += 1
+        if last.number < last.total:
+            size = ip_size(len(data), ike.local[0])
+            ike.peer_fragment_size = max(ike.peer_fragment_size or 0, size)
+        header = message.header
+        try:
+            whole = ike.reassembly[header.is_response].add(
+                header.message_id, last.number, last.total, last.first_payload,
+                chunk, now,
+            )  # fmt: skip
+        except ValueError as exc:
+            self.counters["drop_fragment"] += 1
+            ike.log.debug("fragment dropped: %s", exc)
+            return None
+        if whole is None:
+            return None
+        self.counters["reassembled"] += 1
+        return pull_payloads(whole[1], whole[0])
+
+    def _seal(self, ike: IkeSA, header: Header, payloads: list[Payload]) -> list[bytes]:
+        whole = seal_message(header, payloads, ike.cipher_out)
+        size = self.config.fragment_size
+        if ike.peer_fragment_size is not None:
+            # the peer's own fragment size (Windows: 576), but never tiny
+            size = min(size, max(ike.peer_fragment_size, MIN_FRAGMENT_SIZE))
+        budget = datagram_budget(size, ike.local[0])
+        # RFC 7383 2.5: fragment, if negotiated, what would not fit
+        if not ike.fragmentation or not size or len(whole) <= budget:
+            return [whole]
+        self.counters["fragmented"] += 1
+        fragments = seal_fragments(header, payloads, ike.cipher_out, budget)
+        self.counters["fragment_tx"] += len(fragments)
+        return fragments
 
     def _run_tasks(
         self,
@@ -649,7 +729,8 @@ class IkeResponder:
     ) -> None:
         # RFC 7296 2.1/2.2: the response carries the request's message ID and
         # is kept for retransmitted copies of that request
-        reply = seal_message(
+        replies = self._seal(
+            ike,
             Header(
                 ike.spi_i,
                 ike.spi_r,
@@ -660,12 +741,11 @@ class IkeResponder:
                 request.message_id,
             ),
             payloads,
-            ike.cipher_out,
         )
         ike.expected_request_id += 1
-        ike.last_response = reply
+        ike.last_response = replies
         ike.last_request_digest = hashlib.sha256(data).digest()
-        self._send(reply, local, remote)
+        self._send_all(replies, local, remote)
 
     def _refuse(
         self,
@@ -693,7 +773,10 @@ class IkeResponder:
             self.counters["drop_unexpected_response"] += 1
             return
         try:
-            payloads = open_message(data, message, ike.cipher_in)
+            opened = self._open(ike, message, data, now)
+            if opened is None:
+                return
+            payloads = opened
             check_rules(payloads, RESPONSE_RULES[pending.exchange])
         except IntegrityError:
             self.counters["drop_integrity"] += 1
@@ -741,15 +824,15 @@ class IkeResponder:
         ike.next_our_request_id += 1
         # RFC 7296 3.1: I is set only by the original initiator
         flags = HeaderFlag.INITIATOR if ike.we_initiated else 0
-        data = seal_message(
+        data = self._seal(
+            ike,
             Header(ike.spi_i, ike.spi_r, 0, IKE_VERSION, exchange, flags, mid),
             payloads,
-            ike.cipher_out,
         )
         ike.pending = PendingRequest(
             mid, data, now + self.config.retransmit_timeout, on_response, 0, exchange
         )
-        self._send(data, ike.local, ike.remote)
+        self._send_all(data, ike.local, ike.remote)
 
     def _handle_timer(self, now: float) -> None:
         for ike in list(self._sas.values()):
@@ -761,6 +844,15 @@ class IkeResponder:
                 self.counters["half_open_expired"] += 1
                 self._kill(ike, "half-open timeout")
                 continue
+            if (
+                ike.state == IkeState.ESTABLISHED
+                and not ike.superseded
+                and ike.expires_at is not None
+                and now >= ike.expires_at
+            ):
+                self.counters["session_expired"] += 1
+                ike.log.info("session lifetime over, deleting")
+                self.delete_ike_sa(ike.session_id, now)
             if ike.state == IkeState.ESTABLISHED and not ike.superseded:
                 initiate.start_due_rekeys(self, ike, now)
                 liveness.on_timer(self, ike, now)
@@ -777,7 +869,7 @@ class IkeResponder:
             pending.tries += 1
             pending.deadline = now + self.config.retransmit_timeout * 2**pending.tries
             self.counters["retransmitted_request"] += 1
-            self._send(pending.data, ike.local, ike.remote)
+            self._send_all(pending.data, ike.local, ike.remote)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -787,6 +879,8 @@ class IkeResponder:
         ike.half_open_deadline = None
         assert ike.profile is not None
         ike.rekey_at = self.rekey_deadline(ike.profile.ike_rekey_time, now)
+        if ike.profile.session_lifetime is not None:
+            ike.expires_at = now + ike.profile.session_lifetime
         for key, value in list(self._half_open.items()):
             if value is ike:
                 del self._half_open[key]
@@ -857,3 +951,9 @@ class IkeResponder:
     def _send(self, data: bytes, local: Address, remote: Address) -> None:
         self.counters["tx"] += 1
         self._out.append(Datagram(data, local, remote))
+
+    def _send_all(
+        self, datagrams: list[bytes], local: Address, remote: Address
+    ) -> None:
+        for data in datagrams:
+            self._send(data, local, remote)

@@ -26,6 +26,7 @@ from typing import Any
 
 from control.ike.crypto import IkeKeys, Prf, SkCipher
 from control.ike.events import Address
+from control.ike.fragments import Reassembly
 from control.ike.profiles import IkeAlgorithms, Profile
 
 logger = logging.getLogger("espgate.ike")
@@ -78,7 +79,8 @@ class PendingRequest:
     """Our one request in flight and its retransmission schedule."""
 
     message_id: int
-    data: bytes
+    # the datagrams of the request: one, or its fragments (RFC 7383)
+    data: list[bytes]
     deadline: float
     on_response: Callable[[list[Any], float], None]
     tries: int = 0
@@ -112,13 +114,21 @@ class IkeSA:
     established_at: float | None = None
     # responder window (RFC 7296 2.3)
     expected_request_id: int = 1
-    last_response: bytes | None = field(default=None, repr=False)
+    last_response: list[bytes] | None = field(default=None, repr=False)
     last_request_digest: bytes | None = field(default=None, repr=False)
     # initiator window
     next_our_request_id: int = 0
     pending: PendingRequest | None = field(default=None, repr=False)
     queued: list[tuple[int, list[Any], Callable[[list[Any], float], None]]] = field(
         default_factory=list, repr=False
+    )
+    # RFC 7383: both sides support fragmentation; the largest IP datagram
+    # of the peer's own fragments; fragments being collected per direction
+    fragmentation: bool = False
+    peer_fragment_size: int | None = None
+    reassembly: dict[bool, Reassembly] = field(
+        default_factory=lambda: {False: Reassembly(), True: Reassembly()},
+        repr=False,
     )
     # authenticated peer and what it got
     profile: Profile | None = None
@@ -134,6 +144,8 @@ class IkeSA:
     we_initiated: bool = False
     # when we rekey it (lifetime); None: never
     rekey_at: float | None = None
+    # when the session's lifetime ends and we delete it; None: never
+    expires_at: float | None = None
     # our IKE rekey in flight on this SA (control.ike.initiate.IkeRekeyRequest)
     rekeying: Any = field(default=None, repr=False)
     # our CHILD rekeys in flight by the old SA's inbound SPI (ChildRekeyRequest)

@@ -338,6 +338,14 @@ class IkeInitTask:
                     ),
                 ),
             ]
+        # RFC 7383 2.3: announce fragmentation back when the peer did
+        fragmentation = responder.config.fragment_size > 0 and bool(
+            notifies(message.payloads, NotifyType.IKEV2_FRAGMENTATION_SUPPORTED)
+        )
+        if fragmentation:
+            payloads.append(
+                NotifyPayload(ProtocolId.NONE, NotifyType.IKEV2_FRAGMENTATION_SUPPORTED)
+            )
         # RFC 7427 4: answer the peer's hash list with ours
         peer_hashes = notifies(message.payloads, NotifyType.SIGNATURE_HASH_ALGORITHMS)
         if peer_hashes:
@@ -381,6 +389,7 @@ class IkeInitTask:
             peer_behind_nat=peer_behind_nat,
             self_behind_nat=self_behind_nat,
             half_open_deadline=now + responder.config.half_open_timeout,
+            fragmentation=fragmentation,
             peer_sig_hashes=[
                 h for n in peer_hashes for h in parse_signature_hashes(n.data)
             ],
