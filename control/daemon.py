@@ -44,6 +44,7 @@ from control.routes import add_route
 log = logging.getLogger("espgate.daemon")
 
 Address = tuple[str, int]
+SEQ_POLL = 1.0
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Headend:
         self._sock4500: socket.socket | None = None
         self._ctl_server: asyncio.AbstractServer | None = None
         self._ctl_inode = -1
+        self._seq_timer: asyncio.TimerHandle | None = None
         self.engine: Any = None
         self.responder: Any = None
 
@@ -177,6 +179,7 @@ class Headend:
         responder_config = build_responder_config(self.config, self.pools)
         self.responder = IkeResponder(responder_config)
         self.engine.start(self._on_port4500_thread)
+        self._seq_timer = loop.call_later(SEQ_POLL, self._poll_seq_events)
 
     def _on_hangup(self) -> None:
         log.warning("SIGHUP ignored: reloading the config is not supported yet; "
@@ -200,6 +203,8 @@ class Headend:
             self._teardown(session, "daemon stopping")
         if self._timer is not None:
             self._timer.cancel()
+        if self._seq_timer is not None:
+            self._seq_timer.cancel()
         if self.engine is not None:
             self.engine.stop()
         if self._transport500 is not None:
@@ -296,6 +301,34 @@ class Headend:
     def _on_timer(self) -> None:
         self._timer = None
         self._guard(self.responder.handle_timer, time.monotonic())
+        self._after_step()
+
+    def _poll_seq_events(self) -> None:
+        # SeqExhausting from the reserver: the responder cannot initiate a
+        # CHILD rekey yet, so the CHILD SA is deleted (the client re-creates it)
+        assert self._loop is not None
+        self._seq_timer = self._loop.call_later(SEQ_POLL, self._poll_seq_events)
+        reserver = getattr(self.engine, "reserver", None)
+        if reserver is None:
+            return
+        now = time.monotonic()
+        for event in reserver.events():
+            for session in list(self.sessions.values()):
+                pair = next((c for c in session.children if c[1] == event.spi), None)
+                if pair is None:
+                    continue
+                log.info(
+                    "child sa %08x/%08x at seq %d of %d: deleting before exhaustion",
+                    *pair,
+                    event.next_seq,
+                    event.hard_end,
+                )
+                self.counters["seq_exhaustion_deletes"] = (
+                    self.counters.get("seq_exhaustion_deletes", 0) + 1
+                )
+                self._guard(
+                    self.responder.delete_child_sa, session.session_id, pair[0], now
+                )
         self._after_step()
 
     def _guard(self, func: Callable[..., Any], *args: Any) -> Any:
@@ -473,11 +506,38 @@ class Headend:
                     for n, p in self.pools.items()
                 },
             }
+        if cmd == "show-ipsec-sa":
+            return {"sas": self._ipsec_sas()}
         if cmd == "reload-dataplane":
             if not hasattr(self.engine, "reload"):
                 return {"error": "engine.dataplane is inline: nothing to reload"}
             return {"dataplane_pid": self.engine.reload()}
         return {"error": f"unknown command {cmd!r}"}
+
+    def _ipsec_sas(self) -> list[dict[str, Any]]:
+        """Describe every SA: spi, direction, engine, next seq, reserved mark."""
+        engine = "process" if hasattr(self.engine, "reload") else "inline"
+        out = []
+        for session in self.sessions.values():
+            for spi_in, spi_out in session.children:
+                for spi, inbound in ((spi_in, True), (spi_out, False)):
+                    try:
+                        c = dict(self.engine.sa_counters(spi, inbound))
+                    except KeyError:
+                        continue
+                    out.append(
+                        {
+                            "spi": f"{spi:08x}",
+                            "direction": "in" if inbound else "out",
+                            "engine": engine,
+                            "identity": session.identity,
+                            "next_seq": c.pop("next_seq", None),
+                            "highest_seq": c.pop("highest_seq", None),
+                            "seq_reserved": c.pop("seq_reserved", None),
+                            "counters": c,
+                        }
+                    )
+        return out
 
     def _describe(self, session: Session) -> dict[str, Any]:
         children = []

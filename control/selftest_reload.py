@@ -409,6 +409,7 @@ def _run_loop(
             if not _resumed(lab, client):
                 not_resumed.append(cycle)
         time.sleep(1.0)
+    sas = request(lab.socket, "show-ipsec-sa").get("sas", [])
     pairs = esp_pairs(cap_path, lab.topo.hub_outer_ip)
     report = pair_report(pairs)
     replay = _client_replay_lines(client)
@@ -431,8 +432,13 @@ def _run_loop(
         "transfers_matched": sum(1 for t in traffic.transfers if t["match"]),
         "transfer_failures": [t for t in traffic.transfers if not t["match"]][:5],
         "spis": report["spis"],
+        "headend_sas": sas,
         "loop_seconds": round(time.monotonic() - started, 1),
     }
+    for sa in sas:
+        # every number the engine may send is below the durable mark
+        if sa["direction"] == "out" and not sa["next_seq"] <= sa["seq_reserved"]:
+            failures.append(f"SA {sa['spi']} next seq above its reserved mark")
     if report["repeated_pairs"]:
         failures.append(f"{report['repeated_pairs']} (SPI, seq) pairs sent twice")
     if report["packets_checked"] < 100:
