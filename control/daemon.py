@@ -45,6 +45,7 @@ log = logging.getLogger("espgate.daemon")
 
 Address = tuple[str, int]
 SEQ_POLL = 1.0
+POWER_CUT_ENV = "ESPGATE_POWER_CUT_MODEL"
 
 
 @dataclass
@@ -168,11 +169,23 @@ class Headend:
             from control.dataplane import DataplaneProxy
             from control.seqstore import SeqStore
 
+            store: Any = SeqStore.in_dir(srv.state_dir)
+            kwargs: dict[str, Any] = {}
+            if os.environ.get(POWER_CUT_ENV) == "1":
+                # selftest power-cut-store: the store as its fsync model,
+                # small blocks so a cut often meets a reservation in flight
+                from control.seqstore import SnapshotStore
+
+                store.close()
+                store = SnapshotStore(store.path)
+                kwargs["reserver_kwargs"] = {"min_block": 256}
+                log.warning("%s=1: power-cut model store, for tests", POWER_CUT_ENV)
             self.engine = DataplaneProxy(
                 sock.fileno(),
                 batch=eng.batch,
                 crypto=eng.crypto,
-                store=SeqStore.in_dir(srv.state_dir),
+                store=store,
+                **kwargs,
             )
         else:
             self.engine = Engine(sock.fileno(), batch=eng.batch, crypto=eng.crypto)
@@ -508,6 +521,12 @@ class Headend:
             }
         if cmd == "show-ipsec-sa":
             return {"sas": self._ipsec_sas()}
+        if cmd == "debug-power-cut":
+            if not hasattr(self.engine, "power_cut") or os.environ.get(
+                POWER_CUT_ENV
+            ) != "1":
+                return {"error": f"power cuts need {POWER_CUT_ENV}=1"}
+            return {"cut": self.engine.power_cut()}
         if cmd == "reload-dataplane":
             if not hasattr(self.engine, "reload"):
                 return {"error": "engine.dataplane is inline: nothing to reload"}

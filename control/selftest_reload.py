@@ -9,8 +9,11 @@ transfers) while it restarts parts of the headend:
     reload-dataplane    `espgate reload dataplane`, N times
     reload-crash-loop   kill -9 of the dataplane child or of the whole daemon
                         at random moments, each followed by a restart
-    power-cut-store     kill -9 of the daemon, then the state file's WAL
-                        dropped (unsynced writes lost), then a restart
+    power-cut-store     the daemon runs its store as the fsync model
+                        (SnapshotStore, ESPGATE_POWER_CUT_MODEL=1); a cut
+                        kills the dataplane and drops every unsynced write,
+                        mostly between a reservation's write and its fsync;
+                        the control plane stays and resumes the SAs
 
 A capture on the hub's outer interface (whole packets, filtered) is the
 proof: `esp_pairs` reads every ESP-in-UDP packet the headend sent, and no
@@ -178,9 +181,10 @@ class _EspCapture:
 class _Headend:
     """The lab's daemon restarted with the process dataplane and a state dir."""
 
-    def __init__(self, lab: HeadendLab):
+    def __init__(self, lab: HeadendLab, env: dict[str, str] | None = None):
         assert lab.procs is not None and lab.topo is not None
         self.lab = lab
+        self.env = env
         self.state_dir = lab.workdir / "state"
         self.generation = 0
         self.proc: ManagedProcess | None = None
@@ -204,7 +208,9 @@ class _Headend:
         self.generation += 1
         espgate = str(Path(sys.executable).with_name("espgate"))
         argv = [espgate, "serve", "--config", str(self.config)]
-        proc = lab.procs.start(f"espgate-{self.generation}", argv, ns=lab.topo.hub)
+        proc = lab.procs.start(
+            f"espgate-{self.generation}", argv, ns=lab.topo.hub, env=self.env
+        )
         self.proc = proc
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -260,12 +266,19 @@ class _Headend:
             time.sleep(0.05)
         return False
 
-    def kill_daemon(self, *, cut_store: bool = False) -> None:
-        """Kill -9 the whole daemon, wait for its dataplane to go, restart it.
+    def power_cut(self, timeout: float = 15.0) -> str | None:
+        """Cut the dataplane and its model store; wait for the restart."""
+        before = self.restarts()
+        answer = request(self.lab.socket, "debug-power-cut", timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.restarts() > before:
+                return str(answer.get("cut"))
+            time.sleep(0.05)
+        return None
 
-        ``cut_store`` drops the state file's write-ahead log before the
-        restart: a power cut that lost every write not yet checkpointed.
-        """
+    def kill_daemon(self) -> None:
+        """Kill -9 the whole daemon, wait for its dataplane to go, restart it."""
         assert self.proc is not None
         child = self.dataplane_pid()
         self.proc.popen.kill()
@@ -276,9 +289,6 @@ class _Headend:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"dataplane pid {child} outlived its daemon")
             time.sleep(0.02)
-        if cut_store:
-            for suffix in ("-wal", "-shm"):
-                Path(f"{self.state_dir}/state.sqlite{suffix}").unlink(missing_ok=True)
         self.start()
 
 
@@ -370,11 +380,11 @@ def _client_replay_lines(client: StrongSwanClient) -> list[str]:
 
 
 def _run_loop(
-    lab: HeadendLab, kinds: list[str], cycles: int
+    lab: HeadendLab, kinds: list[str], cycles: int, env: dict[str, str] | None = None
 ) -> tuple[dict[str, Any], list[str]]:
     """Run cycles of restarts of the given kinds under traffic and a capture."""
     assert lab.topo is not None
-    head = _Headend(lab)
+    head = _Headend(lab, env)
     client = lab.client()
     if not client.initiate():
         return {"client_log": str(client.log_path)}, ["tunnel did not come up"]
@@ -396,11 +406,16 @@ def _run_loop(
             time.sleep(rng.uniform(0.1, 1.2))
             if kind == "reload":
                 request(lab.socket, "reload-dataplane", timeout=15)
+            elif kind == "power-cut":
+                moment = head.power_cut()
+                done[f"power-cut-{moment}"] += 1
+                if moment is None:
+                    failures.append(f"cycle {cycle}: no restart after the cut")
             elif kind == "kill-dataplane":
                 if not head.kill_dataplane():
                     failures.append(f"cycle {cycle}: dataplane not restarted")
             else:
-                head.kill_daemon(cut_store=kind == "power-cut")
+                head.kill_daemon()
                 reconnects += 1
                 if not _reconnect(client):
                     failures.append(f"cycle {cycle}: client did not reconnect")
@@ -414,7 +429,7 @@ def _run_loop(
     report = pair_report(pairs)
     replay = _client_replay_lines(client)
     detail: dict[str, Any] = {
-        "cycles_run": sum(done.values()),
+        "cycles_run": sum(n for k, n in done.items() if k in kinds),
         "cycles_by_kind": dict(done),
         "packets_checked": report["packets_checked"],
         "repeated_pairs": report["repeated_pairs"],
@@ -464,6 +479,11 @@ def _case_reload_dataplane(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
     return _run_loop(lab, ["reload"], _cycles(10))
 
 
+def _case_power_cut(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    env = {"ESPGATE_POWER_CUT_MODEL": "1"}
+    return _run_loop(lab, ["power-cut"], _cycles(10), env)
+
+
 def _case_crash_loop(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
     kinds = ["kill-dataplane", "kill-daemon", "kill-dataplane"]
     return _run_loop(lab, kinds, _cycles(50))
@@ -479,6 +499,12 @@ RELOAD_CASES: dict[str, tuple[str, Any, dict[str, Any]]] = {
         "kill -9 of the dataplane and of the daemon at random moments under "
         "traffic: no (SPI, seq) sent twice, traffic resumes",
         _case_crash_loop,
+        {},
+    ),
+    "power-cut-store": (
+        "power cuts of the dataplane and its store model (unsynced writes lost, "
+        "often mid-reservation) under traffic: no (SPI, seq) sent twice",
+        _case_power_cut,
         {},
     ),
 }
