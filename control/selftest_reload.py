@@ -31,6 +31,7 @@ loop's default is 50, the reload case's 10).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -231,11 +232,11 @@ class _Headend:
 
     def dataplane_pid(self) -> int | None:
         """Return the dataplane child's pid (read from /proc, never by name)."""
-        try:
-            text = Path(f"/proc/{self.daemon_pid()}/task/{self.daemon_pid()}/children")
-            pids = [int(p) for p in text.read_text().split()]
-        except (OSError, ValueError):
-            return None
+        # a respawn forks from the supervisor thread: look at every task
+        pids: list[int] = []
+        for task in Path(f"/proc/{self.daemon_pid()}/task").glob("*"):
+            with contextlib.suppress(OSError, ValueError):
+                pids += [int(p) for p in (task / "children").read_text().split()]
         for pid in pids:
             try:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
