@@ -40,6 +40,7 @@ from control.config import Config
 from control.ikebind import build_responder_config
 from control.pool import AddressPool
 from control.routes import add_route
+from control.seqstore import UntrustedState
 
 log = logging.getLogger("espgate.daemon")
 
@@ -61,6 +62,8 @@ class Session:
     inside_address: str | None = None
     children: list[tuple[int, int]] = field(default_factory=list)
     created: float = field(default_factory=time.time)
+    # per CHILD SA (by inbound SPI) what a whole-daemon restart reinstalls
+    child_state: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
 
 
 class _IkeProtocol(asyncio.DatagramProtocol):
@@ -99,6 +102,8 @@ class Headend:
         self._ctl_server: asyncio.AbstractServer | None = None
         self._ctl_inode = -1
         self._seq_timer: asyncio.TimerHandle | None = None
+        self._store: Any = None
+        self._stored: dict[str, bytes] = {}
         self.engine: Any = None
         self.responder: Any = None
 
@@ -170,6 +175,7 @@ class Headend:
             from control.seqstore import SeqStore
 
             store: Any = SeqStore.in_dir(srv.state_dir)
+            self._store = store
             kwargs: dict[str, Any] = {}
             if os.environ.get(POWER_CUT_ENV) == "1":
                 # selftest power-cut-store: the store as its fsync model,
@@ -178,6 +184,7 @@ class Headend:
 
                 store.close()
                 store = SnapshotStore(store.path)
+                self._store = None
                 kwargs["reserver_kwargs"] = {"min_block": 256}
                 log.warning("%s=1: power-cut model store, for tests", POWER_CUT_ENV)
             self.engine = DataplaneProxy(
@@ -193,6 +200,9 @@ class Headend:
         self.responder = IkeResponder(responder_config)
         self.engine.start(self._on_port4500_thread)
         self._seq_timer = loop.call_later(SEQ_POLL, self._poll_seq_events)
+        if self._store is not None:
+            self._resume_sessions()
+            self._after_step()
 
     def _on_hangup(self) -> None:
         log.warning("SIGHUP ignored: reloading the config is not supported yet; "
@@ -209,6 +219,9 @@ class Headend:
         now = time.monotonic()
         for session_id in list(self.sessions if self.responder else ()):
             self._guard(self.responder.delete_ike_sa, session_id, now)
+        # the clients were told: nothing to resume at the next start
+        if self.responder is not None:
+            self._guard(self._persist)
         self._flush()
         if self.sessions:
             await asyncio.sleep(0.3)
@@ -283,6 +296,9 @@ class Headend:
         # SAs and routes go in before the response that lets the client send
         while (event := self._guard(self.responder.next_event)) is not None:
             self._guard(self._apply, event)
+        # stored before the datagrams leave: a stored message ID is never
+        # behind a response the peer may have seen
+        self._guard(self._persist)
         self._flush()
         self._arm_timer()
 
@@ -396,7 +412,7 @@ class Headend:
             self.counters["sessions_up"] += 1
         return session
 
-    def _child_up(self, ev: Any) -> None:
+    def _child_up(self, ev: Any, *, resume: bool = False) -> None:
         from fastpath import SAParams, open_tun
 
         session = self._session(ev.session_id, ev.identity, ev.remote)
@@ -417,6 +433,14 @@ class Headend:
                 session.session_id,
             )
         common = {"session": session.index, "peer": tuple(ev.remote), "esn": ev.esn}
+        first_in = 1
+        if resume:
+            top = self.engine.inbound_top(ev.spi_in)
+            if top is None:
+                raise UntrustedState(f"No stored window for SPI 0x{ev.spi_in:08x}")
+            # FIXME: a replay of a packet received after the last store of
+            # the window top (at most about a second's worth) is accepted once
+            first_in = top + 1
         self.engine.install_sa(
             SAParams(
                 spi=ev.spi_in,
@@ -424,19 +448,35 @@ class Headend:
                 key=ev.key_in,
                 salt=ev.salt_in,
                 remote_ts=tuple(ev.remote_ts),
+                next_seq=first_in,
                 **common,
             )
         )
-        self.engine.install_sa(
-            SAParams(
-                spi=ev.spi_out,
-                inbound=False,
-                key=ev.key_out,
-                salt=ev.salt_out,
-                **common,
-            )
+        out = SAParams(
+            spi=ev.spi_out, inbound=False, key=ev.key_out, salt=ev.salt_out, **common
         )
+        if resume:
+            try:
+                self.engine.install_sa(out, resume=True)
+            except UntrustedState:
+                self.engine.remove_sa(ev.spi_in, True)
+                raise
+        else:
+            self.engine.install_sa(out)
         session.children.append((ev.spi_in, ev.spi_out))
+        session.child_state[ev.spi_in] = {
+            "spi_in": ev.spi_in,
+            "spi_out": ev.spi_out,
+            "key_in": ev.key_in.hex(),
+            "salt_in": ev.salt_in.hex(),
+            "key_out": ev.key_out.hex(),
+            "salt_out": ev.salt_out.hex(),
+            "esn": ev.esn,
+            "local_ts": list(ev.local_ts),
+            "remote_ts": list(ev.remote_ts),
+            "udp_encap": ev.udp_encap,
+            "inside_address": str(ev.inside_address),
+        }
         log.info(
             "child sa %08x/%08x up for %s, inside %s via %s",
             ev.spi_in,
@@ -451,6 +491,7 @@ class Headend:
         if session is None or (spi_in, spi_out) not in session.children:
             return
         session.children.remove((spi_in, spi_out))
+        session.child_state.pop(spi_in, None)
         self.engine.remove_sa(spi_in, True)
         self.engine.remove_sa(spi_out, False)
         log.info("child sa %08x/%08x down for %s", spi_in, spi_out, session.identity)
@@ -467,6 +508,113 @@ class Headend:
         log.info(
             "session %s (%s) down: %s", session.session_id, session.identity, reason
         )
+
+    # -- whole-daemon restart: session records (control.ike.persist) --------
+
+    def _persist(self) -> None:
+        """Store every resumable session whose state changed; drop the others."""
+        if self._store is None:
+            return
+        from control.ike.persist import RECORD_KIND, RECORD_VERSION, dumps, export_ike
+
+        # FIXME: every session is exported after every step; fine for tens of
+        # sessions, wants a dirty flag per IKE SA for thousands
+        current: dict[str, bytes] = {}
+        for ike in self.responder.established():
+            session = self.sessions.get(ike.session_id)
+            if session is None:
+                continue
+            daemon = {
+                "index": session.index,
+                "identity": session.identity,
+                "remote": list(session.remote),
+                "children": [session.child_state[i] for i, _ in session.children
+                             if i in session.child_state],
+            }  # fmt: skip
+            current[ike.session_id] = dumps({"ike": export_ike(ike), "daemon": daemon})
+        for name, body in current.items():
+            if self._stored.get(name) != body:
+                self._store.put_record(RECORD_KIND, name, RECORD_VERSION, body)
+        for name in set(self._stored) - set(current):
+            self._store.delete_record(RECORD_KIND, name)
+        self._stored = current
+
+    def _resume_sessions(self) -> None:
+        """Rebuild the stored sessions: IKE SA, TUN, route, SAs at their marks."""
+        from control.ike.persist import RECORD_KIND, RECORD_VERSION, import_ike, loads
+
+        now = time.monotonic()
+        for name, (version, body) in self._store.records(RECORD_KIND).items():
+            try:
+                if version != RECORD_VERSION:
+                    raise UntrustedState(f"record version {version}")
+                record = loads(body)
+                ike = import_ike(record["ike"], self.responder, now)
+            except (UntrustedState, KeyError) as exc:
+                # no usable keys: nothing to tell the peer, forget it
+                log.warning("session %s not resumed: %s", name, exc)
+                self._store.delete_record(RECORD_KIND, name)
+                continue
+            try:
+                self._claim_lease(ike.inside_address, ike.session_id)
+                self.responder.adopt(ike)
+                self._rebuild(ike, record["daemon"])
+            except (UntrustedState, KeyError, OSError, ValueError) as exc:
+                log.warning("session %s not resumed, deleting it: %s", name, exc)
+                self._store.delete_record(RECORD_KIND, name)
+                if not self.responder.delete_ike_sa(ike.session_id, now):
+                    self._forget_session(ike.session_id)
+
+    def _rebuild(self, ike: Any, daemon: dict[str, Any]) -> None:
+        from control.ike.events import ChildSAUp
+
+        index = int(daemon["index"])
+        session = Session(ike.session_id, index, ike.identity, tuple(ike.remote))
+        self.sessions[ike.session_id] = session
+        self._next_index = max(self._next_index, index + 1)
+        for child in daemon["children"]:
+            event = ChildSAUp(
+                session_id=ike.session_id,
+                identity=ike.identity,
+                remote=tuple(ike.remote),
+                inside_address=ipaddress.IPv4Address(child["inside_address"]),
+                spi_in=int(child["spi_in"]),
+                spi_out=int(child["spi_out"]),
+                key_in=bytes.fromhex(child["key_in"]),
+                salt_in=bytes.fromhex(child["salt_in"]),
+                key_out=bytes.fromhex(child["key_out"]),
+                salt_out=bytes.fromhex(child["salt_out"]),
+                esn=bool(child["esn"]),
+                local_ts=list(child["local_ts"]),
+                remote_ts=list(child["remote_ts"]),
+                udp_encap=bool(child["udp_encap"]),
+            )
+            self._child_up(event, resume=True)
+        log.info(
+            "session %s (%s) resumed from stored state: %d child sa(s), inside %s",
+            session.session_id,
+            session.identity,
+            len(session.children),
+            session.inside_address,
+        )
+
+    def _claim_lease(self, address: Any, session_id: str) -> None:
+        if address is None:
+            return
+        for pool in self.pools.values():
+            if pool.first <= int(address) <= pool.last:
+                holder = pool.holder(address)
+                if holder not in (None, session_id):
+                    raise UntrustedState(f"{address} is leased to {holder}")
+                # TODO: AddressPool wants a public claim(address, session)
+                pool._leases[int(address)] = session_id
+                return
+        raise UntrustedState(f"{address} is in no configured pool")
+
+    def _forget_session(self, session_id: str) -> None:
+        session = self.sessions.get(session_id)
+        if session is not None:
+            self._teardown(session, "stored state not trusted")
 
     # -- control socket ----------------------------------------------------
 

@@ -49,6 +49,8 @@ log = logging.getLogger("espgate.dataplane")
 
 MAX_MSG = 256 * 1024
 MAX_FDS = 4
+INBOUND_KIND = "inbound"
+INBOUND_EVERY = 20
 
 
 class DataplaneDown(RuntimeError):
@@ -445,6 +447,8 @@ class DataplaneProxy:
                 )
             self._sas[key] = params
             self._try("install_sa", params)
+            if params.inbound:
+                self._put_inbound(params.spi, params.next_seq - 1)
 
     def remove_sa(self, spi: int, inbound: bool) -> None:
         """Remove one SA (and its reserved mark: the key is gone)."""
@@ -454,9 +458,28 @@ class DataplaneProxy:
             self._forget((spi, bool(inbound)))
             self._try("remove_sa", spi, inbound)
 
+    def inbound_top(self, spi: int) -> int | None:
+        """Return the stored highest seq of an inbound SA (None if not stored)."""
+        records = getattr(
+            self.reserver.store if self.reserver else None, "records", None
+        )
+        if records is None:
+            return None
+        found = records(INBOUND_KIND).get(f"{spi:08x}")
+        return None if found is None else int(found[1])
+
+    def _put_inbound(self, spi: int, top: int) -> None:
+        # a whole-daemon restart reopens the window just above this
+        store = self.reserver.store if self.reserver else None
+        if hasattr(store, "put_record"):
+            store.put_record(INBOUND_KIND, f"{spi:08x}", 1, str(top).encode())
+
     def _forget(self, key: tuple[int, bool]) -> None:
         self._sas.pop(key, None)
         self._last.pop(key, None)
+        store = self.reserver.store if self.reserver else None
+        if key[1] and hasattr(store, "delete_record"):
+            store.delete_record(INBOUND_KIND, f"{key[0]:08x}")
         if not key[1] and self.reserver is not None:
             self.reserver.close_sa(key[0])
 
@@ -517,6 +540,7 @@ class DataplaneProxy:
     # -- reservation -------------------------------------------------------
 
     def _ticker(self) -> None:
+        ticks = 0
         while not self._stopping.wait(self.tick):
             if self.reserver is None:
                 continue
@@ -530,10 +554,13 @@ class DataplaneProxy:
                     continue
                 if value is not None and self._child is not None:
                     self.reserver.tick(spi, int(value))
+            ticks += 1
             for spi in inbound:
-                # keeps the last top for a restart
+                # keeps the last top for a restart, stored about once a second
                 with contextlib.suppress(KeyError, DataplaneDown):
-                    self.sa_counters(spi, True)
+                    top = self.sa_counters(spi, True).get("highest_seq")
+                    if top is not None and ticks % INBOUND_EVERY == 0:
+                        self._put_inbound(spi, int(top))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -235,6 +235,23 @@ class IkeResponder:
             if not ike.superseded
         ]
 
+    # -- state export and import (a whole-daemon restart, control.ike.persist) --
+
+    def established(self) -> list[IkeSA]:
+        """Return the authenticated, current IKE SAs (what a restart resumes)."""
+        return [
+            ike
+            for ike in self._sas.values()
+            if ike.state == IkeState.ESTABLISHED and not ike.superseded and ike.profile
+        ]
+
+    def adopt(self, ike: IkeSA) -> None:
+        """Take over an IKE SA rebuilt from stored state."""
+        assert ike.spi_r not in self._sas, f"IKE SA {ike.spi_r.hex()} exists"
+        self._sas[ike.spi_r] = ike
+        self._child_spis.update(ike.children)
+        ike.log.info("ike sa resumed from stored state")
+
     # -- helpers the tasks use --------------------------------------------------
 
     def prf_for(self, prf_id: int) -> Prf:
