@@ -23,10 +23,12 @@ skipped on a resume).  After each restart the case waits until a ping gets
 through again ("traffic resumed").  The client's log must hold no replay
 (sequence number verification) failure.
 
-A whole-daemon restart re-connects the client (terminate, initiate): the
-daemon does not persist IKE SAs yet, so the sessions cannot resume without a
-handshake.  The cycle count comes from ``ESPGATE_SELFTEST_CYCLES`` (the crash
-loop's default is 50, the reload case's 10).
+A whole-daemon restart resumes the session from the state file (IKE SA,
+CHILD SAs, lease; `control.ike.persist`) without a handshake; a restart that
+needs the client to re-connect (terminate, initiate) counts as a failure.
+After such restarts a CHILD rekey by the client proves that the resumed IKE
+SA's keys and message IDs are right.  The cycle count comes from
+``ESPGATE_SELFTEST_CYCLES`` (the crash loop's default is 50, the others' 10).
 """
 
 from __future__ import annotations
@@ -430,6 +432,13 @@ def _run_loop(
             if not _resumed(lab, client):
                 not_resumed.append(cycle)
         time.sleep(1.0)
+    rekey: dict[str, Any] = {}
+    if done["kill-daemon"] and not reconnects:
+        from control.selftest_ike import _rekey_child
+
+        failures += _rekey_child(client, rekey)
+        if not _resumed(lab, client):
+            failures.append("no traffic after the CHILD rekey on the resumed IKE SA")
     sas = request(lab.socket, "show-ipsec-sa").get("sas", [])
     pairs = esp_pairs(cap_path, lab.topo.hub_outer_ip)
     report = pair_report(pairs)
@@ -446,6 +455,7 @@ def _run_loop(
         "not_resumed_cycles": not_resumed,
         "daemon_restarts_resumed": resumed_sessions,
         "client_reconnects": reconnects,
+        "child_rekey_after_resume": rekey.get("child_spis"),
         "client_replay_failures": len(replay),
         "client_replay_examples": replay[:5],
         "ping": traffic.ping,
