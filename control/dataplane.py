@@ -460,25 +460,23 @@ class DataplaneProxy:
 
     def inbound_top(self, spi: int) -> int | None:
         """Return the stored highest seq of an inbound SA (None if not stored)."""
-        records = getattr(
-            self.reserver.store if self.reserver else None, "records", None
-        )
-        if records is None:
+        store = self.reserver.store if self.reserver else None
+        if not isinstance(store, SeqStore):
             return None
-        found = records(INBOUND_KIND).get(f"{spi:08x}")
-        return None if found is None else int(found[1])
+        found = store.records(INBOUND_KIND).get(f"{spi:08x}")
+        return None if found is None else int(found[1].decode())
 
     def _put_inbound(self, spi: int, top: int) -> None:
         # a whole-daemon restart reopens the window just above this
         store = self.reserver.store if self.reserver else None
-        if hasattr(store, "put_record"):
+        if isinstance(store, SeqStore):
             store.put_record(INBOUND_KIND, f"{spi:08x}", 1, str(top).encode())
 
     def _forget(self, key: tuple[int, bool]) -> None:
         self._sas.pop(key, None)
         self._last.pop(key, None)
         store = self.reserver.store if self.reserver else None
-        if key[1] and hasattr(store, "delete_record"):
+        if key[1] and isinstance(store, SeqStore):
             store.delete_record(INBOUND_KIND, f"{key[0]:08x}")
         if not key[1] and self.reserver is not None:
             self.reserver.close_sa(key[0])
