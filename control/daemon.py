@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import json
 import logging
@@ -104,6 +105,10 @@ class Headend:
         self._seq_timer: asyncio.TimerHandle | None = None
         self._store: Any = None
         self._stored: dict[str, bytes] = {}
+        # two daemons may share a state dir (labs): each only sees its records
+        srv = config.server
+        key = f"{srv.listen}|{srv.natt_port}|{srv.control_socket}".encode()
+        self._scope = hashlib.sha256(key).hexdigest()[:12] + "/"
         self.engine: Any = None
         self.responder: Any = None
 
@@ -192,6 +197,7 @@ class Headend:
                 batch=eng.batch,
                 crypto=eng.crypto,
                 store=store,
+                record_scope=self._scope,
                 **kwargs,
             )
         else:
@@ -531,7 +537,8 @@ class Headend:
                 "children": [session.child_state[i] for i, _ in session.children
                              if i in session.child_state],
             }  # fmt: skip
-            current[ike.session_id] = dumps({"ike": export_ike(ike), "daemon": daemon})
+            record = {"ike": export_ike(ike), "daemon": daemon}
+            current[self._scope + ike.session_id] = dumps(record)
         for name, body in current.items():
             if self._stored.get(name) != body:
                 self._store.put_record(RECORD_KIND, name, RECORD_VERSION, body)
@@ -544,7 +551,10 @@ class Headend:
         from control.ike.persist import RECORD_KIND, RECORD_VERSION, import_ike, loads
 
         now = time.monotonic()
+        gone: set[int] = set()
         for name, (version, body) in self._store.records(RECORD_KIND).items():
+            if not name.startswith(self._scope):
+                continue
             try:
                 if version != RECORD_VERSION:
                     raise UntrustedState(f"record version {version}")
@@ -554,6 +564,7 @@ class Headend:
                 # no usable keys: nothing to tell the peer, forget it
                 log.warning("session %s not resumed: %s", name, exc)
                 self._store.delete_record(RECORD_KIND, name)
+                gone |= _record_spis(body)
                 continue
             try:
                 self._claim_lease(ike.inside_address, ike.session_id)
@@ -562,8 +573,18 @@ class Headend:
             except (UntrustedState, KeyError, OSError, ValueError) as exc:
                 log.warning("session %s not resumed, deleting it: %s", name, exc)
                 self._store.delete_record(RECORD_KIND, name)
+                gone |= _record_spis(body)
                 if not self.responder.delete_ike_sa(ike.session_id, now):
                     self._forget_session(ike.session_id)
+
+        # marks and windows of the SAs not resumed: their keys are never used again
+        from control.dataplane import INBOUND_KIND
+
+        live = {spi for s in self.sessions.values() for pair in s.children
+                for spi in pair}  # fmt: skip
+        for spi in gone - live:
+            self._store.forget(spi)
+            self._store.delete_record(INBOUND_KIND, f"{self._scope}{spi:08x}")
 
     def _rebuild(self, ike: Any, daemon: dict[str, Any]) -> None:
         from control.ike.events import ChildSAUp
@@ -734,6 +755,15 @@ class Headend:
             "up_seconds": round(time.time() - session.created, 1),
             "children": children,
         }
+
+
+def _record_spis(body: bytes) -> set[int]:
+    """Return the CHILD SPIs named in a session record (empty if unreadable)."""
+    try:
+        children = json.loads(body)["daemon"]["children"]
+        return {int(c[k]) for c in children for k in ("spi_in", "spi_out")}
+    except (ValueError, KeyError, TypeError):
+        return set()
 
 
 class StartupError(RuntimeError):

@@ -149,12 +149,15 @@ class DataplaneProxy:
         tick: float = 0.05,
         argv: list[str] | None = None,
         reserver_kwargs: dict[str, Any] | None = None,
+        record_scope: str = "",
         **engine_kwargs: Any,
     ):
         self.udp_fd = udp_fd
         self.engine_kwargs = {"batch": batch, "crypto": crypto, **engine_kwargs}
         self.argv = argv or [sys.executable, "-m", "control.dataplane"]
         self.tick = tick
+        # prefixes this daemon's records in a state file others may share
+        self.record_scope = record_scope
         self.reserver = (
             None
             if store is None
@@ -463,21 +466,22 @@ class DataplaneProxy:
         store = self.reserver.store if self.reserver else None
         if not isinstance(store, SeqStore):
             return None
-        found = store.records(INBOUND_KIND).get(f"{spi:08x}")
+        found = store.records(INBOUND_KIND).get(f"{self.record_scope}{spi:08x}")
         return None if found is None else int(found[1].decode())
 
     def _put_inbound(self, spi: int, top: int) -> None:
         # a whole-daemon restart reopens the window just above this
         store = self.reserver.store if self.reserver else None
         if isinstance(store, SeqStore):
-            store.put_record(INBOUND_KIND, f"{spi:08x}", 1, str(top).encode())
+            name = f"{self.record_scope}{spi:08x}"
+            store.put_record(INBOUND_KIND, name, 1, str(top).encode())
 
     def _forget(self, key: tuple[int, bool]) -> None:
         self._sas.pop(key, None)
         self._last.pop(key, None)
         store = self.reserver.store if self.reserver else None
         if key[1] and isinstance(store, SeqStore):
-            store.delete_record(INBOUND_KIND, f"{key[0]:08x}")
+            store.delete_record(INBOUND_KIND, f"{self.record_scope}{key[0]:08x}")
         if not key[1] and self.reserver is not None:
             self.reserver.close_sa(key[0])
 
