@@ -89,6 +89,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     # ESP-in-UDP socket and the engine with one session and the SA pair
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    # SO_REUSEPORT lets the engine give each worker a socket of its own
+    if cfg.get("reuseport", False):
+        udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     udp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     udp.bind((cfg["local"], 4500))
@@ -98,6 +101,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         udp.fileno(),
         batch=int(cfg.get("batch", 64)),
         crypto=cfg.get("crypto", "ipsec-mb"),
+        workers=cfg.get("workers"),
     )
     engine.add_session(SESSION, fd)
     spi_out = int(cfg["sa_out"]["spi"])

@@ -50,6 +50,10 @@ AUTH_METHODS = ("psk",)
 LOCAL_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig")
 REMOTE_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig", "pubkey")
 IDENTITY_TYPES = ("fqdn", "email", "ipv4", "ipv6", "dn", "keyid")
+# seconds; short values are for tests, the upper bound is 300 days
+REKEY_TIME = (5, 25_920_000)
+# upper bound of the half-open limits in [server]
+HALF_OPEN_MAX = 1_000_000
 
 PathKey = tuple[str | int, ...]
 
@@ -74,6 +78,10 @@ class ServerConfig:
     control_socket: str = "/run/espgate/control.sock"
     log_level: str = "info"
     state_dir: str = "/var/lib/espgate"
+    # RFC 7296 2.6: half-open IKE SAs from which on cookies are demanded
+    # (0: always), and how many one source address may hold (0: no limit)
+    cookie_threshold: int = 50
+    half_open_per_source: int = 10
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,11 @@ class ProfileConfig:
     crl: tuple[str, ...] = ()
     # (field, op, value) rules that must all hold for the peer's certificate
     match_certificate: tuple[tuple[str, str, str], ...] = ()
+    # seconds until the headend rekeys an SA itself; 0 = never
+    ike_rekey_time: int = 86400
+    child_rekey_time: int = 28800
+    # add the Windows client's IKE proposals (AES-CBC-256, SHA1/SHA2, DH 2/14)
+    windows_proposals: bool = False
 
 
 @dataclass(frozen=True)
@@ -227,8 +240,12 @@ def _index_lines(text: str) -> dict[PathKey, int]:
 
 def _show(path: PathKey, value: Any) -> str:
     """Describe a wrong value for an error without echoing secrets or tables."""
-    if any(part in SECRET_FIELDS for part in path) or isinstance(value, dict | list):
-        return {dict: "a table", list: "a list"}.get(type(value), type(value).__name__)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    if any(part in SECRET_FIELDS for part in path):
+        return type(value).__name__
     return repr(value)
 
 
@@ -290,6 +307,12 @@ class _Reader:
             raise self.error(path, f"port {value} out of range 1..65535")
         return value
 
+    def count(self, data: dict[str, Any], path: PathKey, default: int) -> int:
+        value = int(self.get(data, path, int, default))
+        if not 0 <= value <= HALF_OPEN_MAX:
+            raise self.error(path, f"{value} is not 0..{HALF_OPEN_MAX}")
+        return value
+
     def strings(self, data: dict[str, Any], path: PathKey, default: Any) -> list[str]:
         value = self.get(data, path, list, default)
         for item in value:
@@ -349,6 +372,12 @@ class _Reader:
             control_socket=control_socket,
             log_level=self.choice(data, (*p, "log_level"), LOG_LEVELS, d.log_level),
             state_dir=self.get(data, (*p, "state_dir"), str, d.state_dir),
+            cookie_threshold=self.count(
+                data, (*p, "cookie_threshold"), d.cookie_threshold
+            ),
+            half_open_per_source=self.count(
+                data, (*p, "half_open_per_source"), d.half_open_per_source
+            ),
         )
 
     def engine(self, data: dict[str, Any]) -> EngineConfig:
@@ -467,6 +496,13 @@ class _Reader:
                 IdentityPattern.parse(item)
             except ValueError as exc:
                 raise self.error((*p, "match_identity"), f"{item!r}: {exc}") from None
+        rekey = {}
+        for key, default in (("ike_rekey_time", 86400), ("child_rekey_time", 28800)):
+            value = int(self.get(data, (*p, key), int, default))
+            if value != 0 and not REKEY_TIME[0] <= value <= REKEY_TIME[1]:
+                low, high = REKEY_TIME
+                raise self.error((*p, key), f"{value} is not 0 or {low}..{high}")
+            rekey[key] = value
         certmap = self.cert_map(data, p)
         if certmap and remote_auth == ["pre-share"]:
             raise self.error(
@@ -503,6 +539,8 @@ class _Reader:
             ca=tuple(ca),
             crl=tuple(crl),
             match_certificate=certmap,
+            windows_proposals=self.get(data, (*p, "windows_proposals"), bool, False),
+            **rekey,
         )
 
     def cert_map(

@@ -71,7 +71,7 @@ class _IkeProtocol(asyncio.DatagramProtocol):
     def __init__(self, receive: Callable[[bytes, Address], None]):
         self.receive = receive
 
-    def datagram_received(self, data: bytes, addr: Address) -> None:  # type: ignore[override]
+    def datagram_received(self, data: bytes, addr: Address) -> None:
         self.receive(data, addr)
 
     def error_received(self, exc: Exception) -> None:
@@ -401,9 +401,9 @@ class Headend:
                     *moved.remote,
                     *event.remote,
                 )
-                moved.remote = tuple(event.remote)
+                moved.remote = (event.remote[0], event.remote[1])
                 if moved.tun_fd is not None:
-                    self.engine.set_peer(moved.index, tuple(event.remote))
+                    self.engine.set_peer(moved.index, moved.remote)
         elif isinstance(event, ike.IkeSADown):
             session = self.sessions.get(event.session_id)
             if session is not None:
@@ -412,7 +412,8 @@ class Headend:
     def _session(self, session_id: str, identity: str, remote: Address) -> Session:
         session = self.sessions.get(session_id)
         if session is None:
-            session = Session(session_id, self._next_index, identity, tuple(remote))
+            remote = (remote[0], remote[1])
+            session = Session(session_id, self._next_index, identity, remote)
             self._next_index += 1
             self.sessions[session_id] = session
             self.counters["sessions_up"] += 1
@@ -431,14 +432,9 @@ class Headend:
             session.inside_address = str(ev.inside_address)
             assert session.tun_name is not None
             add_route(session.tun_name, f"{ev.inside_address}/32")
-        if not ev.udp_encap:
-            # FIXME: raw ESP (IP protocol 50) is not in the engine yet; such a
-            # client still gets ESP-in-UDP from us and will drop it.
-            log.warning(
-                "session %s: client not behind NAT, raw ESP unsupported",
-                session.session_id,
-            )
-        common = {"session": session.index, "peer": tuple(ev.remote), "esn": ev.esn}
+        # RFC 3948: ESP in UDP only when NAT was detected, raw ESP otherwise
+        common = {"session": session.index, "peer": tuple(ev.remote), "esn": ev.esn,
+                  "encap": ev.udp_encap}
         first_in = 1
         if resume:
             top = self.engine.inbound_top(ev.spi_in)

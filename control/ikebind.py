@@ -13,9 +13,19 @@ import ipaddress
 
 from control.config import Config, ProfileConfig
 from control.ike import certs
+from control.ike.cookies import GuardConfig
 from control.ike.matching import CertRule
 from control.ike.messages import EncrId
-from control.ike.profiles import EspAlgorithms, Identity, Profile, ResponderConfig
+from control.ike.profiles import (
+    WINDOWS_DH_GROUPS,
+    EspAlgorithms,
+    Identity,
+    Profile,
+    ResponderConfig,
+    default_dh_groups,
+    default_ike_proposals,
+    windows_ike_proposals,
+)
 from control.pool import AddressPool
 
 _ESP = {
@@ -42,6 +52,9 @@ def build_responder_config(
             credential=_credential(p),
             trust=_trust(p),
             cert_map=[CertRule(*rule) for rule in p.match_certificate],
+            ike_rekey_time=float(p.ike_rekey_time) or None,
+            child_rekey_time=float(p.child_rekey_time) or None,
+            **_proposals(p),
         )
         for p in config.profiles
     ]
@@ -70,7 +83,20 @@ def build_responder_config(
         allocate_address=allocate,
         release_address=release,
         allocate_for_profile=allocate_for,
+        guard=GuardConfig(
+            cookie_threshold=config.server.cookie_threshold,
+            per_source=config.server.half_open_per_source,
+        ),
     )
+
+
+def _proposals(p: ProfileConfig) -> dict[str, list]:
+    """Return the IKE sets and groups of a profile; Windows ones when enabled."""
+    ike, groups = default_ike_proposals(), default_dh_groups()
+    if p.windows_proposals:
+        ike += windows_ike_proposals()
+        groups += [g for g in WINDOWS_DH_GROUPS if g not in groups]
+    return {"ike_proposals": ike, "dh_groups": groups}
 
 
 def _credential(p: ProfileConfig) -> certs.Credential | None:

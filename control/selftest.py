@@ -52,6 +52,7 @@ CONFIG_TEMPLATE = """\
 listen = "{listen}"
 control_socket = "{socket}"
 log_level = "debug"
+{server_extra}
 
 [engine]
 crypto = "{crypto}"
@@ -90,6 +91,8 @@ class HeadendLab:
         auth: tuple[str, list[str]] = ("pre-share", ["pre-share"]),
         match: tuple[str, ...] = ("*@espgate.example",),
         extra_config: Callable[[HeadendLab], str] | None = None,
+        profile_keys: dict[str, Any] | None = None,
+        server_keys: dict[str, Any] | None = None,
     ):
         """Set up a lab; ``embedded`` runs the daemon on its built-in default.
 
@@ -115,6 +118,10 @@ class HeadendLab:
         self.auth = auth
         self.match = match
         self.extra_config = extra_config
+        # more keys of the lab profile, as TOML values (json.dumps of each)
+        self.profile_keys = profile_keys or {}
+        # more keys of [server], likewise
+        self.server_keys = server_keys or {}
         self.socket = str(workdir / "espgate.sock")
         self.topo: Topology | None = None
         self.procs: ProcessSet | None = None
@@ -160,6 +167,9 @@ class HeadendLab:
             CONFIG_TEMPLATE.format(
                 listen=self.topo.hub_outer_ip,
                 socket=self.socket,
+                server_extra="\n".join(
+                    f"{k} = {json.dumps(v)}" for k, v in self.server_keys.items()
+                ),
                 crypto=self.crypto,
                 pool_range=self.pool_range,
                 server_id=SERVER_ID,
@@ -176,6 +186,7 @@ class HeadendLab:
     def _profile_extra(self) -> str:
         local, remote = self.auth
         lines = [f'local_auth = "{local}"', f"remote_auth = {json.dumps(remote)}"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in self.profile_keys.items()]
         if self.pki is not None:
             lines += [
                 f'certificate = "{self.pki.server_cert_path}"',
@@ -288,7 +299,7 @@ def _case_psk(esp: str, key_bits: int) -> Callable[[HeadendLab], tuple[dict, lis
         vip = client.virtual_ip()
         detail["inside_address"] = vip
         failures = [] if vip else ["no inside address from config mode"]
-        sas = client.sa_summary()
+        sas = client.sa_summary() or {}
         detail["client_sa"] = sas
         if str(sas.get("encr_keysize")) != str(key_bits):
             failures.append(f"client SA is not AES-GCM-{key_bits}: {sas}")

@@ -254,8 +254,10 @@ def _case_child_rekey(pfs: bool) -> Any:
                  if "generating CREATE_CHILD_SA request" in line]  # fmt: skip
         detail["client_requests"] = lines
         with_ke = [line for line in lines if " KE " in line]
-        if len(lines) < 2 or (len(with_ke) == len(lines)) != pfs or (
-            not pfs and with_ke
+        if (
+            len(lines) < 2
+            or (len(with_ke) == len(lines)) != pfs
+            or (not pfs and with_ke)
         ):
             failures.append(f"rekey requests do not match pfs={pfs}: {lines}")
         return detail, failures + _after_rekey_checks(lab, client, detail)
@@ -271,9 +273,11 @@ def _case_ike_rekey(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
     session = lab.show()["sessions"][0]["session"]
     client.swanctl("--rekey", "--ike", client.conn_name)
     changed = _wait(
-        lambda: (spis := _ike_spis(client)) is not None
-        and spis != detail["ike_spis_before"]
-        and len(client.list_sas()) == 1
+        lambda: (
+            (spis := _ike_spis(client)) is not None
+            and spis != detail["ike_spis_before"]
+            and len(client.list_sas()) == 1
+        )
     )
     detail["ike_spis_after"] = _ike_spis(client)
     failures = [] if changed else ["IKE SA not rekeyed"]
@@ -322,7 +326,75 @@ def _case_rekey_under_traffic(lab: HeadendLab) -> tuple[dict[str, Any], list[str
     return detail, failures + _after_rekey_checks(lab, client, detail)
 
 
+# -- rekeys started by the headend ---------------------------------------------------
+
+HEADEND_REKEY = 8
+
+
+def _case_headend_child_rekey(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    client = lab.client(esp="aes128gcm16-ecp256")
+    if not client.initiate():
+        return {"client_log": str(client.log_path)}, ["tunnel did not come up"]
+    old = _child_spis(client)
+    detail: dict[str, Any] = {"child_spis_before": old}
+    # the headend's lifetime runs out first: it rekeys, the client insists on
+    # PFS (NO_PROPOSAL_CHOSEN), the headend retries with ECP-256
+    done = _wait(
+        lambda: (spis := _child_spis(client)) and len(spis) == 1 and spis != old,
+        timeout=3 * HEADEND_REKEY,
+    )
+    detail["child_spis_after"] = _child_spis(client)
+    ike = lab.show("counters")["ike"]
+    detail["ike_counters"] = {k: v for k, v in ike.items() if "rekey" in k}
+    failures = [] if done else ["headend did not rekey the CHILD SA"]
+    if not ike.get("child_rekeyed_by_us"):
+        failures.append("headend counted no CHILD rekey of its own")
+    return detail, failures + _after_rekey_checks(lab, client, detail)
+
+
+def _case_headend_ike_rekey(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    client = lab.client()
+    if not client.initiate():
+        return {"client_log": str(client.log_path)}, ["tunnel did not come up"]
+    before = _ike_spis(client)
+    detail: dict[str, Any] = {"ike_spis_before": before}
+    session = lab.show()["sessions"][0]["session"]
+    changed = _wait(
+        lambda: (
+            (spis := _ike_spis(client)) is not None
+            and spis != before
+            and len(client.list_sas()) == 1
+        ),
+        timeout=3 * HEADEND_REKEY,
+    )
+    detail["ike_spis_after"] = _ike_spis(client)
+    failures = [] if changed else ["headend did not rekey the IKE SA"]
+    # the new IKE SA has the headend as initiator: a client CHILD rekey over it
+    failures += _rekey_child(client, detail)
+    failures += _after_rekey_checks(lab, client, detail)
+    sessions = lab.show()["sessions"]
+    if [s["session"] for s in sessions] != [session]:
+        failures.append(f"session id changed or duplicated: {sessions}")
+    ike = lab.show("counters")["ike"]
+    detail["ike_counters"] = {k: v for k, v in ike.items() if "rekey" in k}
+    if not ike.get("ike_rekey_started") or not ike.get("ike_rekeyed"):
+        failures.append("headend counted no IKE rekey of its own")
+    return detail, failures
+
+
 IKE_CASES: dict[str, tuple[str, Any, dict[str, Any]]] = {
+    "headend-child-rekey": (
+        "the headend rekeys the CHILD SA at its lifetime (PFS on the client's "
+        "demand): traffic on the new SA",
+        _case_headend_child_rekey,
+        {"profile_keys": {"child_rekey_time": HEADEND_REKEY, "ike_rekey_time": 0}},
+    ),
+    "headend-ike-rekey": (
+        "the headend rekeys the IKE SA at its lifetime, then a CHILD rekey over "
+        "it: traffic",
+        _case_headend_ike_rekey,
+        {"profile_keys": {"ike_rekey_time": HEADEND_REKEY, "child_rekey_time": 0}},
+    ),
     "child-rekey": (
         "CHILD SA rekeyed twice by the client without PFS: traffic on the new SA",
         _case_child_rekey(False),
@@ -361,3 +433,8 @@ IKE_CASES: dict[str, tuple[str, Any, dict[str, Any]]] = {
         },
     ),
 }
+
+# denial-of-service limits and proposal choice live in their own module
+from control.selftest_limits import LIMIT_CASES  # noqa: E402
+
+IKE_CASES.update(LIMIT_CASES)

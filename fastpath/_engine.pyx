@@ -15,12 +15,24 @@ functions that work in place on buffers with headroom:
   ``esp_open`` verifies the ICV, decrypts in place and strips the trailer.
 * ``replay_t`` is the RFC 4303 section 3.4.3 sliding window with the appendix A
   ESN inference; it is checked before the ICV and updated only after it.
-* ``Engine`` owns an epoll set over the ESP-in-UDP socket (RFC 3948), every
-  session's TUN fd and an eventfd.  One worker thread loops: ``epoll_wait``, then
-  for each ready fd takes the table lock and handles one batch.  IKE datagrams
-  (non-ESP marker) stay in the receive slots and are handed to the Python
-  callback after the lock is released, with the GIL.  Python mutators take the
-  same lock, so the worker never sees an SA half installed or freed.
+* ``Engine`` runs ``workers`` threads (one per core by default).  Each worker
+  has its own epoll set, eventfd, slots and counters, and owns a disjoint set
+  of sessions: it alone reads their TUN fds, so one session's outbound
+  sequence numbers come from one thread (``sa_take_seq`` reserves them per
+  batch, the one place they are handed out).  The ESP-in-UDP socket (RFC 3948)
+  is read either by worker 0 alone, which then decrypts for every session and
+  writes into TUNs other workers read (sessions go to the other workers), or,
+  when the caller's socket has SO_REUSEPORT, by every worker through a sibling
+  socket the engine binds to the same address; the kernel then keeps each
+  peer on one socket, so its packets stay in order.  Raw ESP sockets (IP
+  protocol 50, SAs with ``encap=False``) are read by worker 0.
+* Locking: workers hold the table lock (a writer-preferring rwlock) for
+  reading while they handle one batch; Python mutators take it for writing,
+  so no worker sees an SA half installed or freed.  Each SA has a spinlock
+  for what two workers may touch at once: the replay window (checked before
+  the ICV, re-checked and updated after it) and the inbound counters.  IKE
+  datagrams (non-ESP marker) stay in the receive slots and are handed to the
+  Python callback once the lock is released, with the GIL.
 * TUN to UDP: read until EAGAIN or ``batch`` reads.  A TUN opened with a vnet
   header hands over TCP/UDP super-packets; ``gso_split`` cuts them into MTU-sized
   packets in the tx slots (headers fixed up, checksums completed).  The slots are
@@ -108,11 +120,23 @@ from fastpath._sys cimport (
     mmsghdr,
     msghdr,
     ntohs,
-    pthread_mutex_destroy,
-    pthread_mutex_init,
-    pthread_mutex_lock,
-    pthread_mutex_t,
-    pthread_mutex_unlock,
+    PTHREAD_PROCESS_PRIVATE,
+    PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP,
+    pthread_rwlock_init,
+    pthread_rwlock_destroy,
+    pthread_rwlock_rdlock,
+    pthread_rwlock_t,
+    pthread_rwlock_unlock,
+    pthread_rwlock_wrlock,
+    pthread_rwlockattr_destroy,
+    pthread_rwlockattr_init,
+    pthread_rwlockattr_setkind_np,
+    pthread_rwlockattr_t,
+    pthread_spin_destroy,
+    pthread_spin_init,
+    pthread_spin_lock,
+    pthread_spin_unlock,
+    pthread_spinlock_t,
     read,
     recvmmsg,
     sendmmsg,
@@ -161,6 +185,7 @@ cdef enum:
 cdef uint64_t TAG_TUN = 1ULL << 32
 cdef uint64_t TAG_UDP = 1ULL << 33
 cdef uint64_t TAG_WAKE = 1ULL << 34
+cdef uint64_t TAG_RAW = 1ULL << 35
 
 BATCH_HEADROOM = ESP_HEAD
 BATCH_TAILROOM = ESP_TAIL_MAX
@@ -485,8 +510,13 @@ cdef struct sa_t:
     uint64_t next_seq
     uint64_t seq_limit
     replay_t replay
-    sockaddr_storage peer
+    sockaddr_storage peer  # in the engine's UDP family (v4-mapped on a v6 socket)
     socklen_t peer_len
+    int encap              # ESP in UDP (RFC 3948), else raw IP protocol 50
+    int raw_family         # the peer's own family, for the raw socket
+    sockaddr_storage raw_peer
+    socklen_t raw_peer_len
+    pthread_spinlock_t lock  # guards next_seq, the replay window, rx counters
     int n_ts
     ts_t ts[16]
     uint64_t packets
@@ -510,6 +540,7 @@ cdef inline uint64_t seq_cap(const sa_t *sa, uint64_t limit) noexcept nogil:
 cdef void sa_free(sa_t *sa) noexcept nogil:
     if sa != NULL:
         cipher_free(&sa.cipher)
+        pthread_spin_destroy(&sa.lock)
         memset(sa, 0, sizeof(sa_t))
         free(sa)
 
@@ -544,6 +575,20 @@ cdef int fill_sockaddr(sockaddr_storage *ss, socklen_t *slen, object addr,
     return 0
 
 
+cdef int fill_raw_peer(sockaddr_storage *ss, socklen_t *slen,
+                       object addr) except -1:
+    """Fill the peer's address in its own family, port 0; return the family."""
+    cdef int family = AF_INET if ipaddress.ip_address(addr[0]).version == 4 else (
+        AF_INET6)
+    fill_sockaddr(ss, slen, addr, family)
+    # raw sockets have no ports; the port field is the protocol or must be 0
+    if family == AF_INET:
+        (<sockaddr_in *>ss).sin_port = 0
+    else:
+        (<sockaddr_in6 *>ss).sin6_port = 0
+    return family
+
+
 cdef object sockaddr_tuple(const sockaddr_storage *ss):
     cdef const sockaddr_in *sin
     cdef const sockaddr_in6 *sin6
@@ -570,6 +615,7 @@ cdef sa_t *sa_from_params(object params, int backend, int family) except NULL:
     sa = <sa_t *>calloc(1, sizeof(sa_t))
     if sa == NULL:
         raise MemoryError()
+    pthread_spin_init(&sa.lock, PTHREAD_PROCESS_PRIVATE)
     try:
         sa.spi = params.spi
         sa.inbound = bool(params.inbound)
@@ -588,6 +634,8 @@ cdef sa_t *sa_from_params(object params, int backend, int family) except NULL:
         if sa.inbound and sa.next_seq > 1:
             sa.replay.top = sa.next_seq - 1
         fill_sockaddr(&sa.peer, &sa.peer_len, params.peer, family)
+        sa.encap = bool(params.encap)
+        sa.raw_family = fill_raw_peer(&sa.raw_peer, &sa.raw_peer_len, params.peer)
         for i, ts in enumerate(params.remote_ts):
             net = ipaddress.ip_network(ts, strict=False)
             packed = net.network_address.packed
@@ -602,6 +650,27 @@ cdef sa_t *sa_from_params(object params, int backend, int family) except NULL:
         sa_free(sa)
         raise
     return sa
+
+
+cdef uint64_t sa_take_seq(sa_t *sa, int n, int *got) noexcept nogil:
+    """Reserve up to n consecutive outbound sequence numbers; return the first.
+
+    The one place outbound numbers are handed out (engine and batch API).
+    got receives how many were reserved; fewer than n means the SA is spent.
+    """
+    cdef uint64_t first, avail
+    cdef int k = 0
+    pthread_spin_lock(&sa.lock)
+    first = sa.next_seq
+    # RFC 4303 section 3.3.3: the counter must not cycle; 0 marks a spent
+    # 64-bit counter (next_seq wrapped past 2^64 - 1), rekey first
+    if first != 0 and first <= sa.seq_limit:
+        avail = sa.seq_limit - first + 1
+        k = n if <uint64_t>n <= avail else <int>avail
+        sa.next_seq = first + <uint64_t>k
+    pthread_spin_unlock(&sa.lock)
+    got[0] = k
+    return first
 
 
 cdef int esp_seal(sa_t *sa, uint8_t *payload, size_t plen, uint64_t seq, int nh,
@@ -874,7 +943,8 @@ def encrypt_batch(SAHandle handle, uint8_t[:, ::1] packets,
     cdef Py_ssize_t rows = packets.shape[0], width = packets.shape[1]
     cdef Py_ssize_t i, done = 0
     cdef sa_t *sa = handle.sa
-    cdef int ln, nh
+    cdef int ln, nh, got = 0
+    cdef uint64_t seq
     cdef uint8_t *p
     if lengths.shape[0] < rows:
         raise ValueError(f"Lengths shorter than the batch: {lengths.shape[0]}")
@@ -882,15 +952,13 @@ def encrypt_batch(SAHandle handle, uint8_t[:, ::1] packets,
         if lengths[i] < 1 or ESP_HEAD + lengths[i] + ESP_TAIL_MAX > width:
             raise ValueError(f"Bad length {lengths[i]} in row {i}")
     with nogil:
-        for i in range(rows):
-            if sa.next_seq > sa.seq_limit:
-                break
+        seq = sa_take_seq(sa, <int>rows, &got)
+        for i in range(got):
             p = &packets[i, ESP_HEAD]
             nh = 41 if p[0] >> 4 == 6 else 4
-            ln = esp_seal(sa, p, lengths[i], sa.next_seq, nh, NULL)
+            ln = esp_seal(sa, p, lengths[i], seq + <uint64_t>i, nh, NULL)
             if ln < 0:
                 break
-            sa.next_seq += 1
             lengths[i] = ln
             done += 1
     return done
@@ -1342,6 +1410,7 @@ cdef struct session_t:
     uint32_t id
     int tun_fd
     int vnet               # reads and writes carry a virtio_net_hdr
+    int worker             # the worker that reads this TUN
     sa_t *out_sa           # newest outbound SA, used for TUN traffic
     sa_t *sas              # every SA of the session, newest first (snext)
     session_t *hnext
@@ -1377,72 +1446,203 @@ cdef struct counters_t:
     uint64_t udp_gro_rx        # coalesced datagrams received (UDP_GRO)
     uint64_t udp_gro_segs      # datagrams split out of them
     uint64_t ike_dropped
+    uint64_t raw_rx            # raw ESP packets received (IP protocol 50)
+    uint64_t raw_tx            # raw ESP packets sent
+    uint64_t wrong_encap       # ESP for an SA that uses the other transport
+
+
+cdef struct worker_t:
+    # one thread's epoll set, sockets, slots and counters; only it touches them
+    int index
+    int ep_fd
+    int ev_fd
+    int udp_fd             # sends here; reads it too when reads_udp
+    int reads_udp
+    int n_sessions
+    counters_t c
+    uint8_t *rx_buf
+    uint8_t *tx_buf
+    mmsghdr *rx_msgs
+    mmsghdr *tx_msgs
+    iovec *rx_iov
+    iovec *tx_iov
+    sockaddr_storage *rx_addr
+    int *tx_len
+    uint8_t *stage
+    uint8_t *rx_ctrl
+    uint8_t *tx_ctrl
+    int *tx_first
+    session_t **in_sess
+    uint8_t **in_ptr
+    int *in_len
+    int in_n
+    iovec wiov[64]
+    uint8_t **ike_ptr
+    int *ike_len
+    int *ike_src
+    int ike_n
+
+
+cdef enum:
+    MAX_WORKERS = 64
+    SOL_SOCKET_ = 1
+    SO_REUSEPORT_ = 15
+    IPPROTO_ESP_ = 50
 
 
 cdef inline uint32_t hash32(uint32_t v) noexcept nogil:
     return ((v * 2654435761U) >> 22) & (HASH_SIZE - 1)
 
 
+cdef void worker_free(worker_t *w) noexcept nogil:
+    if w.ep_fd >= 0:
+        close(w.ep_fd)
+    if w.ev_fd >= 0:
+        close(w.ev_fd)
+    free(w.rx_buf)
+    free(w.tx_buf)
+    free(w.rx_msgs)
+    free(w.tx_msgs)
+    free(w.rx_iov)
+    free(w.tx_iov)
+    free(w.rx_addr)
+    free(w.tx_len)
+    free(w.stage)
+    free(w.rx_ctrl)
+    free(w.tx_ctrl)
+    free(w.tx_first)
+    free(w.in_sess)
+    free(w.in_ptr)
+    free(w.in_len)
+    free(w.ike_ptr)
+    free(w.ike_len)
+    free(w.ike_src)
+
+
+cdef int worker_init(worker_t *w, int index, int batch, size_t rx_slot) noexcept nogil:
+    """Allocate one worker's slots, epoll set and eventfd; -1 on failure."""
+    cdef epoll_event ev
+    cdef int i
+    w.index = index
+    w.ep_fd = -1
+    w.ev_fd = -1
+    w.udp_fd = -1
+    # rx holds datagrams (64 KB with GRO), tx holds TUN packets or the
+    # segments of TUN super-packets at HEADROOM
+    w.rx_buf = <uint8_t *>malloc(<size_t>batch * rx_slot)
+    w.tx_buf = <uint8_t *>malloc(<size_t>TX_SLOTS * SLOT)
+    w.stage = <uint8_t *>malloc(STAGE)
+    w.rx_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
+    w.tx_msgs = <mmsghdr *>calloc(TX_SLOTS, sizeof(mmsghdr))
+    w.rx_iov = <iovec *>calloc(batch, sizeof(iovec))
+    w.tx_iov = <iovec *>calloc(TX_SLOTS, sizeof(iovec))
+    w.rx_addr = <sockaddr_storage *>calloc(batch, sizeof(sockaddr_storage))
+    w.rx_ctrl = <uint8_t *>calloc(batch, CTRL_LEN)
+    w.tx_ctrl = <uint8_t *>calloc(TX_SLOTS, CTRL_LEN)
+    w.tx_len = <int *>calloc(TX_SLOTS, sizeof(int))
+    w.tx_first = <int *>calloc(TX_SLOTS + 1, sizeof(int))
+    w.in_sess = <session_t **>calloc(PENDING, sizeof(session_t *))
+    w.in_ptr = <uint8_t **>calloc(PENDING, sizeof(uint8_t *))
+    w.in_len = <int *>calloc(PENDING, sizeof(int))
+    w.ike_ptr = <uint8_t **>calloc(PENDING, sizeof(uint8_t *))
+    w.ike_len = <int *>calloc(PENDING, sizeof(int))
+    w.ike_src = <int *>calloc(PENDING, sizeof(int))
+    if (w.rx_buf == NULL or w.tx_buf == NULL or w.stage == NULL
+            or w.rx_msgs == NULL or w.tx_msgs == NULL
+            or w.rx_iov == NULL or w.tx_iov == NULL
+            or w.rx_addr == NULL or w.rx_ctrl == NULL
+            or w.tx_ctrl == NULL or w.tx_len == NULL
+            or w.tx_first == NULL or w.in_sess == NULL
+            or w.in_ptr == NULL or w.in_len == NULL
+            or w.ike_ptr == NULL or w.ike_len == NULL
+            or w.ike_src == NULL):
+        return -1
+    for i in range(batch):
+        w.rx_iov[i].iov_base = w.rx_buf + <size_t>i * rx_slot
+        w.rx_iov[i].iov_len = rx_slot
+        w.rx_msgs[i].msg_hdr.msg_iov = &w.rx_iov[i]
+        w.rx_msgs[i].msg_hdr.msg_iovlen = 1
+        w.rx_msgs[i].msg_hdr.msg_name = &w.rx_addr[i]
+    w.ep_fd = epoll_create1(EPOLL_CLOEXEC)
+    if w.ep_fd < 0:
+        return -1
+    w.ev_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+    if w.ev_fd < 0:
+        return -1
+    ev.events = EPOLLIN
+    ev.data.u64 = TAG_WAKE
+    if epoll_ctl(w.ep_fd, EPOLL_CTL_ADD, w.ev_fd, &ev) != 0:
+        return -1
+    return 0
+
+
+cdef int poll_add(int ep_fd, int fd, uint64_t tag) noexcept nogil:
+    cdef epoll_event ev
+    ev.events = EPOLLIN
+    ev.data.u64 = tag
+    return epoll_ctl(ep_fd, EPOLL_CTL_ADD, fd, &ev)
+
+
+def _default_workers() -> int:
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 @cython.final
 cdef class Engine:
-    """The ESP dataplane over one ESP-in-UDP socket and one TUN per session.
+    """The ESP dataplane over ESP-in-UDP (and raw ESP) and one TUN per session.
 
     The caller owns the UDP socket (bound to 4500, non-blocking) and the TUN
-    fds; the engine only reads and writes them.  All methods are safe to call
-    from another thread while the worker runs.
+    fds; the engine only reads and writes them, plus the sockets it opens
+    itself (SO_REUSEPORT siblings, raw ESP), which it closes.  ``workers``
+    (default: one per usable core) sets the thread count; ``esp_fd`` is an
+    optional raw IP protocol 50 socket for ``encap=False`` SAs, opened on
+    demand when absent.  All methods are safe to call from another thread
+    while the workers run.
     """
 
     cdef int udp_fd
-    cdef int ep_fd
-    cdef int ev_fd
     cdef int batch
     cdef int backend
     cdef int family
     cdef int stopping
-    cdef pthread_mutex_t lock
+    cdef pthread_rwlock_t lock
     cdef sa_t *sa_in[1024]
     cdef sa_t *sa_out[1024]
     cdef session_t *sessions[1024]
-    cdef counters_t c
-    cdef uint8_t *rx_buf
-    cdef uint8_t *tx_buf
-    cdef mmsghdr *rx_msgs
-    cdef mmsghdr *tx_msgs
-    cdef iovec *rx_iov
-    cdef iovec *tx_iov
-    cdef sockaddr_storage *rx_addr
-    cdef int *tx_len
+    cdef counters_t c          # what no worker counts (IKE sent)
     cdef int gso
     cdef int gro
     cdef int coalesce
     cdef size_t rx_slot
-    cdef uint8_t *stage
-    cdef uint8_t *rx_ctrl
-    cdef uint8_t *tx_ctrl
-    cdef int *tx_first
-    cdef session_t **in_sess
-    cdef uint8_t **in_ptr
-    cdef int *in_len
-    cdef int in_n
-    cdef iovec wiov[64]
-    cdef uint8_t **ike_ptr
-    cdef int *ike_len
-    cdef int *ike_src
-    cdef int ike_n
-    cdef object _thread
+    cdef int n_workers
+    cdef int reuseport
+    cdef worker_t *workers
+    cdef int own_fds[64]
+    cdef int n_own
+    cdef int raw_fd[2]         # raw ESP sockets: [0] IPv4, [1] IPv6, -1 none
+    cdef int raw_owned[2]
+    cdef object _threads
     cdef object _callback
     cdef object _send_lock
 
     def __cinit__(self, int udp_fd, *, int batch=64, str crypto="ipsec-mb",
-                  bint gso=True, bint gro=True, bint coalesce=True):
+                  bint gso=True, bint gro=True, bint coalesce=True, workers=None,
+                  esp_fd=None):
         cdef sockaddr_storage ss
         cdef socklen_t sl = sizeof(ss)
-        cdef epoll_event ev
-        cdef int i
-        self.ep_fd = -1
-        self.ev_fd = -1
+        cdef pthread_rwlockattr_t attr
+        cdef int i, n
+        self.raw_fd[0] = self.raw_fd[1] = -1
         if batch < 1 or batch > MAX_BATCH:
             raise ValueError(f"Bad batch size {batch}")
+        n = _default_workers() if workers is None else workers
+        if n < 1 or n > MAX_WORKERS:
+            raise ValueError(f"Bad worker count {workers}")
         self.backend = _backend_id(crypto)
         if getsockname(udp_fd, <sockaddr *>&ss, &sl) != 0:
             raise OSError(errno, f"Bad UDP socket fd {udp_fd}")
@@ -1460,60 +1660,106 @@ cdef class Engine:
             if setsockopt(udp_fd, SOL_UDP_, UDP_GRO_, &self.gro, sizeof(int)) != 0:
                 self.gro = 0
         self.rx_slot = RX_SLOT if self.gro else SLOT
-        pthread_mutex_init(&self.lock, NULL)
+        # writers (Python mutators) go first, so busy workers cannot starve them
+        pthread_rwlockattr_init(&attr)
+        pthread_rwlockattr_setkind_np(&attr,
+                                      PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
+        pthread_rwlock_init(&self.lock, &attr)
+        pthread_rwlockattr_destroy(&attr)
         self._send_lock = threading.Lock()
+        self._threads = []
+        if esp_fd is not None:
+            self._adopt_raw(esp_fd)
 
-        # preallocated slots: rx holds datagrams (64 KB with GRO), tx holds
-        # TUN packets or the segments of TUN super-packets at HEADROOM
-        self.rx_buf = <uint8_t *>malloc(<size_t>batch * self.rx_slot)
-        self.tx_buf = <uint8_t *>malloc(<size_t>TX_SLOTS * SLOT)
-        self.stage = <uint8_t *>malloc(STAGE)
-        self.rx_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
-        self.tx_msgs = <mmsghdr *>calloc(TX_SLOTS, sizeof(mmsghdr))
-        self.rx_iov = <iovec *>calloc(batch, sizeof(iovec))
-        self.tx_iov = <iovec *>calloc(TX_SLOTS, sizeof(iovec))
-        self.rx_addr = <sockaddr_storage *>calloc(batch, sizeof(sockaddr_storage))
-        self.rx_ctrl = <uint8_t *>calloc(batch, CTRL_LEN)
-        self.tx_ctrl = <uint8_t *>calloc(TX_SLOTS, CTRL_LEN)
-        self.tx_len = <int *>calloc(TX_SLOTS, sizeof(int))
-        self.tx_first = <int *>calloc(TX_SLOTS + 1, sizeof(int))
-        self.in_sess = <session_t **>calloc(PENDING, sizeof(session_t *))
-        self.in_ptr = <uint8_t **>calloc(PENDING, sizeof(uint8_t *))
-        self.in_len = <int *>calloc(PENDING, sizeof(int))
-        self.ike_ptr = <uint8_t **>calloc(PENDING, sizeof(uint8_t *))
-        self.ike_len = <int *>calloc(PENDING, sizeof(int))
-        self.ike_src = <int *>calloc(PENDING, sizeof(int))
-        if (self.rx_buf == NULL or self.tx_buf == NULL or self.stage == NULL
-                or self.rx_msgs == NULL or self.tx_msgs == NULL
-                or self.rx_iov == NULL or self.tx_iov == NULL
-                or self.rx_addr == NULL or self.rx_ctrl == NULL
-                or self.tx_ctrl == NULL or self.tx_len == NULL
-                or self.tx_first == NULL or self.in_sess == NULL
-                or self.in_ptr == NULL or self.in_len == NULL
-                or self.ike_ptr == NULL or self.ike_len == NULL
-                or self.ike_src == NULL):
+        # one worker per core: own epoll set and slots, sessions spread over them
+        self.workers = <worker_t *>calloc(n, sizeof(worker_t))
+        if self.workers == NULL:
             raise MemoryError()
-        for i in range(batch):
-            self.rx_iov[i].iov_base = self.rx_buf + <size_t>i * self.rx_slot
-            self.rx_iov[i].iov_len = self.rx_slot
-            self.rx_msgs[i].msg_hdr.msg_iov = &self.rx_iov[i]
-            self.rx_msgs[i].msg_hdr.msg_iovlen = 1
-            self.rx_msgs[i].msg_hdr.msg_name = &self.rx_addr[i]
+        self.n_workers = n
+        for i in range(n):
+            if worker_init(&self.workers[i], i, batch, self.rx_slot) != 0:
+                raise MemoryError("Cannot set up a fastpath worker")
+            self.workers[i].udp_fd = udp_fd
+        self._open_siblings(udp_fd)
+        for i in range(n):
+            if i > 0 and not self.reuseport:
+                continue
+            self.workers[i].reads_udp = 1
+            if poll_add(self.workers[i].ep_fd, self.workers[i].udp_fd, TAG_UDP) != 0:
+                raise OSError(errno, "epoll_ctl on the UDP socket failed")
+        for i in range(2):
+            if self.raw_fd[i] >= 0 and poll_add(self.workers[0].ep_fd,
+                                                self.raw_fd[i], TAG_RAW) != 0:
+                raise OSError(errno, "epoll_ctl on the raw ESP socket failed")
 
-        # epoll over the UDP socket and the wake-up eventfd
-        self.ep_fd = epoll_create1(EPOLL_CLOEXEC)
-        if self.ep_fd < 0:
-            raise OSError(errno, "epoll_create1 failed")
-        self.ev_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-        if self.ev_fd < 0:
-            raise OSError(errno, "eventfd failed")
-        ev.events = EPOLLIN
-        ev.data.u64 = TAG_UDP
-        if epoll_ctl(self.ep_fd, EPOLL_CTL_ADD, udp_fd, &ev) != 0:
-            raise OSError(errno, "epoll_ctl on the UDP socket failed")
-        ev.data.u64 = TAG_WAKE
-        if epoll_ctl(self.ep_fd, EPOLL_CTL_ADD, self.ev_fd, &ev) != 0:
-            raise OSError(errno, "epoll_ctl on the eventfd failed")
+    cdef _open_siblings(self, int udp_fd):
+        """Give every other worker its own SO_REUSEPORT socket when allowed.
+
+        The kernel hashes each peer's address to one socket of the group, so a
+        peer's datagrams stay in order on one worker.  Without SO_REUSEPORT on
+        the caller's socket, worker 0 alone reads it (one reader).
+        """
+        import socket
+
+        if self.n_workers == 1:
+            return
+        base = socket.socket(fileno=udp_fd)
+        try:
+            if not base.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+                return
+            addr = base.getsockname()
+            rcv = base.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            snd = base.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            v6only = (base.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+                      if self.family == AF_INET6 else 0)
+        finally:
+            base.detach()
+        for i in range(1, self.n_workers):
+            s = socket.socket(self.family, socket.SOCK_DGRAM)
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                # the kernel doubles what it is given; hand back half
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcv // 2)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, snd // 2)
+                if self.family == AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+                if self.gro:
+                    s.setsockopt(SOL_UDP_, UDP_GRO_, 1)
+                s.bind(addr)
+                s.setblocking(False)
+            except BaseException:
+                s.close()
+                raise
+            self.workers[i].udp_fd = s.detach()
+            self.own_fds[self.n_own] = self.workers[i].udp_fd
+            self.n_own += 1
+        self.reuseport = 1
+
+    cdef _adopt_raw(self, int fd):
+        cdef sockaddr_storage ss
+        cdef socklen_t sl = sizeof(ss)
+        if getsockname(fd, <sockaddr *>&ss, &sl) != 0:
+            raise OSError(errno, f"Bad raw ESP socket fd {fd}")
+        if ss.ss_family != AF_INET and ss.ss_family != AF_INET6:
+            raise ValueError(f"Raw ESP socket fd {fd} is not an inet socket")
+        self.raw_fd[0 if ss.ss_family == AF_INET else 1] = fd
+
+    cdef int _raw_for(self, int family) except -1:
+        """Return the raw ESP socket for a family, opening it on first use."""
+        cdef int k = 0 if family == AF_INET else 1
+        import socket
+
+        if self.raw_fd[k] >= 0:
+            return self.raw_fd[k]
+        s = socket.socket(family, socket.SOCK_RAW, IPPROTO_ESP_)
+        s.setblocking(False)
+        fd = s.detach()
+        if poll_add(self.workers[0].ep_fd, fd, TAG_RAW) != 0:
+            close(fd)
+            raise OSError(errno, "epoll_ctl on the raw ESP socket failed")
+        self.raw_fd[k] = fd
+        self.raw_owned[k] = 1
+        return fd
 
     def __dealloc__(self):
         cdef int i, tab
@@ -1533,31 +1779,18 @@ cdef class Engine:
                 snx = s.hnext
                 free(s)
                 s = snx
-        if self.ep_fd >= 0:
-            close(self.ep_fd)
-        if self.ev_fd >= 0:
-            close(self.ev_fd)
-        free(self.rx_buf)
-        free(self.tx_buf)
-        free(self.rx_msgs)
-        free(self.tx_msgs)
-        free(self.rx_iov)
-        free(self.tx_iov)
-        free(self.rx_addr)
-        free(self.tx_len)
-        free(self.stage)
-        free(self.rx_ctrl)
-        free(self.tx_ctrl)
-        free(self.tx_first)
-        free(self.in_sess)
-        free(self.in_ptr)
-        free(self.in_len)
-        free(self.ike_ptr)
-        free(self.ike_len)
-        free(self.ike_src)
-        pthread_mutex_destroy(&self.lock)
+        if self.workers != NULL:
+            for i in range(self.n_workers):
+                worker_free(&self.workers[i])
+            free(self.workers)
+        for i in range(self.n_own):
+            close(self.own_fds[i])
+        for i in range(2):
+            if self.raw_owned[i]:
+                close(self.raw_fd[i])
+        pthread_rwlock_destroy(&self.lock)
 
-    # -- tables (callers hold self.lock)
+    # -- tables (workers hold self.lock for reading, mutators for writing)
 
     cdef session_t *_session(self, uint32_t sid) noexcept nogil:
         cdef session_t *s = self.sessions[hash32(sid)]
@@ -1599,10 +1832,21 @@ cdef class Engine:
 
     cdef inline void _lock(self) noexcept:
         with nogil:
-            pthread_mutex_lock(&self.lock)
+            pthread_rwlock_wrlock(&self.lock)
 
     cdef inline void _unlock(self) noexcept:
-        pthread_mutex_unlock(&self.lock)
+        pthread_rwlock_unlock(&self.lock)
+
+    cdef int _pick_worker(self) noexcept:
+        # worker 0 reads the only UDP socket when there are no siblings: TUN
+        # reads go to the others, so decryption and encryption overlap
+        cdef int i, best = 0
+        if not self.reuseport and self.n_workers > 1:
+            best = 1
+        for i in range(best, self.n_workers):
+            if self.workers[i].n_sessions < self.workers[best].n_sessions:
+                best = i
+        return best
 
     # -- control-plane API
 
@@ -1610,10 +1854,10 @@ cdef class Engine:
         """Attach a session and its TUN fd (non-blocking) to the engine.
 
         vnet_hdr says whether the fd carries virtio-net headers (``open_tun``
-        with offload); None asks the kernel.
+        with offload); None asks the kernel.  The session goes to the worker
+        with the fewest sessions, which alone reads its TUN.
         """
         cdef session_t *s
-        cdef epoll_event ev
         cdef int rc
         if session < 0 or tun_fd < 0:
             raise ValueError(f"Bad session {session} or TUN fd {tun_fd}")
@@ -1630,12 +1874,13 @@ cdef class Engine:
             self._unlock()
             free(s)
             raise ValueError(f"Session {session} already exists")
-        ev.events = EPOLLIN
-        ev.data.u64 = TAG_TUN | <uint32_t>session
-        rc = epoll_ctl(self.ep_fd, EPOLL_CTL_ADD, tun_fd, &ev)
+        s.worker = self._pick_worker()
+        rc = poll_add(self.workers[s.worker].ep_fd, tun_fd,
+                      TAG_TUN | <uint32_t>session)
         if rc == 0:
             s.hnext = self.sessions[hash32(session)]
             self.sessions[hash32(session)] = s
+            self.workers[s.worker].n_sessions += 1
         self._unlock()
         if rc != 0:
             free(s)
@@ -1655,7 +1900,8 @@ cdef class Engine:
         s = pp[0]
         if s != NULL:
             pp[0] = s.hnext
-            epoll_ctl(self.ep_fd, EPOLL_CTL_DEL, s.tun_fd, NULL)
+            epoll_ctl(self.workers[s.worker].ep_fd, EPOLL_CTL_DEL, s.tun_fd, NULL)
+            self.workers[s.worker].n_sessions -= 1
             sa = s.sas
             while sa != NULL:
                 nxt = sa.snext
@@ -1674,7 +1920,11 @@ cdef class Engine:
             doomed = nxt
 
     def install_sa(self, params) -> None:
-        """Install one SA; a new outbound SA takes over its session's traffic."""
+        """Install one SA; a new outbound SA takes over its session's traffic.
+
+        An SA with ``encap=False`` sends and receives raw ESP; the engine opens
+        the raw socket for the peer's family on first use (needs CAP_NET_RAW).
+        """
         cdef sa_t *sa
         cdef session_t *s
         cdef sa_t **bucket
@@ -1682,6 +1932,12 @@ cdef class Engine:
         if params.engine == "kernel":
             raise ValueError(f"SA 0x{params.spi:08x} asks for the kernel engine")
         sa = sa_from_params(params, self.backend, self.family)
+        if not sa.encap:
+            try:
+                self._raw_for(sa.raw_family)
+            except BaseException:
+                sa_free(sa)
+                raise
         self._lock()
         s = self._session(sa.session)
         if s == NULL:
@@ -1715,11 +1971,13 @@ cdef class Engine:
 
     def set_peer(self, int session, addr) -> None:
         """Point every SA of a session at a new peer (NAT mapping change)."""
-        cdef sockaddr_storage ss
-        cdef socklen_t sl = 0
+        cdef sockaddr_storage ss, raw
+        cdef socklen_t sl = 0, rl = 0
+        cdef int raw_family
         cdef session_t *s
         cdef sa_t *sa
         fill_sockaddr(&ss, &sl, addr, self.family)
+        raw_family = fill_raw_peer(&raw, &rl, addr)
         self._lock()
         s = self._session(session)
         if s != NULL:
@@ -1727,6 +1985,9 @@ cdef class Engine:
             while sa != NULL:
                 sa.peer = ss
                 sa.peer_len = sl
+                if sa.encap or raw_family == sa.raw_family:
+                    sa.raw_peer = raw
+                    sa.raw_peer_len = rl
                 sa = sa.snext
         self._unlock()
         if s == NULL:
@@ -1780,15 +2041,24 @@ cdef class Engine:
             "udp_gso": bool(self.gso),
             "udp_gro": bool(self.gro),
             "tun_coalesce": bool(self.coalesce),
+            "workers": self.n_workers,
+            "reuseport": bool(self.reuseport),
         }
 
     def counters(self) -> dict:
-        """Return the engine-wide counters."""
-        cdef counters_t copy
+        """Return the engine-wide counters, summed over the workers."""
+        cdef counters_t total
+        cdef uint64_t *acc = <uint64_t *>&total
+        cdef uint64_t *one
+        cdef int i, k
         self._lock()
-        copy = self.c
+        total = self.c
+        for i in range(self.n_workers):
+            one = <uint64_t *>&self.workers[i].c
+            for k in range(<int>(sizeof(counters_t) // sizeof(uint64_t))):
+                acc[k] += one[k]
         self._unlock()
-        return dict(copy)
+        return dict(total)
 
     def send_ike(self, bytes data, addr) -> None:
         """Send an IKE message on the 4500 socket behind the non-ESP marker."""
@@ -1817,217 +2087,269 @@ cdef class Engine:
         with self._send_lock:
             self.c.ike_tx += 1
 
-    # -- worker
+    # -- workers
 
     def start(self, ike_callback) -> None:
-        """Start the worker thread; ike_callback(data, addr) gets IKE datagrams."""
-        assert self._thread is None, "Engine already started"
+        """Start the worker threads; ike_callback(data, addr) gets IKE datagrams.
+
+        With several workers the callback may run on any of their threads.
+        """
+        assert not self._threads, "Engine already started"
         self._callback = ike_callback
         self.stopping = 0
-        self._thread = threading.Thread(
-            target=self._run, name="espgate-fastpath", daemon=True
-        )
-        self._thread.start()
+        for i in range(self.n_workers):
+            t = threading.Thread(
+                target=self._run, args=(i,), name=f"espgate-fastpath-{i}", daemon=True
+            )
+            self._threads.append(t)
+            t.start()
 
     def stop(self) -> None:
-        """Wake the worker, let it finish its batch and join it."""
+        """Wake the workers, let each finish its batch and join them."""
         cdef uint64_t one = 1
-        if self._thread is None:
+        cdef int i
+        if not self._threads:
             return
         self.stopping = 1
-        write(self.ev_fd, &one, 8)
-        self._thread.join()
-        self._thread = None
+        for i in range(self.n_workers):
+            write(self.workers[i].ev_fd, &one, 8)
+        for t in self._threads:
+            t.join()
+        self._threads = []
 
-    def _run(self) -> None:
+    def _run(self, int index) -> None:
         cdef int rc = 0
-        log.debug("fastpath worker up, batch %d", self.batch)
+        cdef worker_t *w = &self.workers[index]
+        log.debug("fastpath worker %d up, batch %d", index, self.batch)
         while rc == 0:
             with nogil:
-                rc = self._poll()
-            if self.ike_n:
-                self._deliver_ike()
-        log.debug("fastpath worker down")
+                rc = self._poll(w)
+            if w.ike_n:
+                self._deliver_ike(w)
+        log.debug("fastpath worker %d down", index)
 
-    cdef int _poll(self) noexcept nogil:
+    cdef int _poll(self, worker_t *w) noexcept nogil:
         cdef epoll_event evs[64]
         cdef uint64_t tag, junk
         cdef int n, i
-        n = epoll_wait(self.ep_fd, evs, MAX_EVENTS, -1)
+        n = epoll_wait(w.ep_fd, evs, MAX_EVENTS, -1)
         if n < 0:
             if errno == EINTR:
                 return 0
-            self.c.poll_errors += 1
+            w.c.poll_errors += 1
             return -1
         for i in range(n):
             tag = evs[i].data.u64
             if tag == TAG_WAKE:
-                read(self.ev_fd, &junk, 8)
+                read(w.ev_fd, &junk, 8)
                 continue
-            pthread_mutex_lock(&self.lock)
+            pthread_rwlock_rdlock(&self.lock)
             if tag == TAG_UDP:
-                self._rx()
+                self._rx(w, w.udp_fd, 1)
+            elif tag == TAG_RAW:
+                self._rx(w, self.raw_fd[0], 0)
+                self._rx(w, self.raw_fd[1], 0)
             else:
-                self._tx(<uint32_t>tag)
-            pthread_mutex_unlock(&self.lock)
+                self._tx(w, <uint32_t>tag)
+            pthread_rwlock_unlock(&self.lock)
+            # IKE datagrams sit in the rx slots: hand them over before reusing
+            # them (level-triggered epoll reports the rest again)
+            if w.ike_n:
+                break
         return -1 if self.stopping else 0
 
-    cdef void _rx(self) noexcept nogil:
-        cdef int n, i, gso
+    cdef void _rx(self, worker_t *w, int fd, int udp) noexcept nogil:
+        cdef int n, i, gso, ihl
         cdef unsigned int ln, off, sl
         cdef uint8_t *p
         cdef msghdr *mh
+        if fd < 0:
+            return
         for i in range(self.batch):
-            mh = &self.rx_msgs[i].msg_hdr
+            mh = &w.rx_msgs[i].msg_hdr
             mh.msg_namelen = sizeof(sockaddr_storage)
             mh.msg_flags = 0
-            mh.msg_control = self.rx_ctrl + <size_t>i * CTRL_LEN
+            mh.msg_control = w.rx_ctrl + <size_t>i * CTRL_LEN
             mh.msg_controllen = CTRL_LEN
-        n = recvmmsg(self.udp_fd, self.rx_msgs, self.batch, MSG_DONTWAIT, NULL)
+        n = recvmmsg(fd, w.rx_msgs, self.batch, MSG_DONTWAIT, NULL)
         if n <= 0:
             return
-        self.c.udp_rx += n
-        self.ike_n = 0
         for i in range(n):
-            p = self.rx_buf + <size_t>i * self.rx_slot
-            ln = self.rx_msgs[i].msg_len
-            if self.rx_msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
-                self.c.malformed += 1
+            p = w.rx_buf + <size_t>i * self.rx_slot
+            ln = w.rx_msgs[i].msg_len
+            if w.rx_msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
+                w.c.malformed += 1
                 continue
+            if not udp:
+                w.c.raw_rx += 1
+                # an IPv4 raw socket hands over the IP header; IPv6 does not
+                if w.rx_addr[i].ss_family == AF_INET:
+                    ihl = (p[0] & 15) * 4 if ln >= 20 else 0
+                    if ihl < 20 or <unsigned int>ihl > ln or p[9] != IPPROTO_ESP_:
+                        w.c.malformed += 1
+                        continue
+                    p += ihl
+                    ln -= ihl
+                w.c.rx_esp += 1
+                self._rx_esp(w, p, ln, 0)
+                continue
+            w.c.udp_rx += 1
             # UDP_GRO: equal-size datagrams back to back, the last may be shorter
-            gso = gro_size(&self.rx_msgs[i].msg_hdr)
+            gso = gro_size(&w.rx_msgs[i].msg_hdr)
             if gso <= 0 or <unsigned int>gso >= ln:
-                self._rx_one(p, ln, i)
+                self._rx_one(w, p, ln, i)
                 continue
-            self.c.udp_gro_rx += 1
+            w.c.udp_gro_rx += 1
             off = 0
             while off < ln:
                 sl = ln - off if ln - off < <unsigned int>gso else <unsigned int>gso
-                self._rx_one(p + off, sl, i)
-                self.c.udp_gro_segs += 1
+                self._rx_one(w, p + off, sl, i)
+                w.c.udp_gro_segs += 1
                 off += sl
-        self._flush_tun()
+        self._flush_tun(w)
 
-    cdef void _rx_one(self, uint8_t *p, unsigned int ln, int src) noexcept nogil:
+    cdef void _rx_one(self, worker_t *w, uint8_t *p, unsigned int ln,
+                      int src) noexcept nogil:
         # RFC 3948 section 2.3: a lone 0xFF octet is a NAT-keepalive
         if ln == 1 and p[0] == 0xFF:
-            self.c.keepalives += 1
+            w.c.keepalives += 1
         elif ln < 4:
-            self.c.malformed += 1
+            w.c.malformed += 1
         # RFC 3948 section 2.2: a zero SPI field is the non-ESP marker (IKE)
         elif be32(p) == 0:
-            self.c.rx_ike += 1
-            if self.ike_n == PENDING:
-                self.c.ike_dropped += 1
+            w.c.rx_ike += 1
+            if w.ike_n == PENDING:
+                w.c.ike_dropped += 1
                 return
-            self.ike_ptr[self.ike_n] = p
-            self.ike_len[self.ike_n] = ln
-            self.ike_src[self.ike_n] = src
-            self.ike_n += 1
+            w.ike_ptr[w.ike_n] = p
+            w.ike_len[w.ike_n] = ln
+            w.ike_src[w.ike_n] = src
+            w.ike_n += 1
         else:
-            self.c.rx_esp += 1
-            self._rx_esp(p, ln)
+            w.c.rx_esp += 1
+            self._rx_esp(w, p, ln, 1)
 
-    cdef void _rx_esp(self, uint8_t *p, unsigned int n) noexcept nogil:
+    cdef void _rx_esp(self, worker_t *w, uint8_t *p, unsigned int n,
+                      int udp) noexcept nogil:
         cdef sa_t *sa
         cdef session_t *s
         cdef uint64_t seq
         cdef int plen, total, nh = 0
         if n < ESP_HEAD + 2 + ICV_LEN:
-            self.c.malformed += 1
+            w.c.malformed += 1
             return
         sa = self._sa(be32(p), 1)
         if sa == NULL:
-            self.c.no_sa += 1
+            w.c.no_sa += 1
             return
+        # RFC 3948 section 5.1: an SA negotiated with UDP encapsulation takes
+        # ESP in UDP only, and one without it raw ESP only
+        if sa.encap != udp:
+            w.c.wrong_encap += 1
+            return
+
         # RFC 4303 section 3.4.3: duplicate check before the ICV ...
+        pthread_spin_lock(&sa.lock)
         seq = replay_infer(&sa.replay, be32(p + 4))
         if not replay_check(&sa.replay, seq):
             sa.drop_replay += 1
+            pthread_spin_unlock(&sa.lock)
             return
-        plen = esp_open(sa, p, n, seq, &nh)
+        # an EVP context is not shared between threads; ipsec-mb keys are
+        if sa.cipher.backend == BACKEND_IPSECMB:
+            pthread_spin_unlock(&sa.lock)
+            plen = esp_open(sa, p, n, seq, &nh)
+            pthread_spin_lock(&sa.lock)
+        else:
+            plen = esp_open(sa, p, n, seq, &nh)
         if plen == ERR_AUTH:
             sa.drop_auth += 1
+            pthread_spin_unlock(&sa.lock)
             return
-        # ... and the window update only once the ICV verified
+        # ... and the window update only once the ICV verified; another
+        # worker may have taken the same number meanwhile
+        if not replay_check(&sa.replay, seq):
+            sa.drop_replay += 1
+            pthread_spin_unlock(&sa.lock)
+            return
         replay_update(&sa.replay, seq)
-        if plen < 0:
+        total = ERR_MALFORMED if plen < 0 else inner_check(sa, p + ESP_HEAD, plen, nh)
+        if total >= 0:
+            sa.packets += 1
+            sa.bytes += total
+        elif total == ERR_POLICY:
+            sa.drop_policy += 1
+        elif total != ERR_DUMMY:
             sa.drop_malformed += 1
-            return
-        total = inner_check(sa, p + ESP_HEAD, plen, nh)
+        pthread_spin_unlock(&sa.lock)
         if total < 0:
             if total == ERR_DUMMY:
-                self.c.dummy += 1
-            elif total == ERR_POLICY:
-                sa.drop_policy += 1
-            else:
-                sa.drop_malformed += 1
+                w.c.dummy += 1
             return
-        sa.packets += 1
-        sa.bytes += total
         s = self._session(sa.session)
         if s == NULL:
-            self.c.no_session += 1
+            w.c.no_session += 1
             return
         # queue for the TUN; the ESP header in front leaves room for a vnet header
-        self.in_sess[self.in_n] = s
-        self.in_ptr[self.in_n] = p + ESP_HEAD
-        self.in_len[self.in_n] = total
-        self.in_n += 1
-        if self.in_n == PENDING:
-            self._flush_tun()
+        w.in_sess[w.in_n] = s
+        w.in_ptr[w.in_n] = p + ESP_HEAD
+        w.in_len[w.in_n] = total
+        w.in_n += 1
+        if w.in_n == PENDING:
+            self._flush_tun(w)
 
-    cdef void _flush_tun(self) noexcept nogil:
+    cdef void _flush_tun(self, worker_t *w) noexcept nogil:
         """Write the queued inner packets, runs of one TCP flow as one."""
         cdef int i = 0, k, m, n, hl = 0
         cdef session_t *s
         cdef uint8_t *p
         cdef long r
-        while i < self.in_n:
-            s = self.in_sess[i]
-            p = self.in_ptr[i]
-            n = self.in_len[i]
+        while i < w.in_n:
+            s = w.in_sess[i]
+            p = w.in_ptr[i]
+            n = w.in_len[i]
             k = 1
             if not s.vnet:
                 r = write(s.tun_fd, p, n)
             else:
                 # the packets after i that go to the same TUN, then the TCP run
                 m = 1
-                while i + m < self.in_n and self.in_sess[i + m] == s:
+                while i + m < w.in_n and w.in_sess[i + m] == s:
                     m += 1
-                k = tcp_run(self.in_ptr + i, self.in_len + i, m, &hl) if (
+                k = tcp_run(w.in_ptr + i, w.in_len + i, m, &hl) if (
                     self.coalesce) else 1
                 if k == 1:
                     memset(p - VNET_LEN, 0, VNET_LEN)
                     r = write(s.tun_fd, p - VNET_LEN, n + VNET_LEN)
                 else:
-                    self._write_run(s, i, k, hl)
+                    self._write_run(w, s, i, k, hl)
                     r = 0
             if r < 0:
-                self.c.tun_errors += k
+                w.c.tun_errors += k
             else:
-                self.c.tun_tx += k
+                w.c.tun_tx += k
             i += k
-        self.in_n = 0
+        w.in_n = 0
 
-    cdef void _write_run(self, session_t *s, int i, int k, int hl) noexcept nogil:
+    cdef void _write_run(self, worker_t *w, session_t *s, int i, int k,
+                         int hl) noexcept nogil:
         cdef int j
-        self.wiov[0].iov_base = self.in_ptr[i] - VNET_LEN
-        self.wiov[0].iov_len = self.in_len[i] + VNET_LEN
+        w.wiov[0].iov_base = w.in_ptr[i] - VNET_LEN
+        w.wiov[0].iov_len = w.in_len[i] + VNET_LEN
         for j in range(1, k):
-            self.wiov[j].iov_base = self.in_ptr[i + j] + hl
-            self.wiov[j].iov_len = self.in_len[i + j] - hl
-        if writev(s.tun_fd, self.wiov, k) < 0:
-            self.c.tun_errors += k
-            self.c.tun_tx -= k
+            w.wiov[j].iov_base = w.in_ptr[i + j] + hl
+            w.wiov[j].iov_len = w.in_len[i + j] - hl
+        if writev(s.tun_fd, w.wiov, k) < 0:
+            w.c.tun_errors += k
+            w.c.tun_tx -= k
             return
-        self.c.tun_gro_tx += 1
-        self.c.tun_gro_segs += k
+        w.c.tun_gro_tx += 1
+        w.c.tun_gro_segs += k
 
-    cdef inline uint8_t *_slot(self, int i) noexcept nogil:
-        return self.tx_buf + <size_t>i * SLOT + HEADROOM
+    cdef inline uint8_t *_slot(self, worker_t *w, int i) noexcept nogil:
+        return w.tx_buf + <size_t>i * SLOT + HEADROOM
 
-    cdef void _tx(self, uint32_t sid) noexcept nogil:
+    cdef void _tx(self, worker_t *w, uint32_t sid) noexcept nogil:
         cdef session_t *s = self._session(sid)
         cdef sa_t *sa
         cdef int n = 0, reads = 0, k
@@ -2042,89 +2364,136 @@ cdef class Engine:
         # read the TUN until EAGAIN or batch reads; a super-packet fills many slots
         while reads < self.batch:
             if n == TX_SLOTS:
-                self._seal_send(sa, n)
+                self._seal_send(w, sa, n)
                 n = 0
             if not s.vnet:
-                r = read(s.tun_fd, self._slot(n), cap)
+                r = read(s.tun_fd, self._slot(w, n), cap)
             else:
-                r = read(s.tun_fd, self.stage, STAGE)
+                r = read(s.tun_fd, w.stage, STAGE)
             if r <= 0:
                 if r < 0 and errno != EAGAIN:
-                    self.c.tun_errors += 1
+                    w.c.tun_errors += 1
                 break
             reads += 1
             if not s.vnet:
-                self.tx_len[n] = <int>r
+                w.tx_len[n] = <int>r
                 n += 1
                 continue
             if r <= VNET_LEN:
-                self.c.tun_malformed += 1
+                w.c.tun_malformed += 1
                 continue
-            memcpy(&h, self.stage, VNET_LEN)
-            pkt = self.stage + VNET_LEN
+            memcpy(&h, w.stage, VNET_LEN)
+            pkt = w.stage + VNET_LEN
             r -= VNET_LEN
             if h.gso_type == GSO_NONE:
                 if r > cap:
-                    self.c.tun_malformed += 1
+                    w.c.tun_malformed += 1
                     continue
-                memcpy(self._slot(n), pkt, r)
+                memcpy(self._slot(w, n), pkt, r)
                 if (h.flags & VNET_F_NEEDS_CSUM
-                        and csum_complete(&h, self._slot(n), <int>r) != 0):
-                    self.c.tun_malformed += 1
+                        and csum_complete(&h, self._slot(w, n), <int>r) != 0):
+                    w.c.tun_malformed += 1
                     continue
-                self.tx_len[n] = <int>r
+                w.tx_len[n] = <int>r
                 n += 1
                 continue
-            k = gso_split(&h, pkt, <int>r, self._slot(n), SLOT, cap, &self.tx_len[n],
+            k = gso_split(&h, pkt, <int>r, self._slot(w, n), SLOT, cap, &w.tx_len[n],
                           TX_SLOTS - n)
             if k == ERR_ROOM and n > 0:
-                self._seal_send(sa, n)
+                self._seal_send(w, sa, n)
                 n = 0
-                k = gso_split(&h, pkt, <int>r, self._slot(0), SLOT, cap, self.tx_len,
+                k = gso_split(&h, pkt, <int>r, self._slot(w, 0), SLOT, cap, w.tx_len,
                               TX_SLOTS)
             if k < 0:
-                self.c.tun_malformed += 1
+                w.c.tun_malformed += 1
                 continue
-            self.c.tun_gso_rx += 1
-            self.c.tun_segments += k
+            w.c.tun_gso_rx += 1
+            w.c.tun_segments += k
             n += k
-        self.c.tun_rx += reads
+        w.c.tun_rx += reads
         if n:
-            self._seal_send(sa, n)
+            self._seal_send(w, sa, n)
 
-    cdef void _seal_send(self, sa_t *sa, int n) noexcept nogil:
-        cdef int m = 0, i, ln, nh
+    cdef void _seal_send(self, worker_t *w, sa_t *sa, int n) noexcept nogil:
+        cdef int m = 0, i, ln, nh, valid = 0, got = 0
+        cdef uint64_t seq
         cdef uint8_t *p
         if sa == NULL:
-            self.c.no_sa_tx += n
+            w.c.no_sa_tx += n
             return
-        for i in range(n):
-            p = self._slot(i)
-            nh = 4 if p[0] >> 4 == 4 else (41 if p[0] >> 4 == 6 else 0)
-            if nh == 0:
-                self.c.tun_malformed += 1
-                continue
-            # RFC 4303 section 3.3.3: the counter must not cycle; rekey first.
-            # Below the hard maximum the limit is the durably reserved mark.
-            if sa.next_seq > sa.seq_limit:
-                if sa.seq_limit < seq_cap(sa, 0xFFFFFFFFFFFFFFFFULL):
-                    sa.seq_blocked += 1
-                else:
-                    sa.seq_exhausted += 1
-                continue
-            ln = esp_seal(sa, p, self.tx_len[i], sa.next_seq, nh, NULL)
-            if ln < 0:
-                self.c.crypto_errors += 1
-                continue
-            sa.next_seq += 1
-            sa.packets += 1
-            sa.bytes += self.tx_len[i]
-            self.tx_iov[m].iov_base = p - ESP_HEAD
-            self.tx_iov[m].iov_len = ln
-            m += 1
-        self._send(sa, 0, m)
 
-    cdef void _send(self, sa_t *sa, int first, int m) noexcept nogil:
+        # inner version to next header, kept in the octet before the slot's
+        # packet (headroom the ESP header overwrites); 0 marks a non-IP slot
+        for i in range(n):
+            p = self._slot(w, i)
+            nh = 4 if p[0] >> 4 == 4 else (41 if p[0] >> 4 == 6 else 0)
+            (p - 1)[0] = nh
+            if nh == 0:
+                w.c.tun_malformed += 1
+            else:
+                valid += 1
+
+        # one reservation of sequence numbers for the batch, then seal in place
+        seq = sa_take_seq(sa, valid, &got)
+        if got < valid:
+            # below the hard maximum the limit is the durably reserved mark
+            # (control/seqstore.py): those packets wait for the next block
+            if sa.seq_limit < seq_cap(sa, 0xFFFFFFFFFFFFFFFFULL):
+                sa.seq_blocked += valid - got
+            else:
+                sa.seq_exhausted += valid - got
+        for i in range(n):
+            p = self._slot(w, i)
+            nh = (p - 1)[0]
+            if nh == 0:
+                continue
+            if got == 0:
+                break
+            ln = esp_seal(sa, p, w.tx_len[i], seq, nh, NULL)
+            seq += 1
+            got -= 1
+            if ln < 0:
+                w.c.crypto_errors += 1
+                continue
+            sa.packets += 1
+            sa.bytes += w.tx_len[i]
+            w.tx_iov[m].iov_base = p - ESP_HEAD
+            w.tx_iov[m].iov_len = ln
+            m += 1
+        if sa.encap:
+            self._send(w, sa, 0, m)
+        else:
+            self._send_raw(w, sa, m)
+
+    cdef void _send_raw(self, worker_t *w, sa_t *sa, int m) noexcept nogil:
+        """Send tx_iov[:m] as raw ESP, one packet per entry (no GSO for raw)."""
+        cdef int i, off = 0, r
+        cdef int fd = self.raw_fd[0 if sa.raw_family == AF_INET else 1]
+        cdef msghdr *mh
+        for i in range(m):
+            mh = &w.tx_msgs[i].msg_hdr
+            mh.msg_name = &sa.raw_peer
+            mh.msg_namelen = sa.raw_peer_len
+            mh.msg_iov = &w.tx_iov[i]
+            mh.msg_iovlen = 1
+            mh.msg_flags = 0
+            mh.msg_control = NULL
+            mh.msg_controllen = 0
+        while off < m:
+            r = sendmmsg(fd, w.tx_msgs + off, m - off, MSG_DONTWAIT)
+            if r < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    w.c.send_errors += m - off
+                    return
+                w.c.send_errors += 1
+                off += 1
+                continue
+            w.c.raw_tx += r
+            off += r
+
+    cdef void _send(self, worker_t *w, sa_t *sa, int first, int m) noexcept nogil:
         """Send tx_iov[first:m] to sa's peer, equal-size runs as one GSO datagram."""
         cdef int g = 0, i = first, start
         cdef size_t size, total
@@ -2133,28 +2502,28 @@ cdef class Engine:
         cdef uint16_t seg
         while i < m:
             start = i
-            size = self.tx_iov[i].iov_len
+            size = w.tx_iov[i].iov_len
             total = size
             i += 1
             if self.gso:
                 # a shorter datagram ends the run as its last segment
                 while (i < m and i - start < GSO_MAX_SEGS
-                        and self.tx_iov[i].iov_len <= size
-                        and total + self.tx_iov[i].iov_len <= GSO_MAX_BYTES):
-                    total += self.tx_iov[i].iov_len
+                        and w.tx_iov[i].iov_len <= size
+                        and total + w.tx_iov[i].iov_len <= GSO_MAX_BYTES):
+                    total += w.tx_iov[i].iov_len
                     i += 1
-                    if self.tx_iov[i - 1].iov_len < size:
+                    if w.tx_iov[i - 1].iov_len < size:
                         break
-            mh = &self.tx_msgs[g].msg_hdr
+            mh = &w.tx_msgs[g].msg_hdr
             mh.msg_name = &sa.peer
             mh.msg_namelen = sa.peer_len
-            mh.msg_iov = &self.tx_iov[start]
+            mh.msg_iov = &w.tx_iov[start]
             mh.msg_iovlen = i - start
             mh.msg_flags = 0
             mh.msg_control = NULL
             mh.msg_controllen = 0
             if i - start > 1:
-                mh.msg_control = self.tx_ctrl + <size_t>g * CTRL_LEN
+                mh.msg_control = w.tx_ctrl + <size_t>g * CTRL_LEN
                 mh.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
                 cm = CMSG_FIRSTHDR(mh)
                 cm.cmsg_level = SOL_UDP_
@@ -2162,54 +2531,54 @@ cdef class Engine:
                 cm.cmsg_len = CMSG_LEN(sizeof(uint16_t))
                 seg = <uint16_t>size
                 memcpy(CMSG_DATA(cm), &seg, sizeof(uint16_t))
-            self.tx_first[g] = start
+            w.tx_first[g] = start
             g += 1
-        self.tx_first[g] = m
-        self._sendmmsg(sa, g, m)
+        w.tx_first[g] = m
+        self._sendmmsg(w, sa, g, m)
 
-    cdef void _sendmmsg(self, sa_t *sa, int g, int m) noexcept nogil:
+    cdef void _sendmmsg(self, worker_t *w, sa_t *sa, int g, int m) noexcept nogil:
         cdef int off = 0, r, j, segs
         while off < g:
-            r = sendmmsg(self.udp_fd, self.tx_msgs + off, g - off, MSG_DONTWAIT)
+            r = sendmmsg(w.udp_fd, w.tx_msgs + off, g - off, MSG_DONTWAIT)
             if r < 0:
                 if errno == EINTR:
                     continue
-                segs = self.tx_first[off + 1] - self.tx_first[off]
+                segs = w.tx_first[off + 1] - w.tx_first[off]
                 if segs > 1 and (errno == EIO or errno == EINVAL):
                     # the kernel or the device cannot segment: stop asking
                     self.gso = 0
-                    self.c.udp_gso_fallbacks += 1
-                    self._send(sa, self.tx_first[off], m)
+                    w.c.udp_gso_fallbacks += 1
+                    self._send(w, sa, w.tx_first[off], m)
                     return
                 if errno == EAGAIN:
-                    self.c.send_errors += m - self.tx_first[off]
+                    w.c.send_errors += m - w.tx_first[off]
                     return
                 # skip the datagram the kernel refused and carry on
-                self.c.send_errors += segs
+                w.c.send_errors += segs
                 off += 1
                 continue
             for j in range(off, off + r):
-                segs = self.tx_first[j + 1] - self.tx_first[j]
-                self.c.udp_tx += segs
+                segs = w.tx_first[j + 1] - w.tx_first[j]
+                w.c.udp_tx += segs
                 if segs > 1:
-                    self.c.udp_gso_tx += 1
-                    self.c.udp_gso_segs += segs
+                    w.c.udp_gso_tx += 1
+                    w.c.udp_gso_segs += segs
             off += r
 
-    cdef void _deliver_ike(self):
+    cdef void _deliver_ike(self, worker_t *w):
         cdef int k
-        n = self.ike_n
-        self.ike_n = 0
+        n = w.ike_n
         for k in range(n):
-            data = PyBytes_FromStringAndSize(<char *>self.ike_ptr[k] + 4,
-                                             self.ike_len[k] - 4)
-            addr = sockaddr_tuple(&self.rx_addr[self.ike_src[k]])
+            data = PyBytes_FromStringAndSize(<char *>w.ike_ptr[k] + 4,
+                                             w.ike_len[k] - 4)
+            addr = sockaddr_tuple(&w.rx_addr[w.ike_src[k]])
             try:
                 self._callback(data, addr)
             except Exception:
-                self.c.ike_callback_errors += 1
-                if self.c.ike_callback_errors == 1:
+                w.c.ike_callback_errors += 1
+                if w.c.ike_callback_errors == 1:
                     log.exception("ike callback failed; further failures only counted")
+        w.ike_n = 0
 
 
 # ---------------------------------------------------------------- module init

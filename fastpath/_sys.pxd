@@ -89,6 +89,7 @@ cdef extern from "<sys/epoll.h>" nogil:
         uint32_t events
         epoll_data_t data
     int EPOLLIN
+    int EPOLLEXCLUSIVE
     int EPOLL_CTL_ADD
     int EPOLL_CTL_DEL
     int EPOLL_CLOEXEC
@@ -118,3 +119,22 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_destroy(pthread_mutex_t *m)
     int pthread_mutex_lock(pthread_mutex_t *m)
     int pthread_mutex_unlock(pthread_mutex_t *m)
+    ctypedef struct pthread_rwlock_t:
+        pass
+    ctypedef struct pthread_rwlockattr_t:
+        pass
+    int PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP
+    int pthread_rwlockattr_init(pthread_rwlockattr_t *a)
+    int pthread_rwlockattr_setkind_np(pthread_rwlockattr_t *a, int pref)
+    int pthread_rwlockattr_destroy(pthread_rwlockattr_t *a)
+    int pthread_rwlock_init(pthread_rwlock_t *l, const pthread_rwlockattr_t *a)
+    int pthread_rwlock_destroy(pthread_rwlock_t *l)
+    int pthread_rwlock_rdlock(pthread_rwlock_t *l)
+    int pthread_rwlock_wrlock(pthread_rwlock_t *l)
+    int pthread_rwlock_unlock(pthread_rwlock_t *l)
+    ctypedef int pthread_spinlock_t
+    int PTHREAD_PROCESS_PRIVATE
+    int pthread_spin_init(pthread_spinlock_t *l, int pshared)
+    int pthread_spin_destroy(pthread_spinlock_t *l)
+    int pthread_spin_lock(pthread_spinlock_t *l)
+    int pthread_spin_unlock(pthread_spinlock_t *l)

@@ -39,6 +39,8 @@ class SAParams:
     replay window starts just below it, for SAs resumed from stored state).
     ``seq_limit`` (outbound, 0 = none) is the highest number the engine may send
     until the sequence store raises it: the end of the durably reserved block.
+    ``encap`` selects ESP in UDP (RFC 3948, NAT found); without it the SA
+    carries raw ESP, IP protocol 50, and the peer's port is ignored.
     """
 
     spi: int
@@ -54,6 +56,7 @@ class SAParams:
     remote_ts: tuple[str, ...] = ("0.0.0.0/0",)
     engine: str = "userspace"
     seq_limit: int = 0
+    encap: bool = True
 
     def __post_init__(self) -> None:
         # RFC 4303 section 2.1: SPI values 1..255 are reserved by IANA and 0 is
@@ -88,10 +91,13 @@ class SAParams:
                 raise ValueError(f"Bad traffic selector {ts!r}") from None
         if self.engine not in ENGINES:
             raise ValueError(f"Bad engine {self.engine!r}")
+        if not isinstance(self.encap, bool):
+            raise ValueError(f"Bad encap {self.encap!r}")
 
     def __repr__(self) -> str:
         # keys and salts never reach a log
         return (
             f"SAParams(spi=0x{self.spi:08x}, inbound={self.inbound}, "
-            f"session={self.session}, peer={self.peer}, esn={self.esn})"
+            f"session={self.session}, peer={self.peer}, esn={self.esn}, "
+            f"encap={self.encap})"
         )

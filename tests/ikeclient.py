@@ -180,6 +180,11 @@ class IkeClient:
         self.nonce_i = os.urandom(32)
         self.esp_spi = int.from_bytes(os.urandom(4), "big") | 0x1000
         self.next_mid = 0
+        # the responder's inbound SPI of our CHILD SA, and our role on the SA
+        self.esp_spi_r = 0
+        self.we_respond = False
+        # a COOKIE the responder asked for (RFC 7296 2.6), sent first on retry
+        self.cookie: bytes | None = None
         self._new_key()
 
     # -- primitives, straight from RFC 7296 ----------------------------------
@@ -270,6 +275,8 @@ class IkeClient:
             NotifyPayload(0, NotifyType.SIGNATURE_HASH_ALGORITHMS, b"", b"\x00\x02"),
             NotifyPayload(0, NotifyType.REDIRECT_SUPPORTED),
         ]
+        if self.cookie is not None:
+            payloads.insert(0, NotifyPayload(0, NotifyType.COOKIE, b"", self.cookie))
         header = Header(
             self.spi_i,
             bytes(8),
@@ -369,12 +376,15 @@ class IkeClient:
         prefix = (
             self._header_bytes(header) + bytes([first, 0]) + sk_len.to_bytes(2, "big")
         )
+        # after a rekey by the responder we are the new SA's responder
+        sk_e, sk_a = (self.sk_er, self.sk_ar) if self.we_respond else (
+            self.sk_ei, self.sk_ai)  # fmt: skip
         if gcm:
-            aead = AESGCM(self.sk_ei[:-4])
-            return prefix + iv + aead.encrypt(self.sk_ei[-4:] + iv, padded, prefix)
-        enc = Cipher(algorithms.AES(self.sk_ei), modes.CBC(iv)).encryptor()
+            aead = AESGCM(sk_e[:-4])
+            return prefix + iv + aead.encrypt(sk_e[-4:] + iv, padded, prefix)
+        enc = Cipher(algorithms.AES(sk_e), modes.CBC(iv)).encryptor()
         body = prefix + iv + enc.update(padded) + enc.finalize()
-        return body + hmac.new(self.sk_ai, body, hashlib.sha256).digest()[:16]
+        return body + hmac.new(sk_a, body, hashlib.sha256).digest()[:16]
 
     @staticmethod
     def _header_bytes(h: Header) -> bytes:
@@ -392,18 +402,18 @@ class IkeClient:
         sk = message.payloads[-1]
         assert isinstance(sk, EncryptedPayload)
         offset = len(data) - len(sk.data)
+        sk_e, sk_a = (self.sk_ei, self.sk_ai) if self.we_respond else (
+            self.sk_er, self.sk_ar)  # fmt: skip
         if self.encr == EncrId.ENCR_AES_GCM_16:
             iv = data[offset : offset + 8]
-            aead = AESGCM(self.sk_er[:-4])
-            padded = aead.decrypt(
-                self.sk_er[-4:] + iv, data[offset + 8 :], data[:offset]
-            )
+            aead = AESGCM(sk_e[:-4])
+            padded = aead.decrypt(sk_e[-4:] + iv, data[offset + 8 :], data[:offset])
         else:
-            icv = hmac.new(self.sk_ar, data[:-16], hashlib.sha256).digest()[:16]
+            icv = hmac.new(sk_a, data[:-16], hashlib.sha256).digest()[:16]
             if not hmac.compare_digest(icv, data[-16:]):
                 raise ValueError("icv mismatch")
             iv = data[offset : offset + 16]
-            dec = Cipher(algorithms.AES(self.sk_er), modes.CBC(iv)).decryptor()
+            dec = Cipher(algorithms.AES(sk_e), modes.CBC(iv)).decryptor()
             padded = dec.update(data[offset + 16 : -16]) + dec.finalize()
         plain = padded[: -(padded[-1] + 1)]
         return message.header, pull_payloads(plain, sk.first_payload)
@@ -531,6 +541,7 @@ class IkeClient:
         keymat = self.prf_plus(self.sk_d, seed, 2 * (k + 4))
         tsi = next(p for p in payloads if isinstance(p, TSiPayload))
         tsr = next(p for p in payloads if isinstance(p, TSrPayload))
+        self.esp_spi_r = int.from_bytes(proposal.spi, "big")
         return ChildResult(
             spi_i=self.esp_spi,
             spi_r=int.from_bytes(proposal.spi, "big"),
@@ -548,9 +559,8 @@ class IkeClient:
         """Build an INFORMATIONAL request with the next message ID."""
         mid = self.next_mid
         self.next_mid += 1
-        return self.seal(
-            ExchangeType.INFORMATIONAL, mid, payloads, HeaderFlag.INITIATOR
-        )
+        flags = 0 if self.we_respond else HeaderFlag.INITIATOR
+        return self.seal(ExchangeType.INFORMATIONAL, mid, payloads, flags)
 
     def delete_ike(self) -> bytes:
         return self.informational([DeletePayload(ProtocolId.IKE, 0, [])])
@@ -650,18 +660,114 @@ class IkeClient:
 
     def open_response(self, data: bytes) -> list[Payload]:
         header, payloads = self.open(data)
-        assert header.is_response and not header.is_initiator
+        assert header.is_response and header.is_initiator == self.we_respond
         return payloads
+
+    def answer_child_rekey(
+        self, data: bytes, refuse: int | None = None, want_pfs: int | None = None
+    ) -> tuple[ChildResult | None, bytes]:
+        """Answer the responder's CHILD SA rekey (RFC 7296 1.3.3) as its responder.
+
+        `refuse` answers with that notify alone; `want_pfs` refuses a request
+        without KE by NO_PROPOSAL_CHOSEN, as a peer that insists on PFS does.
+        """
+        header, payloads = self.open(data)
+        assert header.exchange == ExchangeType.CREATE_CHILD_SA
+        assert not header.is_response and not header.is_initiator
+        flags = HeaderFlag.INITIATOR | HeaderFlag.RESPONSE
+        ke = next((p for p in payloads if isinstance(p, KEPayload)), None)
+        if want_pfs is not None and ke is None:
+            refuse = NotifyType.NO_PROPOSAL_CHOSEN
+        if refuse is not None:
+            notify = NotifyPayload(ProtocolId.NONE, refuse)
+            return None, self.seal(header.exchange, header.message_id, [notify], flags)
+        rekey = next(p for p in payloads if isinstance(p, NotifyPayload))
+        assert rekey.notify_type == NotifyType.REKEY_SA
+        assert int.from_bytes(rekey.spi, "big") == self.esp_spi_r
+        sa = next(p for p in payloads if isinstance(p, SAPayload))
+        nonce_i = next(p for p in payloads if isinstance(p, NoncePayload)).data
+        tsi = next(p for p in payloads if isinstance(p, TSiPayload))
+        tsr = next(p for p in payloads if isinstance(p, TSrPayload))
+        proposal = sa.proposals[0]
+        self.old_esp_spi = self.esp_spi
+        self.esp_spi = int.from_bytes(os.urandom(4), "big") | 0x1000
+        nonce_r = os.urandom(32)
+        reply_payloads: list[Payload] = [
+            SAPayload([Proposal(proposal.number, ProtocolId.ESP,
+                                self.esp_spi.to_bytes(4, "big"),
+                                proposal.transforms)]),
+            NoncePayload(nonce_r),
+        ]  # fmt: skip
+        shared = b""
+        if ke is not None:
+            self.dh_group = ke.group
+            self._new_key()
+            shared = self._shared(ke.data)
+            reply_payloads.append(KEPayload(ke.group, self.public))
+        reply_payloads += [tsi, tsr]
+        # RFC 7296 2.17: the responder started it, so its nonce comes first
+        # and its outbound keys (i->r) are the first half of KEYMAT
+        encr = proposal.of_type(TransformType.ENCR)[0]
+        k = encr.key_length // 8
+        keymat = self.prf_plus(self.sk_d, shared + nonce_i + nonce_r, 2 * (k + 4))
+        child = ChildResult(
+            spi_i=self.esp_spi,
+            spi_r=int.from_bytes(proposal.spi, "big"),
+            key_ir=keymat[k + 4 : 2 * k + 4],
+            salt_ir=keymat[2 * k + 4 :],
+            key_ri=keymat[:k],
+            salt_ri=keymat[k : k + 4],
+            tsi=tsr.selectors,
+            tsr=tsi.selectors,
+        )
+        self.esp_spi_r = child.spi_r
+        reply = self.seal(header.exchange, header.message_id, reply_payloads, flags)
+        return child, reply
+
+    def answer_ike_rekey(self, data: bytes) -> bytes:
+        """Answer the responder's IKE SA rekey; we become the new SA's responder."""
+        header, payloads = self.open(data)
+        assert header.exchange == ExchangeType.CREATE_CHILD_SA
+        sa = next(p for p in payloads if isinstance(p, SAPayload))
+        nonce_i = next(p for p in payloads if isinstance(p, NoncePayload)).data
+        ke = next(p for p in payloads if isinstance(p, KEPayload))
+        proposal = sa.proposals[0]
+        assert proposal.protocol == ProtocolId.IKE and len(proposal.spi) == 8
+        new_spi_r = os.urandom(8)
+        nonce_r = os.urandom(32)
+        self.dh_group = ke.group
+        self._new_key()
+        shared = self._shared(ke.data)
+        reply = self.seal(
+            header.exchange,
+            header.message_id,
+            [
+                SAPayload([Proposal(proposal.number, ProtocolId.IKE, new_spi_r,
+                                    proposal.transforms)]),
+                NoncePayload(nonce_r),
+                KEPayload(ke.group, self.public),
+            ],
+            HeaderFlag.INITIATOR | HeaderFlag.RESPONSE,
+        )  # fmt: skip
+        # RFC 7296 2.18: SKEYSEED = prf(SK_d (old), g^ir | Ni | Nr); the
+        # responder initiated, so its SPI and nonce come first
+        skeyseed = self.prf(self.sk_d, shared + nonce_i + nonce_r)
+        self.old_spis = (self.spi_i, self.spi_r)
+        self.spi_i, self.spi_r = proposal.spi, new_spi_r
+        self._set_keys(skeyseed, nonce_i, nonce_r)
+        self.we_respond = True
+        self.next_mid = 0
+        return reply
 
     def answer_request(self, data: bytes) -> tuple[list[Payload], bytes]:
         """Answer a request from the responder (deletes) as RFC 7296 1.4.1 says."""
         header, payloads = self.open(data)
-        assert not header.is_response and not header.is_initiator
+        assert not header.is_response and header.is_initiator == self.we_respond
         reply: list[Payload] = []
         for p in payloads:
             if isinstance(p, DeletePayload) and p.protocol == ProtocolId.ESP:
                 reply.append(
                     DeletePayload(ProtocolId.ESP, 4, [self.esp_spi.to_bytes(4, "big")])
                 )
-        flags = HeaderFlag.INITIATOR | HeaderFlag.RESPONSE
+        flags = HeaderFlag.RESPONSE | (0 if self.we_respond else HeaderFlag.INITIATOR)
         return payloads, self.seal(header.exchange, header.message_id, reply, flags)

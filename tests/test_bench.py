@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,32 @@ def test_bench_crypto_quick_schema(tmp_path: Path) -> None:
     md = out.with_suffix(".md").read_text()
     assert "espgate / ipsec-mb-raw" in md and "espgate / openssl-evp" in md
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_udp_loops_count_every_datagram_on_loopback() -> None:
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+    ):
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        rx.bind(("127.0.0.1", 0))
+        rx.setblocking(False)
+        tx.connect(rx.getsockname())
+        # bounded by count: 1000 datagrams, then the loop stops by itself
+        sent, refused, ns = _rawloops.udp_send_loop(tx.fileno(), 36, 0.0, 30.0, 1000)
+        assert (sent, refused) == (1000, 0) and ns > 0
+        got, nbytes, _, late = _rawloops.udp_recv_loop(rx.fileno(), 36, 30.0, 0.3)
+        assert (got, nbytes, late) == (1000, 36_000, 0)
+
+
+def test_udp_loops_bad_arguments_rejected() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with pytest.raises(AssertionError):
+            _rawloops.udp_send_loop(s.fileno(), 4, 0.0, 1.0, 10)
+        with pytest.raises(AssertionError):
+            _rawloops.udp_send_loop(s.fileno(), 64, -1.0, 1.0, 10)
+        with pytest.raises(AssertionError):
+            _rawloops.udp_recv_loop(s.fileno(), 64, 1.0, 0.0)
 
 
 def test_udp_payload_fits_ip_size() -> None:

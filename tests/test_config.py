@@ -281,3 +281,64 @@ def test_parse_identity_patterns_of_every_kind():
                 "keyid:0a0b", "fqdn:host.example", "ipv6:2001:db8::/32"]
     text = GOOD + f"match_identity = {patterns!r}\n".replace("'", '"')
     assert config.parse(text, "t.toml").profiles[0].match_identity == tuple(patterns)
+
+
+def test_profile_rekey_times_default_and_parse() -> None:
+    base = _rekey_config("")
+    assert (base.profiles[0].ike_rekey_time, base.profiles[0].child_rekey_time) == (
+        86400,
+        28800,
+    )
+    config = _rekey_config("ike_rekey_time = 0\nchild_rekey_time = 30\n")
+    assert (config.profiles[0].ike_rekey_time, config.profiles[0].child_rekey_time) == (
+        0,
+        30,
+    )
+
+
+@pytest.mark.parametrize("value", [1, 4, 25_920_001])
+def test_profile_rekey_time_out_of_range_is_refused(value: int) -> None:
+    with pytest.raises(ConfigError, match="child_rekey_time: .* is not 0 or 5"):
+        _rekey_config(f"child_rekey_time = {value}\n")
+
+
+def _rekey_config(lines: str) -> config.Config:
+    # the last profile table of GOOD gets the extra keys
+    return config.parse(GOOD + lines, "t.toml")
+
+
+def test_parse_half_open_limits_default_and_set():
+    cfg = config.parse(GOOD, "t.toml")
+    assert (cfg.server.cookie_threshold, cfg.server.half_open_per_source) == (50, 10)
+    text = GOOD.replace(
+        'listen = "198.18.1.1"\n',
+        'listen = "198.18.1.1"\ncookie_threshold = 0\nhalf_open_per_source = 3\n',
+    )
+    cfg = config.parse(text, "t.toml")
+    assert (cfg.server.cookie_threshold, cfg.server.half_open_per_source) == (0, 3)
+
+
+@pytest.mark.parametrize("value", ["-1", "1000001", "true", '"5"'])
+def test_parse_half_open_limit_out_of_range_rejected(value):
+    text = GOOD.replace(
+        'listen = "198.18.1.1"\n',
+        f'listen = "198.18.1.1"\ncookie_threshold = {value}\n',
+    )
+    with pytest.raises(ConfigError) as exc:
+        config.parse(text, "t.toml")
+    assert exc.value.fieldname == "server.cookie_threshold" and exc.value.line == 3
+
+
+def test_parse_windows_proposals_off_by_default_and_bound():
+    from control.ike.messages import DhGroup, IntegId
+    from control.ikebind import build_responder_config
+
+    cfg = config.parse(GOOD, "t.toml")
+    assert cfg.profiles[0].windows_proposals is False
+    profile = build_responder_config(cfg, {}).profiles[0]
+    assert DhGroup.MODP_1024 not in profile.dh_groups
+    assert all(a.integ != IntegId.AUTH_HMAC_SHA1_96 for a in profile.ike_proposals)
+    cfg = config.parse(GOOD + "windows_proposals = true\n", "t.toml")
+    profile = build_responder_config(cfg, {}).profiles[0]
+    assert DhGroup.MODP_1024 in profile.dh_groups
+    assert any(a.integ == IntegId.AUTH_HMAC_SHA1_96 for a in profile.ike_proposals)

@@ -35,6 +35,10 @@ NS_B = f"egt-fp{PID}b"
 VETH_A = f"egfa{PID}"[:15]
 VETH_B = f"egfb{PID}"[:15]
 OUTER_A, OUTER_B = "198.18.0.1", "198.18.0.2"
+# IPv6 documentation prefix (RFC 3849) for the IPv6 outer and inner addresses
+OUTER6_A, OUTER6_B = "2001:db8:18::1", "2001:db8:18::2"
+INNER6_A, INNER6_B = "2001:db8:19:1::1", "2001:db8:19:2::1"
+NET6_A, NET6_B = "2001:db8:19:1::/64", "2001:db8:19:2::/64"
 INNER_A, INNER_B = "198.19.1.1", "198.19.2.1"
 NET_A, NET_B = "198.19.1.0/24", "198.19.2.0/24"
 SPI_AB, SPI_BA = 0x0A0B0001, 0x0B0A0001
@@ -94,6 +98,48 @@ def test_engine_bad_batch_rejected() -> None:
             Engine(udp.fileno(), batch=0)
         with pytest.raises(ValueError):
             Engine(udp.fileno(), crypto="rot13")
+
+
+def test_engine_bad_workers_rejected() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        with pytest.raises(ValueError):
+            Engine(udp.fileno(), workers=0)
+        with pytest.raises(ValueError):
+            Engine(udp.fileno(), workers=65)
+
+
+@pytest.mark.parametrize("reuseport", [False, True])
+def test_engine_workers_siblings_only_with_reuseport(reuseport: bool) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        if reuseport:
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        udp.bind(("127.0.0.1", 0))
+        features = Engine(udp.fileno(), workers=3).features()
+        assert features["workers"] == 3
+        assert features["reuseport"] is reuseport
+
+
+def test_ike_datagrams_reach_callback_from_every_worker_socket() -> None:
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    udp.bind(("127.0.0.1", 0))
+    udp.setblocking(False)
+    engine = Engine(udp.fileno(), workers=4)
+    got: queue.Queue = queue.Queue()
+    engine.start(lambda data, addr: got.put(data))
+    # distinct source ports hash to different sockets of the group
+    senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(16)]
+    try:
+        for i, s in enumerate(senders):
+            s.sendto(b"\0\0\0\0" + bytes([i]), udp.getsockname())
+        seen = sorted(got.get(timeout=WAIT)[0] for _ in senders)
+        assert seen == list(range(16))
+        assert engine.counters()["rx_ike"] == 16
+    finally:
+        engine.stop()
+        for s in senders:
+            s.close()
+        udp.close()
 
 
 def test_install_sa_without_session_rejected() -> None:
@@ -229,6 +275,7 @@ class Helper:
     """One helper process in a namespace, driven by JSON lines."""
 
     def __init__(self, ns: str, cfg: dict) -> None:
+        self.ns = ns
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, __file__, "helper"],
             stdin=subprocess.PIPE,
@@ -267,7 +314,7 @@ class Helper:
 
 
 def _sa_cfg(
-    spi: int, inbound: bool, key: bytes, salt: bytes, peer: str, ts: str
+    spi: int, inbound: bool, key: bytes, salt: bytes, peer: str, ts: str | list[str]
 ) -> dict:
     return {
         "spi": spi,
@@ -275,7 +322,7 @@ def _sa_cfg(
         "key": key.hex(),
         "salt": salt.hex(),
         "peer": [peer, 4500],
-        "remote_ts": [ts],
+        "remote_ts": [ts] if isinstance(ts, str) else ts,
     }
 
 
@@ -307,18 +354,28 @@ def _tunnel(
         _run("ip", "link", "add", veth_a, "type", "veth", "peer", "name", veth_b)
         _run("ip", "link", "set", veth_a, "netns", ns_a)
         _run("ip", "link", "set", veth_b, "netns", ns_b)
-        for ns, dev, addr in ((ns_a, veth_a, OUTER_A), (ns_b, veth_b, OUTER_B)):
+        outer6 = options.get("outer6", False)
+        for ns, dev, addr, addr6 in (
+            (ns_a, veth_a, OUTER_A, OUTER6_A),
+            (ns_b, veth_b, OUTER_B, OUTER6_B),
+        ):
             _run("ip", "-n", ns, "link", "set", "lo", "up")
             _run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            if outer6:
+                _run("ip", "-n", ns, "addr", "add", f"{addr6}/64", "dev", dev, "nodad")
             _run("ip", "-n", ns, "link", "set", dev, "up")
+        peer_a, peer_b = (OUTER6_A, OUTER6_B) if outer6 else (OUTER_A, OUTER_B)
+        ts_a = [NET_A, NET6_A] if options.get("inner6") else [NET_A]
+        ts_b = [NET_B, NET6_B] if options.get("inner6") else [NET_B]
         cfg_a = {
             "crypto": "ipsec-mb",
             "inner": INNER_A,
             "remote_net": NET_B,
+            "remote_net6": NET6_B,
             "veth": veth_a,
             "sas": [
-                _sa_cfg(SPI_AB, False, KEY_AB, SALT_AB, OUTER_B, NET_B),
-                _sa_cfg(SPI_BA, True, KEY_BA, SALT_BA, OUTER_B, NET_B),
+                _sa_cfg(SPI_AB, False, KEY_AB, SALT_AB, peer_b, ts_b),
+                _sa_cfg(SPI_BA, True, KEY_BA, SALT_BA, peer_b, ts_b),
             ],
             **options,
         }
@@ -326,13 +383,16 @@ def _tunnel(
             "crypto": "openssl",
             "inner": INNER_B,
             "remote_net": NET_A,
+            "remote_net6": NET6_A,
             "veth": veth_b,
             "sas": [
-                _sa_cfg(SPI_BA, False, KEY_BA, SALT_BA, OUTER_A, NET_A),
-                _sa_cfg(SPI_AB, True, KEY_AB, SALT_AB, OUTER_A, NET_A),
+                _sa_cfg(SPI_BA, False, KEY_BA, SALT_BA, peer_a, ts_a),
+                _sa_cfg(SPI_AB, True, KEY_AB, SALT_AB, peer_a, ts_a),
             ],
             **options,
         }
+        if options.get("inner6"):
+            cfg_a["inner6"], cfg_b["inner6"] = INNER6_A, INNER6_B
         helpers.append(Helper(ns_a, cfg_a))
         helpers.append(Helper(ns_b, cfg_b))
         yield helpers[0], helpers[1]
@@ -362,6 +422,52 @@ def plain_tunnel() -> Iterator[tuple[Helper, Helper]]:
     names = (f"egt-fp{PID}c", f"egt-fp{PID}d", f"egfc{PID}"[:15], f"egfd{PID}"[:15])
     off = {"gso": False, "gro": False, "coalesce": False}
     yield from _tunnel(names, {"offload": False, "engine": off})
+
+
+@pytest.fixture(scope="module")
+def reuseport_tunnel() -> Iterator[tuple[Helper, Helper]]:
+    # two workers, each with its own SO_REUSEPORT socket on 4500
+    names = (f"egt-fp{PID}g", f"egt-fp{PID}h", f"egfg{PID}"[:15], f"egfh{PID}"[:15])
+    yield from _tunnel(names, {"reuseport": True, "engine": {"workers": 2}})
+
+
+@pytest.fixture(scope="module")
+def raw_tunnel() -> Iterator[tuple[Helper, Helper]]:
+    # SAs without UDP encapsulation: raw ESP, IP protocol 50
+    names = (f"egt-fp{PID}i", f"egt-fp{PID}j", f"egfi{PID}"[:15], f"egfj{PID}"[:15])
+    yield from _tunnel(names, {"sa_extra": {"encap": False}})
+
+
+@pytest.fixture(scope="module")
+def inner6_tunnel() -> Iterator[tuple[Helper, Helper]]:
+    # IPv6 and IPv4 inside, ESP in UDP over IPv4
+    names = (f"egt-fp{PID}k", f"egt-fp{PID}l", f"egfk{PID}"[:15], f"egfl{PID}"[:15])
+    yield from _tunnel(names, {"inner6": True})
+
+
+@pytest.fixture(scope="module")
+def outer6_tunnel() -> Iterator[tuple[Helper, Helper]]:
+    # IPv6 and IPv4 inside, ESP in UDP over IPv6 (AF_INET6 sockets)
+    names = (f"egt-fp{PID}m", f"egt-fp{PID}n", f"egfm{PID}"[:15], f"egfn{PID}"[:15])
+    yield from _tunnel(names, {"inner6": True, "outer6": True})
+
+
+@pytest.fixture(scope="module")
+def raw6_tunnel() -> Iterator[tuple[Helper, Helper]]:
+    # raw ESP over IPv6
+    names = (f"egt-fp{PID}o", f"egt-fp{PID}p", f"egfo{PID}"[:15], f"egfp{PID}"[:15])
+    opts = {"inner6": True, "outer6": True, "sa_extra": {"encap": False}}
+    yield from _tunnel(names, opts)
+
+
+def _ping_in(ns: str, dest: str, count: int) -> None:
+    done = subprocess.run(
+        ["ip", "netns", "exec", ns, "ping", "-c", str(count), "-i", "0.2"]
+        + ["-W", "5", dest],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def _ping(count: int) -> None:
@@ -413,7 +519,8 @@ def test_tcp_super_packets_segmented_and_coalesced(
     sent, received = a.call(cmd="tcp_rt", host=INNER_B, port=port, size=size)
     assert sent == received
     ca, cb = a.call(cmd="counters"), b.call(cmd="counters")
-    assert a.call(cmd="features") == {
+    features = a.call(cmd="features")
+    assert {k: features[k] for k in ("udp_gso", "udp_gro", "tun_coalesce")} == {
         "udp_gso": True,
         "udp_gro": True,
         "tun_coalesce": True,
@@ -452,11 +559,8 @@ def test_tcp_round_trip_without_offloads(plain_tunnel: tuple[Helper, Helper]) ->
         assert c["tun_gso_rx"] == c["udp_gso_tx"] == c["udp_gro_rx"] == 0
         assert c["tun_gro_tx"] == 0
         assert c["udp_tx"] > 1_000_000 // 1400
-        assert h.call(cmd="features") == {
-            "udp_gso": False,
-            "udp_gro": False,
-            "tun_coalesce": False,
-        }
+        features = h.call(cmd="features")
+        assert not any(features[k] for k in ("udp_gso", "udp_gro", "tun_coalesce"))
 
 
 def test_esn_counter_crosses_32_bits(esn_tunnel: tuple[Helper, Helper]) -> None:
@@ -551,11 +655,94 @@ def test_rekey_make_before_break(tunnel: tuple[Helper, Helper]) -> None:
     b.call(cmd="remove", spi=SPI_AB, inbound=True)
 
 
+def test_tcp_round_trip_reuseport_workers(
+    reuseport_tunnel: tuple[Helper, Helper],
+) -> None:
+    a, b = reuseport_tunnel
+    assert a.call(cmd="features")["reuseport"] is True
+    port = b.call(cmd="tcp_echo", host=INNER_B)
+    sent, received = a.call(cmd="tcp_rt", host=INNER_B, port=port, size=2_000_000)
+    assert sent == received
+    assert b.call(cmd="sa_counters", spi=SPI_AB, inbound=True)["packets"] > 100
+
+
+def test_raw_esp_ping_and_tcp_cross(raw_tunnel: tuple[Helper, Helper]) -> None:
+    a, b = raw_tunnel
+    _ping_in(raw_tunnel[0].ns, INNER_B, 3)
+    port = b.call(cmd="tcp_echo", host=INNER_B)
+    sent, received = a.call(cmd="tcp_rt", host=INNER_B, port=port, size=500_000)
+    assert sent == received
+    ca, cb = a.call(cmd="counters"), b.call(cmd="counters")
+    assert ca["raw_tx"] > 3 and cb["raw_rx"] > 3
+    # nothing went through UDP 4500
+    assert ca["udp_tx"] == cb["udp_rx"] == 0
+
+
+def test_udp_esp_for_raw_sa_counted_wrong_encap(
+    raw_tunnel: tuple[Helper, Helper],
+) -> None:
+    a, b = raw_tunnel
+    sa = SAParams(
+        spi=SPI_AB,
+        inbound=False,
+        key=KEY_AB,
+        salt=SALT_AB,
+        session=1,
+        peer=(OUTER_B, 4500),
+        remote_ts=(NET_B,),
+    )
+    inner = bytes.fromhex("4500001c0000000040110000c6130101c6130201") + bytes(8)
+    before = b.call(cmd="counters")["wrong_encap"]
+    b.call(cmd="inject", payload=esp_encrypt(sa, 0x10000, inner).hex())
+    assert _wait_for(lambda: b.call(cmd="counters")["wrong_encap"] == before + 1)
+
+
+def test_raw_esp_over_ipv6_round_trips(raw6_tunnel: tuple[Helper, Helper]) -> None:
+    a, b = raw6_tunnel
+    for host in (INNER_B, INNER6_B):
+        port = b.call(cmd="udp_echo", host=host)
+        payload = bytes(range(256)) * 3
+        echoed = a.call(cmd="udp_rt", host=host, port=port, payload=payload.hex())
+        assert bytes.fromhex(echoed) == payload
+    assert a.call(cmd="counters")["raw_tx"] >= 2
+    assert b.call(cmd="counters")["raw_rx"] >= 2
+
+
+def test_ipv6_inner_udp_and_tcp_over_ipv4(
+    inner6_tunnel: tuple[Helper, Helper],
+) -> None:
+    a, b = inner6_tunnel
+    _ping_in(a.ns, INNER6_B, 2)
+    port = b.call(cmd="udp_echo", host=INNER6_B)
+    payload = bytes(range(256)) * 4
+    echoed = a.call(cmd="udp_rt", host=INNER6_B, port=port, payload=payload.hex())
+    assert bytes.fromhex(echoed) == payload
+    port = b.call(cmd="tcp_echo", host=INNER6_B)
+    sent, received = a.call(cmd="tcp_rt", host=INNER6_B, port=port, size=1_000_000)
+    assert sent == received
+    assert b.call(cmd="sa_counters", spi=SPI_AB, inbound=True)["drops"]["policy"] == 0
+
+
+def test_ipv6_outer_carries_both_inner_families(
+    outer6_tunnel: tuple[Helper, Helper],
+) -> None:
+    a, b = outer6_tunnel
+    for host in (INNER_B, INNER6_B):
+        port = b.call(cmd="tcp_echo", host=host)
+        sent, received = a.call(cmd="tcp_rt", host=host, port=port, size=1_000_000)
+        assert sent == received
+    assert a.call(cmd="counters")["udp_tx"] > 1_000_000 // 1400
+
+
 # ---------------------------------------------------------------- helper side
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def _serve_echo_udp(host: str) -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(_family(host), socket.SOCK_DGRAM)
     s.bind((host, 0))
 
     def loop() -> None:
@@ -568,7 +755,7 @@ def _serve_echo_udp(host: str) -> int:
 
 
 def _serve_sink_udp(host: str, sink: queue.Queue) -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(_family(host), socket.SOCK_DGRAM)
     s.bind((host, 0))
 
     def loop() -> None:
@@ -580,7 +767,7 @@ def _serve_sink_udp(host: str, sink: queue.Queue) -> int:
 
 
 def _serve_echo_tcp(host: str) -> int:
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv = socket.socket(_family(host), socket.SOCK_STREAM)
     srv.bind((host, 0))
     srv.listen(4)
 
@@ -654,15 +841,32 @@ def _helper() -> None:
             remote_ts=tuple(d["remote_ts"]),
             esn=d.get("esn", False),
             next_seq=d.get("next_seq", 1),
+            encap=d.get("encap", True),
         )
 
     def configure(cfg: dict) -> str:
         nonlocal engine, sniffer
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        udp.bind(("0.0.0.0", 4500))
+        outer6 = cfg.get("outer6", False)
+        udp = socket.socket(
+            socket.AF_INET6 if outer6 else socket.AF_INET, socket.SOCK_DGRAM
+        )
+        if cfg.get("reuseport"):
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        udp.bind(("::" if outer6 else "0.0.0.0", 4500))
         udp.setblocking(False)
         fd, ifname = open_tun("egtfp%d", 1400, offload=cfg.get("offload", True))
         keep.extend([udp, fd])
+        if cfg.get("inner6"):
+            subprocess.run(
+                ["ip", "-6", "addr", "add", f"{cfg['inner6']}/128", "dev", ifname]
+                + ["nodad"],
+                check=True,
+            )
+            subprocess.run(
+                ["ip", "-6", "route", "add", cfg["remote_net6"], "dev", ifname]
+                + ["src", cfg["inner6"]],
+                check=True,
+            )
         subprocess.run(
             ["ip", "addr", "add", f"{cfg['inner']}/32", "dev", ifname], check=True
         )
@@ -751,7 +955,7 @@ def _helper() -> None:
                     s.setsockopt(socket.IPPROTO_UDP, UDP_SEGMENT, cmd["seg"])
                     s.sendto(bytes.fromhex(cmd["payload"]), (cmd["host"], cmd["port"]))
             elif op == "udp_rt":
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                with socket.socket(_family(cmd["host"]), socket.SOCK_DGRAM) as s:
                     s.settimeout(WAIT)
                     s.sendto(bytes.fromhex(cmd["payload"]), (cmd["host"], cmd["port"]))
                     result = s.recv(65535).hex()

@@ -867,3 +867,93 @@ def test_key_id_identity_selects_key_id_profile() -> None:
     assert events(r)[0].profile == "android"
     with pytest.raises(ServerRefused):
         connect(r, IkeClient(identity="keyid:a1b2c3d5", psk=b"android-psk-01234567"))
+
+
+# -- rekeys started by the headend (control.ike.initiate) ---------------------------
+
+
+def _natt(r: IkeResponder, data: bytes, now: float) -> list[Datagram]:
+    return exchange(r, data, now=now, local=SERVER_NATT, remote=CLIENT_NATT)
+
+
+def test_child_rekey_by_server_at_lifetime_installs_new_then_deletes_old() -> None:
+    r = make_responder(child_rekey_time=100.0, ike_rekey_time=None)
+    client = IkeClient()
+    connect(r, client)
+    (_, old) = events(r)
+    timer = r.get_timer()
+    assert timer is not None and 90.0 <= timer <= 100.0
+    r.handle_timer(timer)
+    (request,) = r.datagrams_to_send()
+    header = pull_message(request.data).header
+    assert header.exchange == ExchangeType.CREATE_CHILD_SA and header.flags == 0
+    # HDR, SK {N(REKEY_SA), SA, Ni, TSi, TSr} --> <-- HDR, SK {SA, Nr, TSi, TSr}
+    child, answer = client.answer_child_rekey(request.data)
+    assert child is not None
+    (delete,) = _natt(r, answer, timer + 0.1)
+    new = _child_up(r)
+    _check_keys(new, child)
+    assert new.remote_ts == old.remote_ts and new.local_ts == old.local_ts
+    # then the old SA goes: Delete with our old inbound SPI
+    payloads, answer = client.answer_request(delete.data)
+    assert payloads == [
+        DeletePayload(ProtocolId.ESP, 4, [old.spi_in.to_bytes(4, "big")])
+    ]
+    _natt(r, answer, timer + 0.2)
+    assert events(r) == [ChildSADown(old.session_id, old.spi_in, old.spi_out)]
+    assert r.counters["child_rekeyed_by_us"] == 1
+
+
+def test_child_rekey_by_server_retries_with_pfs_when_peer_insists() -> None:
+    r = make_responder(child_rekey_time=100.0, ike_rekey_time=None, dh_groups=[19, 31])
+    client = IkeClient()
+    connect(r, client)
+    events(r)
+    r.handle_timer(100.0)
+    (request,) = r.datagrams_to_send()
+    refused, answer = client.answer_child_rekey(request.data, want_pfs=19)
+    assert refused is None
+    (retry,) = _natt(r, answer, 100.1)
+    child, answer = client.answer_child_rekey(retry.data, want_pfs=19)
+    assert child is not None and client.dh_group == 19
+    _natt(r, answer, 100.2)
+    _check_keys(_child_up(r), child)
+    assert r.counters["child_rekey_refused_NO_PROPOSAL_CHOSEN"] == 1
+
+
+def test_child_rekey_by_server_refused_tries_again_later() -> None:
+    r = make_responder(child_rekey_time=100.0, ike_rekey_time=None)
+    client = IkeClient()
+    connect(r, client)
+    events(r)
+    r.handle_timer(100.0)
+    (request,) = r.datagrams_to_send()
+    _, answer = client.answer_child_rekey(request.data, NotifyType.TEMPORARY_FAILURE)
+    assert _natt(r, answer, 100.1) == [] and events(r) == []
+    assert r.get_timer() == pytest.approx(160.1)
+
+
+def test_ike_rekey_by_server_makes_us_initiator_of_new_sa() -> None:
+    r = make_responder(ike_rekey_time=1000.0, child_rekey_time=None)
+    client = IkeClient()
+    connect(r, client)
+    (up, child_up) = events(r)
+    timer = r.get_timer()
+    assert timer is not None and 900.0 <= timer <= 1000.0
+    r.handle_timer(timer)
+    (request,) = r.datagrams_to_send()
+    answer = client.answer_ike_rekey(request.data)
+    # RFC 7296 2.18: we delete the old IKE SA once the new one is up
+    (delete,) = _natt(r, answer, timer + 0.1)
+    assert pull_message(delete.data).header.spi_i == client.old_spis[0]
+    assert r.counters["ike_rekeyed"] == 1
+    (session,) = r.sessions()
+    assert session["id"] == up.session_id
+    assert session["ike_spis"] == (client.spi_i.hex(), client.spi_r.hex())
+    # the new SA works with us as initiator: the peer's liveness check
+    (reply,) = _natt(r, client.informational([]), timer + 0.2)
+    header = pull_message(reply.data).header
+    assert header.flags == HeaderFlag.RESPONSE | HeaderFlag.INITIATOR
+    assert client.open_response(reply.data) == []
+    assert events(r) == []
+    assert session["child_spis"] == [(child_up.spi_in, child_up.spi_out)]

@@ -41,7 +41,7 @@ def verdicts(tmp_path_factory):
          "psk-two-clients", "rsa-cert", "ecdsa-cert", "rsa-cert-chain",
          "asymmetric-cert-psk", "unknown-identity-rejected", "profile-match-identity",
          "profile-match-certmap", "child-rekey-pfs", "ike-rekey",
-         "rekey-under-traffic-no-loss"]
+         "rekey-under-traffic-no-loss", "headend-child-rekey"]
     )
     env = dict(os.environ, ESPGATE_LAB_PREFIX=LAB)
     proc = subprocess.run([ESPGATE, "selftest", "--cases", cases, "--json", str(out)],
@@ -142,3 +142,13 @@ def test_rekey_under_traffic_loses_nothing(verdicts):
     assert r["passed"], r["detail"]["failures"]
     ping = r["detail"]["ping_during_rekeys"]
     assert ping["received"] == ping["sent"] >= 250
+
+
+def test_headend_rekeys_child_sa_with_pfs_retry(verdicts):
+    results, _ = verdicts
+    r = results["headend-child-rekey"]
+    assert r["passed"], r["detail"]["failures"]
+    d = r["detail"]
+    assert d["child_spis_before"] != d["child_spis_after"]
+    assert d["ike_counters"]["child_rekey_refused_NO_PROPOSAL_CHOSEN"] == 1
+    assert d["transfer"]["match"] and len(d["headend_children"]) == 1

@@ -61,6 +61,7 @@ class IntegrityError(Exception):
 # -- PRF and prf+ (RFC 7296 2.13) ---------------------------------------------
 
 PRF_HASHES = {
+    PrfId.PRF_HMAC_SHA1: "sha1",
     PrfId.PRF_HMAC_SHA2_256: "sha256",
     PrfId.PRF_HMAC_SHA2_384: "sha384",
     PrfId.PRF_HMAC_SHA2_512: "sha512",
@@ -113,6 +114,16 @@ MODP_2048_P = int(
     16,
 )
 MODP_2048_G = 2
+# RFC 2409 6.2: the 1024-bit MODP group (group 2), generator 2; weak, only for
+# the Windows client's default proposals when a profile enables them
+MODP_1024_P = int(
+    "FFFFFFFFFFFFFFFFC90FDAA22168C234C4C6628B80DC1CD129024E088A67CC74"
+    "020BBEA63B139B22514A08798E3404DDEF9519B3CD3A431B302B0A6DF25F1437"
+    "4FE1356D6D51C245E485B576625E7EC6F44C42E9A637ED6B0BFF5CB6F406B7ED"
+    "EE386BFB5A899FA5AE9F24117C4B1FE649286651ECE65381FFFFFFFFFFFFFFFF",
+    16,
+)
+MODP_PRIMES = {DhGroup.MODP_1024: MODP_1024_P, DhGroup.MODP_2048: MODP_2048_P}
 # RFC 3526 section 8 suggests exponents of at least twice the strength (~112)
 MODP_EXPONENT_BYTES = 48
 
@@ -184,11 +195,12 @@ class X25519Exchange(KeyExchange):
 class ModpExchange(KeyExchange):
     def __init__(self, group: int, rng: Rng) -> None:
         self.group = group
-        self._size = (MODP_2048_P.bit_length() + 7) // 8
+        self._p = MODP_PRIMES[DhGroup(group)]
+        self._size = (self._p.bit_length() + 7) // 8
         self._x = int.from_bytes(rng(MODP_EXPONENT_BYTES), "big") | 1 << (
             8 * MODP_EXPONENT_BYTES - 1
         )
-        y = pow(MODP_2048_G, self._x, MODP_2048_P)
+        y = pow(MODP_2048_G, self._x, self._p)
         # RFC 7296 3.4: padded with zeros to the length of the prime
         self.public = y.to_bytes(self._size, "big")
 
@@ -199,10 +211,10 @@ class ModpExchange(KeyExchange):
             )
         y = int.from_bytes(peer, "big")
         # RFC 6989 2.1: 1 < y < p-1
-        if not 1 < y < MODP_2048_P - 1:
+        if not 1 < y < self._p - 1:
             raise ProtocolError(NotifyType.INVALID_SYNTAX, "modp value out of range")
         # RFC 7296 2.14: g^ir padded with zeros to the length of the modulus
-        return pow(y, self._x, MODP_2048_P).to_bytes(self._size, "big")
+        return pow(y, self._x, self._p).to_bytes(self._size, "big")
 
 
 SUPPORTED_GROUPS = (
@@ -210,6 +222,7 @@ SUPPORTED_GROUPS = (
     DhGroup.ECP_384,
     DhGroup.CURVE25519,
     DhGroup.MODP_2048,
+    DhGroup.MODP_1024,
 )
 
 
@@ -221,7 +234,7 @@ def new_key_exchange(group: int, rng: Rng) -> KeyExchange:
         return EcpExchange(group, ec.SECP384R1(), rng)
     if group == DhGroup.CURVE25519:
         return X25519Exchange(group, rng)
-    if group == DhGroup.MODP_2048:
+    if group in MODP_PRIMES:
         return ModpExchange(group, rng)
     raise AssertionError(f"unsupported dh group {group}")
 
@@ -230,8 +243,16 @@ def new_key_exchange(group: int, rng: Rng) -> KeyExchange:
 
 ENCR_KEY_LENGTHS = (128, 256)
 GCM_SALT_SIZE = 4
-INTEG_KEY_SIZES = {IntegId.NONE: 0, IntegId.AUTH_HMAC_SHA2_256_128: 32}
-INTEG_ICV_SIZES = {IntegId.AUTH_HMAC_SHA2_256_128: 16}
+INTEG_KEY_SIZES = {
+    IntegId.NONE: 0,
+    IntegId.AUTH_HMAC_SHA1_96: 20,
+    IntegId.AUTH_HMAC_SHA2_256_128: 32,
+}
+INTEG_ICV_SIZES = {IntegId.AUTH_HMAC_SHA1_96: 12, IntegId.AUTH_HMAC_SHA2_256_128: 16}
+INTEG_HASHES = {
+    IntegId.AUTH_HMAC_SHA1_96: "sha1",
+    IntegId.AUTH_HMAC_SHA2_256_128: "sha256",
+}
 
 
 def is_aead(encr: int) -> bool:
@@ -407,19 +428,27 @@ class GcmCipher(SkCipher):
 
 
 class CbcHmacCipher(SkCipher):
-    """AES-CBC with HMAC-SHA2-256-128 over the whole message (RFC 7296 3.14)."""
+    """AES-CBC with HMAC-SHA2-256-128 or HMAC-SHA1-96 over the message (3.14)."""
 
     iv_size = 16
     icv_size = 16
     block_size = 16
 
-    def __init__(self, encr_key: bytes, integ_key: bytes, rng: Rng) -> None:
+    def __init__(
+        self,
+        encr_key: bytes,
+        integ_key: bytes,
+        rng: Rng,
+        integ: int = IntegId.AUTH_HMAC_SHA2_256_128,
+    ) -> None:
         self._key = encr_key
         self._integ_key = integ_key
         self._rng = rng
+        self._hash = INTEG_HASHES[IntegId(integ)]
+        self.icv_size = INTEG_ICV_SIZES[IntegId(integ)]
 
     def _icv(self, data: bytes) -> bytes:
-        return hmac.new(self._integ_key, data, "sha256").digest()[: self.icv_size]
+        return hmac.new(self._integ_key, data, self._hash).digest()[: self.icv_size]
 
     def seal(self, prefix: bytes, padded: bytes) -> bytes:
         # RFC 7296 3.14: the IV must be unpredictable
@@ -452,8 +481,8 @@ def new_sk_cipher(
         assert integ == IntegId.NONE, "aead takes no integrity transform"
         return GcmCipher(encr_key)
     assert encr == EncrId.ENCR_AES_CBC, f"unsupported encr {encr}"
-    assert integ == IntegId.AUTH_HMAC_SHA2_256_128, f"unsupported integ {integ}"
-    return CbcHmacCipher(encr_key, integ_key, rng)
+    assert integ in INTEG_HASHES, f"unsupported integ {integ}"
+    return CbcHmacCipher(encr_key, integ_key, rng, integ)
 
 
 def seal_message(header: Header, payloads: list[Payload], cipher: SkCipher) -> bytes:

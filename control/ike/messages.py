@@ -101,6 +101,7 @@ class IntegId(IntEnum):
 
 class DhGroup(IntEnum):
     NONE = 0
+    MODP_1024 = 2
     MODP_2048 = 14
     ECP_256 = 19
     ECP_384 = 20

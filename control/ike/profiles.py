@@ -21,6 +21,7 @@ from cryptography import x509
 
 from control.ike import matching
 from control.ike.certs import Credential, TrustStore
+from control.ike.cookies import GuardConfig
 from control.ike.matching import CertRule
 from control.ike.messages import DhGroup, EncrId, IDType, IntegId, PrfId
 
@@ -118,6 +119,26 @@ def default_ike_proposals() -> list[IkeAlgorithms]:
     return [IkeAlgorithms(e, k, i, p) for e, k, i in ciphers for p in prfs]
 
 
+def windows_ike_proposals() -> list[IkeAlgorithms]:
+    """Return the Windows built-in client's IKE sets: AES-CBC-256, SHA1 or SHA2-256.
+
+    Off by default; a profile adds them (with DH groups 2 and 14) only when
+    its `windows_proposals` is set, since SHA1 and MODP-1024 are weak.
+    """
+    return [
+        IkeAlgorithms(EncrId.ENCR_AES_CBC, 256, integ, prf)
+        for integ, prf in (
+            (IntegId.AUTH_HMAC_SHA2_256_128, PrfId.PRF_HMAC_SHA2_256),
+            (IntegId.AUTH_HMAC_SHA1_96, PrfId.PRF_HMAC_SHA1),
+            (IntegId.AUTH_HMAC_SHA2_256_128, PrfId.PRF_HMAC_SHA1),
+            (IntegId.AUTH_HMAC_SHA1_96, PrfId.PRF_HMAC_SHA2_256),
+        )
+    ]
+
+
+WINDOWS_DH_GROUPS = [DhGroup.MODP_2048, DhGroup.MODP_1024]
+
+
 def default_esp_proposals() -> list[EspAlgorithms]:
     return [
         EspAlgorithms(EncrId.ENCR_AES_GCM_16, 256),
@@ -155,6 +176,9 @@ class Profile:
     trust: TrustStore | None = None
     # every rule must hold for the peer's end-entity certificate
     cert_map: list[CertRule] = field(default_factory=list)
+    # seconds until we rekey an SA ourselves (less up to 10% jitter); None: never
+    ike_rekey_time: float | None = 86400.0
+    child_rekey_time: float | None = 28800.0
 
     def __post_init__(self) -> None:
         assert self.local_auth in LOCAL_AUTH, f"Bad local auth {self.local_auth!r}"
@@ -196,3 +220,5 @@ class ResponderConfig:
     retransmit_tries: int = 5
     # preferred over allocate_address when set (certificate maps need it)
     allocate_for_profile: AllocateForProfile | None = None
+    # cookie threshold and half-open limit per source (RFC 7296 2.6)
+    guard: GuardConfig = field(default_factory=GuardConfig)

@@ -44,6 +44,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.hashes import SHA256
 
+from control.ike import initiate
+from control.ike.cookies import InitGuard, Verdict
 from control.ike.crypto import IntegrityError, Prf, open_message, seal_message
 from control.ike.events import (
     Address,
@@ -66,11 +68,13 @@ from control.ike.messages import (
     IDType,
     Message,
     NotifyPayload,
+    NotifyType,
     Payload,
     ProtocolError,
     ProtocolId,
     notify_name,
     pull_message,
+    push_message,
 )
 from control.ike.profiles import (
     EspAlgorithms,
@@ -139,6 +143,7 @@ class IkeResponder:
         self._out: list[Datagram] = []
         self._events: collections.deque[Event | PeerMoved] = collections.deque()
         self._prfs: dict[int, Prf] = {}
+        self.guard = InitGuard(config.guard, rng)
 
     # -- public API -----------------------------------------------------------
 
@@ -170,6 +175,8 @@ class IkeResponder:
                 deadlines.append(ike.half_open_deadline)
             if ike.pending is not None:
                 deadlines.append(ike.pending.deadline)
+            if ike.state == IkeState.ESTABLISHED and not ike.superseded:
+                deadlines += initiate.rekey_deadlines(ike)
         return min(deadlines, default=None)
 
     def handle_timer(self, now: float) -> None:
@@ -192,7 +199,7 @@ class IkeResponder:
         self._request(
             ike,
             [DeletePayload(ProtocolId.IKE, 0, [])],
-            lambda payloads: self._kill(ike, "deleted locally"),
+            lambda payloads, now: self._kill(ike, "deleted locally"),
             now,
         )
         return True
@@ -208,7 +215,7 @@ class IkeResponder:
 
         # RFC 7296 1.4.1: the peer answers with its half of the pair; either
         # way the CHILD SA is gone once the exchange completes
-        def done(payloads: list[Payload]) -> None:
+        def done(payloads: list[Payload], now: float) -> None:
             if ike.children.pop(spi_in, None) is not None:
                 self._child_down(ike, child)
 
@@ -282,17 +289,65 @@ class IkeResponder:
                 self._child_spis.add(spi)
                 return spi
 
+    def rekey_deadline(self, lifetime: float | None, now: float) -> float | None:
+        """Return when to rekey an SA made `now`: up to 10% early, at random."""
+        if lifetime is None:
+            return None
+        return now + lifetime * (1 - self.rng(1)[0] / 2550)
+
+    def child_up(self, ike: IkeSA, event: ChildSAUp) -> None:
+        """Report a CHILD SA that one of our own exchanges created."""
+        self.counters["child_sa_up"] += 1
+        ike.log.info(
+            "child sa up, spi in %08x out %08x (rekeyed by us)",
+            event.spi_in,
+            event.spi_out,
+        )
+        self._events.append(event)
+
+    def peer_rekeyed_child(
+        self, ike: IkeSA, old: ChildSA, new: ChildSA, nonce_i: bytes, nonce_r: bytes
+    ) -> None:
+        """Note the peer's rekey of `old`; it may collide with ours (RFC 7296 2.8.1)."""
+        self.counters["child_rekeyed_by_peer"] += 1
+        ours = ike.child_rekeys.get(old.spi_in)
+        if ours is not None:
+            ours.collided(new, nonce_i, nonce_r)
+
     def ike_rekeyed(self, old: IkeSA, new: IkeSA, now: float) -> None:
         """Move the session from `old` to its rekeyed `new` IKE SA (RFC 7296 2.18)."""
+        if old.rekeying is not None:
+            # RFC 7296 2.8.2: our own rekey of `old` is in flight: a collision
+            old.rekeying.collided(new)
         new.profile, new.identity = old.profile, old.identity
         new.inside_address, old.inside_address = old.inside_address, None
         new.children, old.children = old.children, {}
+        new.child_rekeys, old.child_rekeys = old.child_rekeys, {}
         old.superseded = True
-        new.set_state(IkeState.ESTABLISHED)
+        if new.state == IkeState.HALF_OPEN:
+            new.set_state(IkeState.ESTABLISHED)
         new.established_at = now
-        self._sas[new.spi_r] = new
+        assert new.profile is not None
+        new.rekey_at = self.rekey_deadline(new.profile.ike_rekey_time, now)
+        self._sas[new.our_spi] = new
         self.counters["ike_rekeyed"] += 1
         old.log.info("ike sa rekeyed, new spis %s/%s", new.spi_i.hex(), new.spi_r.hex())
+
+    def session_sa(self, session_id: str) -> IkeSA | None:
+        """Return the IKE SA that currently serves a session."""
+        return self._by_session(session_id)
+
+    def release_child_spi(self, spi: int) -> None:
+        """Give back an inbound SPI that no CHILD SA got."""
+        self._child_spis.discard(spi)
+
+    def add_sa(self, ike: IkeSA) -> None:
+        """Register an IKE SA made by one of our own exchanges."""
+        self._sas[ike.our_spi] = ike
+
+    def kill(self, ike: IkeSA, reason: str) -> None:
+        """Forget an IKE SA and its CHILD SAs at once."""
+        self._kill(ike, reason)
 
     def drop_identity(self, identity: str, keep: IkeSA) -> None:
         """Forget other SAs of `identity` (INITIAL_CONTACT)."""
@@ -317,13 +372,15 @@ class IkeResponder:
         if header.spi_r == bytes(8):
             self._receive_init(message, data, local, remote, now)
             return
-        ike = self._sas.get(header.spi_r)
+        # RFC 7296 3.1: I marks the original initiator, so our SPI is the
+        # other one; an IKE SA we rekeyed ourselves has us as initiator (2.18)
+        ours = header.spi_r if header.is_initiator else header.spi_i
+        ike = self._sas.get(ours)
         # RFC 7296 2.21.4: messages for an unknown SA are not answered here
-        if ike is None or ike.spi_i != header.spi_i:
+        if ike is None or (ike.spi_i, ike.spi_r) != (header.spi_i, header.spi_r):
             self.counters["drop_unknown_spi"] += 1
             return
-        # RFC 7296 3.1: the peer is the original initiator, so it sets I
-        if not header.is_initiator:
+        if header.is_initiator == ike.we_initiated:
             self.counters["drop_flags"] += 1
             return
         # RFC 7296 3.14: every message after IKE_SA_INIT is encrypted
@@ -350,7 +407,6 @@ class IkeResponder:
         ):
             self.counters["drop_junk"] += 1
             return
-        # TODO: COOKIE challenges (RFC 7296 2.6) once half-open SAs pile up.
         # RFC 7296 2.1: a retransmitted IKE_SA_INIT gets the same answer
         known = self._half_open.get((header.spi_i, remote))
         if known is not None:
@@ -359,6 +415,9 @@ class IkeResponder:
                 self._send(known.init_response, local, remote)
             else:
                 self.counters["drop_init_collision"] += 1
+            return
+        # RFC 7296 2.6: cookies once half-open SAs pile up, and a limit per source
+        if self._guard_init(message, local, remote, now):
             return
         try:
             result = IkeInitTask(self).run(message, data, local, remote, now)
@@ -372,9 +431,40 @@ class IkeResponder:
         self._send(result.response, local, remote)
         if result.ike is not None:
             ike = result.ike
-            self._sas[ike.spi_r] = ike
+            self._sas[ike.our_spi] = ike
             self._half_open[(ike.spi_i, remote)] = ike
             self.counters["ike_sa_init"] += 1
+
+    def _guard_init(
+        self, message: Message, local: Address, remote: Address, now: float
+    ) -> bool:
+        """Answer or drop an IKE_SA_INIT the guard refuses; True if refused."""
+        from_source = sum(1 for _, peer in self._half_open if peer[0] == remote[0])
+        verdict = self.guard.admit(
+            message, remote[0], len(self._half_open), from_source, now
+        )
+        if verdict == Verdict.ACCEPT:
+            return False
+        if verdict == Verdict.DROP:
+            self.counters["drop_init_source_limit"] += 1
+            return True
+        self.counters["cookie_sent"] += 1
+        cookie = self.guard.cookie_for(message, remote[0])
+        header = message.header
+        reply = Message(
+            Header(
+                header.spi_i,
+                bytes(8),
+                0,
+                IKE_VERSION,
+                ExchangeType.IKE_SA_INIT,
+                HeaderFlag.RESPONSE,
+                0,
+            ),
+            [NotifyPayload(ProtocolId.NONE, NotifyType.COOKIE, b"", cookie)],
+        )
+        self._send(push_message(reply), local, remote)
+        return True
 
     def _receive_request(
         self,
@@ -503,7 +593,7 @@ class IkeResponder:
                 0,
                 IKE_VERSION,
                 request.exchange,
-                HeaderFlag.RESPONSE,
+                HeaderFlag.RESPONSE | (HeaderFlag.INITIATOR * ike.we_initiated),
                 request.message_id,
             ),
             payloads,
@@ -541,7 +631,7 @@ class IkeResponder:
             return
         try:
             payloads = open_message(data, message, ike.cipher_in)
-            check_rules(payloads, RESPONSE_RULES[ExchangeType.INFORMATIONAL])
+            check_rules(payloads, RESPONSE_RULES[pending.exchange])
         except IntegrityError:
             self.counters["drop_integrity"] += 1
             return
@@ -550,7 +640,7 @@ class IkeResponder:
             self.counters["response_decode_error"] += 1
             payloads = []
         ike.pending = None
-        pending.on_response(payloads)
+        pending.on_response(payloads, now)
         self._send_queued(ike, now)
 
     def _adopt_address(self, ike: IkeSA, local: Address, remote: Address) -> None:
@@ -564,33 +654,36 @@ class IkeResponder:
 
     # -- our own requests ---------------------------------------------------------
 
-    def _request(
+    def request(
         self,
         ike: IkeSA,
         payloads: list[Payload],
         on_response: Callable[..., None],
         now: float,
+        exchange: int = ExchangeType.INFORMATIONAL,
     ) -> None:
-        ike.queued.append((payloads, on_response))
+        """Send a request of ours on `ike`, or queue it behind the one in flight."""
+        ike.queued.append((exchange, payloads, on_response))
         if ike.pending is None:
             self._send_queued(ike, now)
+
+    _request = request
 
     def _send_queued(self, ike: IkeSA, now: float) -> None:
         if not ike.queued or ike.state == IkeState.DEAD:
             return
-        payloads, on_response = ike.queued.pop(0)
+        exchange, payloads, on_response = ike.queued.pop(0)
         mid = ike.next_our_request_id
         ike.next_our_request_id += 1
-        # RFC 7296 3.1: we are the original responder, so I stays clear
+        # RFC 7296 3.1: I is set only by the original initiator
+        flags = HeaderFlag.INITIATOR if ike.we_initiated else 0
         data = seal_message(
-            Header(
-                ike.spi_i, ike.spi_r, 0, IKE_VERSION, ExchangeType.INFORMATIONAL, 0, mid
-            ),
+            Header(ike.spi_i, ike.spi_r, 0, IKE_VERSION, exchange, flags, mid),
             payloads,
             ike.cipher_out,
         )
         ike.pending = PendingRequest(
-            mid, data, now + self.config.retransmit_timeout, on_response
+            mid, data, now + self.config.retransmit_timeout, on_response, 0, exchange
         )
         self._send(data, ike.local, ike.remote)
 
@@ -604,6 +697,8 @@ class IkeResponder:
                 self.counters["half_open_expired"] += 1
                 self._kill(ike, "half-open timeout")
                 continue
+            if ike.state == IkeState.ESTABLISHED and not ike.superseded:
+                initiate.start_due_rekeys(self, ike, now)
             pending = ike.pending
             if pending is None or now < pending.deadline:
                 continue
@@ -623,6 +718,8 @@ class IkeResponder:
         ike.set_state(IkeState.ESTABLISHED)
         ike.established_at = now
         ike.half_open_deadline = None
+        assert ike.profile is not None
+        ike.rekey_at = self.rekey_deadline(ike.profile.ike_rekey_time, now)
         for key, value in list(self._half_open.items()):
             if value is ike:
                 del self._half_open[key]
@@ -653,7 +750,7 @@ class IkeResponder:
         ike.children.clear()
         ike.set_state(IkeState.DEAD)
         ike.pending = None
-        self._sas.pop(ike.spi_r, None)
+        self._sas.pop(ike.our_spi, None)
         ike.queued.clear()
         for key, value in list(self._half_open.items()):
             if value is ike:

@@ -60,6 +60,17 @@ class ChildSA:
     key_length: int
     local_ts: list[str]
     remote_ts: list[str]
+    # the DH group of its last key exchange (PFS), NONE when keyed from SK_d
+    pfs_group: int = 0
+    # when we rekey it (lifetime); None: never
+    rekey_at: float | None = None
+    # a rekey of it is in flight or done: it only waits for its delete
+    rekeying: bool = False
+    replaced: bool = False
+    # (peer side, our side) selectors as negotiated, for our rekeys of it
+    selectors: tuple[list[Any], list[Any]] = field(
+        default=([], []), repr=False, compare=False
+    )
 
 
 @dataclass
@@ -69,8 +80,9 @@ class PendingRequest:
     message_id: int
     data: bytes
     deadline: float
-    on_response: Callable[[list[Any]], None]
+    on_response: Callable[[list[Any], float], None]
     tries: int = 0
+    exchange: int = 37  # ExchangeType.INFORMATIONAL
 
 
 @dataclass
@@ -105,7 +117,7 @@ class IkeSA:
     # initiator window
     next_our_request_id: int = 0
     pending: PendingRequest | None = field(default=None, repr=False)
-    queued: list[tuple[list[Any], Callable[[list[Any]], None]]] = field(
+    queued: list[tuple[int, list[Any], Callable[[list[Any], float], None]]] = field(
         default_factory=list, repr=False
     )
     # authenticated peer and what it got
@@ -117,6 +129,14 @@ class IkeSA:
     session: str = ""
     # replaced by a rekey (RFC 7296 2.18); waits for the peer's delete
     superseded: bool = False
+    # we are the original initiator (an IKE SA we rekeyed, RFC 7296 2.18)
+    we_initiated: bool = False
+    # when we rekey it (lifetime); None: never
+    rekey_at: float | None = None
+    # our IKE rekey in flight on this SA (control.ike.initiate.IkeRekeyRequest)
+    rekeying: Any = field(default=None, repr=False)
+    # our CHILD rekeys in flight by the old SA's inbound SPI (ChildRekeyRequest)
+    child_rekeys: dict[int, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.log = SessionLogger(logger, {"session": self.session_id})
@@ -124,6 +144,14 @@ class IkeSA:
     @property
     def session_id(self) -> str:
         return self.session or self.spi_r.hex()
+
+    @property
+    def our_spi(self) -> bytes:
+        return self.spi_i if self.we_initiated else self.spi_r
+
+    @property
+    def peer_spi(self) -> bytes:
+        return self.spi_r if self.we_initiated else self.spi_i
 
     @property
     def nat_detected(self) -> bool:

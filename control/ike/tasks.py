@@ -146,6 +146,16 @@ RESPONSE_RULES: dict[int, dict[int, tuple[int, int]]] = {
         PayloadType.NOTIFY: (0, MANY),
         PayloadType.VENDOR_ID: (0, MANY),
     },
+    # RFC 7296 1.3: SA, Nr, [KEr], [TSi, TSr], or only an error notify
+    ExchangeType.CREATE_CHILD_SA: {
+        PayloadType.SA: (0, 1),
+        PayloadType.NONCE: (0, 1),
+        PayloadType.KE: (0, 1),
+        PayloadType.TSI: (0, 1),
+        PayloadType.TSR: (0, 1),
+        PayloadType.NOTIFY: (0, MANY),
+        PayloadType.VENDOR_ID: (0, MANY),
+    },
 }
 
 
@@ -675,7 +685,18 @@ class ChildCreateTask(Task):
         self.choice, self.ts_i, self.ts_r = choice, ts_i, ts_r
         local_ts = [trafficsel.ts_to_string(t) for t in ts_r]
         remote_ts = [trafficsel.ts_to_string(t) for t in ts_i]
-        self.child = ChildSA(spi_in, spi_out, key_length, local_ts, remote_ts)
+        self.child = ChildSA(
+            spi_in,
+            spi_out,
+            key_length,
+            local_ts,
+            remote_ts,
+            pfs_group=choice.dh_group,
+            rekey_at=self.responder.rekey_deadline(
+                ike.profile.child_rekey_time, ex.now
+            ),
+            selectors=(ts_i, ts_r),
+        )
         ike.children[spi_in] = self.child
         ex.events.append(
             ChildSAUp(
@@ -729,11 +750,18 @@ class ChildRekeyTask(ChildCreateTask):
         if any(p.protocol == ProtocolId.IKE for p in sa.proposals):
             return
         # RFC 7296 1.3.3: REKEY_SA names the SA by the initiator's inbound SPI
+        self.rekeyed: ChildSA | None = None
         for notify in notifies(ex.request, NotifyType.REKEY_SA):
             spi_out = int.from_bytes(notify.spi, "big")
-            if not any(c.spi_out == spi_out for c in ike.children.values()):
+            old = next((c for c in ike.children.values() if c.spi_out == spi_out), None)
+            if old is None:
                 ex.fatal = ProtocolError(NotifyType.CHILD_SA_NOT_FOUND)
                 return
+            # RFC 7296 2.25: we rekeyed it already and are deleting it
+            if old.replaced:
+                ex.fatal = ProtocolError(NotifyType.TEMPORARY_FAILURE)
+                return
+            self.rekeyed = old
         # RFC 7296 1.3.1: a CHILD SA request carries TSi and TSr
         if not isinstance(tsi, TSiPayload) or not isinstance(tsr, TSrPayload):
             ex.fatal = ProtocolError(NotifyType.INVALID_SYNTAX)
@@ -753,6 +781,14 @@ class ChildRekeyTask(ChildCreateTask):
         except ProtocolError as exc:
             self.responder.counters[f"child_refused_{notify_name(exc.notify)}"] += 1
             ex.fatal = exc
+            return
+        if self.rekeyed is not None and self.child is not None:
+            # the peer replaces it; a rekey of ours may be colliding (2.8.1)
+            self.rekeyed.replaced = True
+            self.child.pfs_group = self.choice.dh_group
+            self.responder.peer_rekeyed_child(
+                ike, self.rekeyed, self.child, nonce.data, self.nonce_r
+            )
 
     def build(self, ex: Exchange) -> None:
         if self.child is None:
