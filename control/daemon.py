@@ -339,8 +339,8 @@ class Headend:
         self._after_step()
 
     def _poll_seq_events(self) -> None:
-        # SeqExhausting from the reserver: the responder cannot initiate a
-        # CHILD rekey yet, so the CHILD SA is deleted (the client re-creates it)
+        # SeqExhausting from the reserver: rekey the CHILD SA now (RFC 4303
+        # 3.3.3: the counter never cycles); delete it if no rekey can start
         assert self._loop is not None
         self._seq_timer = self._loop.call_later(SEQ_POLL, self._poll_seq_events)
         reserver = getattr(self.engine, "reserver", None)
@@ -352,17 +352,19 @@ class Headend:
                 pair = next((c for c in session.children if c[1] == event.spi), None)
                 if pair is None:
                     continue
+                sid = session.session_id
+                if self._guard(self.responder.rekey_child_soon, sid, pair[0], now):
+                    action = "seq_exhaustion_rekeys"
+                else:
+                    action = "seq_exhaustion_deletes"
+                    self._guard(self.responder.delete_child_sa, sid, pair[0], now)
+                self.counters[action] = self.counters.get(action, 0) + 1
                 log.info(
-                    "child sa %08x/%08x at seq %d of %d: deleting before exhaustion",
+                    "child sa %08x/%08x at seq %d of %d: %s before exhaustion",
                     *pair,
                     event.next_seq,
                     event.hard_end,
-                )
-                self.counters["seq_exhaustion_deletes"] = (
-                    self.counters.get("seq_exhaustion_deletes", 0) + 1
-                )
-                self._guard(
-                    self.responder.delete_child_sa, session.session_id, pair[0], now
+                    "rekeying" if action.endswith("rekeys") else "deleting",
                 )
         self._after_step()
 

@@ -133,3 +133,23 @@ def test_import_malformed_record_untrusted() -> None:
     del data["keys"]["sk_d"]
     with pytest.raises(UntrustedState):
         import_ike(data, make_responder(), now=1.0)
+
+
+def test_import_resumed_sa_starts_our_child_rekey() -> None:
+    from control.ike.messages import ExchangeType, TSiPayload, TSrPayload
+
+    r, client = _established()
+    (ike,) = r.established()  # type: ignore[attr-defined]
+    (spi_in,) = ike.children
+    fresh = make_responder()
+    fresh.adopt(import_ike(loads(dumps(export_ike(ike))), fresh, now=5.0))
+    # sequence numbers running out: the rekey is due at once
+    assert fresh.rekey_child_soon(ike.session_id, spi_in, 10.0)
+    assert fresh.get_timer() == 10.0
+    fresh.handle_timer(10.0)
+    (request,) = fresh.datagrams_to_send()
+    header, payloads = client.open(request.data)
+    # RFC 7296 1.3.3: SA, Ni, TSi, TSr with the CHILD SA's own selectors
+    assert header.exchange == ExchangeType.CREATE_CHILD_SA
+    selectors = [p for p in payloads if isinstance(p, (TSiPayload, TSrPayload))]
+    assert len(selectors) == 2 and all(p.selectors for p in selectors)

@@ -1,9 +1,9 @@
-"""Sequence-number exhaustion in the daemon: SeqExhausting deletes the CHILD SA.
+"""Sequence-number exhaustion in the daemon: SeqExhausting rekeys the CHILD SA.
 
-The responder cannot initiate a CHILD rekey yet, so the daemon answers a
-:class:`control.seqstore.SeqExhausting` from the reserver by starting a
-CHILD SA delete (RFC 7296 1.4.1).  The engine, responder and loop are fakes
-recording what the daemon asks of them.
+The daemon answers a :class:`control.seqstore.SeqExhausting` from the
+reserver by making the CHILD SA's rekey due now; when no rekey can start it
+deletes the CHILD SA (RFC 7296 1.4.1).  The engine, responder and loop are
+fakes recording what the daemon asks of them.
 """
 
 from __future__ import annotations
@@ -24,8 +24,15 @@ class FakeLoop:
 
 
 class FakeResponder:
-    def __init__(self) -> None:
+    def __init__(self, can_rekey: bool = True) -> None:
         self.deletes: list[tuple[str, int]] = []
+        self.rekeys: list[tuple[str, int]] = []
+        self.can_rekey = can_rekey
+
+    def rekey_child_soon(self, session_id: str, spi_in: int, now: float) -> bool:
+        if self.can_rekey:
+            self.rekeys.append((session_id, spi_in))
+        return self.can_rekey
 
     def delete_child_sa(self, session_id: str, spi_in: int, now: float) -> bool:
         self.deletes.append((session_id, spi_in))
@@ -58,10 +65,10 @@ class ListStore:
         return self.ends.get(spi)
 
 
-def _headend(reserver: Any) -> tuple[Headend, FakeResponder]:
+def _headend(reserver: Any, can_rekey: bool = True) -> tuple[Headend, FakeResponder]:
     head = Headend(load())
     head._loop = FakeLoop()  # type: ignore[assignment]
-    responder = FakeResponder()
+    responder = FakeResponder(can_rekey)
     head.responder = responder
     head.engine = FakeEngine(reserver)
     session = Session("s1", 1, "alice@example.net", ("198.18.0.2", 4500))
@@ -70,11 +77,20 @@ def _headend(reserver: Any) -> tuple[Headend, FakeResponder]:
     return head, responder
 
 
-def test_poll_seq_events_exhausting_deletes_child() -> None:
+def test_poll_seq_events_exhausting_rekeys_child() -> None:
     reserver = SeqReserver(ListStore(), lambda spi, limit: None)  # type: ignore[arg-type]
     # RFC 4303 3.3.3: without ESN the counter must not cycle past 2^32 - 1
     reserver._events.append(SeqExhausting(0x4444, 0xF0000000, 1 << 32))
     head, responder = _headend(reserver)
+    head._poll_seq_events()
+    assert responder.rekeys == [("s1", 0x3333)] and responder.deletes == []
+    assert head.counters["seq_exhaustion_rekeys"] == 1
+
+
+def test_poll_seq_events_exhausting_no_rekey_deletes_child() -> None:
+    reserver = SeqReserver(ListStore(), lambda spi, limit: None)  # type: ignore[arg-type]
+    reserver._events.append(SeqExhausting(0x4444, 0xF0000000, 1 << 32))
+    head, responder = _headend(reserver, can_rekey=False)
     head._poll_seq_events()
     assert responder.deletes == [("s1", 0x3333)]
     assert head.counters["seq_exhaustion_deletes"] == 1
@@ -95,4 +111,4 @@ def test_reserver_tick_past_threshold_queues_one_event() -> None:
     reserver.tick(0x4444, (1 << 31) + 10)
     head, responder = _headend(reserver)
     head._poll_seq_events()
-    assert responder.deletes == [("s1", 0x3333)]
+    assert responder.rekeys == [("s1", 0x3333)]

@@ -25,6 +25,7 @@ import json
 from typing import Any
 
 from control.ike.crypto import IkeKeys, new_sk_cipher
+from control.ike.messages import TrafficSelector
 from control.ike.profiles import IkeAlgorithms
 from control.ike.sa import ChildSA, IkeSA, IkeState
 from control.seqstore import UntrustedState
@@ -60,6 +61,8 @@ def export_ike(ike: IkeSA) -> dict[str, Any]:
         "nat": [ike.peer_behind_nat, ike.self_behind_nat],
         "state": ike.state.value,
         "in_flight": ike.pending is not None or bool(ike.queued),
+        "rekeying": bool(ike.rekeying or ike.child_rekeys)
+        or any(c.rekeying for c in ike.children.values()),
         "expected_request_id": ike.expected_request_id,
         "last_response": (ike.last_response or b"").hex(),
         "last_request_digest": (ike.last_request_digest or b"").hex(),
@@ -70,8 +73,17 @@ def export_ike(ike: IkeSA) -> dict[str, Any]:
         if ike.inside_address is None
         else str(ike.inside_address),
         "children": [
-            [c.spi_in, c.spi_out, c.key_length, c.local_ts, c.remote_ts]
+            [
+                c.spi_in,
+                c.spi_out,
+                c.key_length,
+                c.local_ts,
+                c.remote_ts,
+                c.pfs_group,
+                [[_ts(t) for t in side] for side in c.selectors],
+            ]
             for c in ike.children.values()
+            if not c.replaced
         ],
         "session": ike.session_id,
     }
@@ -81,7 +93,7 @@ def import_ike(data: dict[str, Any], responder: Any, now: float) -> IkeSA:
     """Rebuild an IKE SA from `export_ike` output; UntrustedState if unsafe."""
     if data.get("state") != IkeState.ESTABLISHED.value:
         raise UntrustedState(f"IKE SA in state {data.get('state')!r}")
-    if data.get("in_flight"):
+    if data.get("in_flight") or data.get("rekeying"):
         # a request of ours may or may not have reached the peer
         raise UntrustedState("IKE SA had a request in flight")
     profile = next(
@@ -127,13 +139,40 @@ def import_ike(data: dict[str, Any], responder: Any, now: float) -> IkeSA:
             ),
             session=data["session"],
         )
-        for spi_in, spi_out, key_length, local_ts, remote_ts in data["children"]:
+        # lifetimes restart at the resume (the stored deadlines were on
+        # another process's clock)
+        ike.rekey_at = responder.rekey_deadline(profile.ike_rekey_time, now)
+        for spi_in, spi_out, key_length, local_ts, remote_ts, group, sel in data[
+            "children"
+        ]:
             ike.children[int(spi_in)] = ChildSA(
-                int(spi_in), int(spi_out), int(key_length), local_ts, remote_ts
+                int(spi_in),
+                int(spi_out),
+                int(key_length),
+                local_ts,
+                remote_ts,
+                pfs_group=int(group),
+                rekey_at=responder.rekey_deadline(profile.child_rekey_time, now),
+                selectors=(
+                    [_pull_ts(t) for t in sel[0]],
+                    [_pull_ts(t) for t in sel[1]],
+                ),
             )
     except (KeyError, TypeError, ValueError, AssertionError) as exc:
         raise UntrustedState(f"Malformed session record: {exc}") from None
     return ike
+
+
+def _ts(t: TrafficSelector) -> list[Any]:
+    return [t.ts_type, t.ip_protocol, t.start_port, t.end_port,
+            t.start_address.hex(), t.end_address.hex()]  # fmt: skip
+
+
+def _pull_ts(v: list[Any]) -> TrafficSelector:
+    return TrafficSelector(
+        int(v[0]), int(v[1]), int(v[2]), int(v[3]), bytes.fromhex(v[4]),
+        bytes.fromhex(v[5]),
+    )  # fmt: skip
 
 
 def dumps(record: dict[str, Any]) -> bytes:

@@ -224,6 +224,18 @@ class IkeResponder:
         self._request(ike, [delete], done, now)
         return True
 
+    def rekey_child_soon(self, session_id: str, spi_in: int, now: float) -> bool:
+        """Make a CHILD SA's rekey due now (its sequence numbers run out)."""
+        ike = self._by_session(session_id)
+        if ike is None or ike.state != IkeState.ESTABLISHED:
+            return False
+        child = ike.children.get(spi_in)
+        if child is None or child.rekeying or child.replaced:
+            return False
+        # started by handle_timer as soon as our request window is idle
+        child.rekey_at = now
+        return True
+
     def sessions(self) -> list[dict[str, Any]]:
         """Describe every IKE SA for status output."""
         return [
