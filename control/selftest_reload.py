@@ -88,9 +88,15 @@ def esp_pairs(path: Path, src: str) -> list[tuple[int, int]]:
             continue
         (ethertype,) = struct.unpack_from("!H", data, 12)
         ip = data[14:]
-        if ethertype != 0x0800 or ip[9] != 17 or ip[12:16] != want:
+        if ethertype != 0x0800 or ip[12:16] != want:
             continue
         ihl = (ip[0] & 0x0F) * 4
+        if ip[9] == 50 and len(ip) >= ihl + 8:
+            # raw ESP (RFC 4303 section 2), a client not behind NAT
+            out.append(struct.unpack_from("!II", ip, ihl))
+            continue
+        if ip[9] != 17:
+            continue
         sport, dport = struct.unpack_from("!HH", ip, ihl)
         # RFC 3948 section 2.2: ESP-in-UDP starts with a non-zero SPI
         esp = ip[ihl + 8 :]
@@ -146,13 +152,14 @@ def pair_report(pairs: list[tuple[int, int]]) -> dict[str, Any]:
 
 
 class _EspCapture:
-    """tcpdump of what one address sends on UDP 4500, whole packets."""
+    """tcpdump of the ESP one address sends (UDP 4500 or raw), whole packets."""
 
     def __init__(self, ns: str, iface: str, src: str, path: Path):
         self.path = path
         self.argv = ["tcpdump", "-i", iface, "-U", "--immediate-mode", "-n",
                      "-B", "16384", "-s", "0", "-Z", "root", "-w", str(path),
-                     "src", "host", src, "and", "udp", "port", "4500"]  # fmt: skip
+                     "src", "host", src, "and", "(", "udp", "port", "4500", "or",
+                     "ip", "proto", "50", ")"]  # fmt: skip
         self.ns = ns
         self.procs = ProcessSet(path.parent / "capture")
 

@@ -66,6 +66,14 @@ def test_esp_pairs_gso_super_datagram_cut(tmp_path: Path) -> None:
     assert pairs == [(spi, 6), (spi, 7), (spi, 8), (spi, 9), (spi, 10)]
 
 
+def test_esp_pairs_raw_esp_read(tmp_path: Path) -> None:
+    frame = bytearray(_frame(HUB, b""))
+    ip = bytes(frame[14:34])
+    raw = ip[:9] + b"\x32" + ip[10:] + _esp(0x0D0E0F10, 42)
+    pairs = esp_pairs(_pcap(tmp_path / "r.pcap", [bytes(frame[:14]) + raw]), HUB)
+    assert pairs == [(0x0D0E0F10, 42)]
+
+
 def test_pair_report_repeat_counted(tmp_path: Path) -> None:
     spi = 0x0A0B0C0D
     frames = [_frame(HUB, _esp(spi, seq)) for seq in (1, 2, 3, 2, 500, 501)]
