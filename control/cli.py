@@ -5,6 +5,7 @@ espgate serve [--config FILE]          run the headend (embedded default
 espgate check-config [FILE]            parse and check, print a summary
 espgate show sessions|counters         ask a running daemon
 espgate clear session ID               delete a session (the client is told)
+espgate show ipsec sa                  per SA: next seq, reserved mark, counters
 espgate demo [--json PATH]             the main job: a real strongSwan
                                        client through the headend in a lab
 espgate selftest [--json PATH] [--cases A,B]
@@ -77,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("show", help="ask a running daemon")
-    p.add_argument("what", choices=["sessions", "counters"])
+    p.add_argument("what", choices=["sessions", "counters", "ipsec"])
+    p.add_argument("sub", nargs="?", choices=["sa"], help="with ipsec: sa")
     p.add_argument("--socket", default=DEFAULT_SOCKET)
     p.add_argument("--json", action="store_true", help="print raw JSON")
     p.set_defaults(func=_cmd_show)
@@ -210,7 +212,8 @@ def _cmd_clear(args: argparse.Namespace) -> int:
 
 def _cmd_show(args: argparse.Namespace) -> int:
     try:
-        answer = request(args.socket, f"show-{args.what}")
+        what = "ipsec-sa" if args.what == "ipsec" else args.what
+        answer = request(args.socket, f"show-{what}")
     except OSError as exc:
         print(
             f"espgate: cannot reach the daemon at {args.socket}: {exc}", file=sys.stderr
@@ -220,6 +223,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(answer, indent=2))
     elif args.what == "sessions":
         print(format_sessions(answer["sessions"]))
+    elif args.what == "ipsec":
+        print(format_ipsec_sas(answer.get("sas", [])))
     else:
         print(format_counters(answer))
     return 0
@@ -269,6 +274,30 @@ def format_sessions(sessions: list[dict[str, Any]]) -> str:
         for r in rows
     ]
     lines.append(f"{len(sessions)} session(s)")
+    return "\n".join(lines)
+
+
+def format_ipsec_sas(sas: list[dict[str, Any]]) -> str:
+    """Render SAs as an aligned table: spi, direction, engine, seqs, counters."""
+    header = ("spi", "dir", "engine", "next seq", "reserved", "packets", "bytes",
+              "drops")  # fmt: skip
+    rows = [header]
+    for sa in sas:
+        c = sa["counters"]
+        seq = sa["next_seq"] if sa["direction"] == "out" else sa["highest_seq"]
+        drops = sum((c.get("drops") or {}).values())
+        mark = sa["seq_reserved"]
+        rows.append(
+            (sa["spi"], sa["direction"], sa["engine"], "-" if seq is None else str(seq),
+             "-" if mark is None else str(mark), str(c.get("packets", 0)),
+             str(c.get("bytes", 0)), str(drops))
+        )  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+        for r in rows
+    ]
+    lines.append(f"{len(sas)} sa(s); inbound rows show the highest seq received")
     return "\n".join(lines)
 
 

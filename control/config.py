@@ -139,7 +139,7 @@ class EngineConfig:
     crypto: str = "ipsec-mb"
     batch: int = 64
     tun_mtu: int = 1400
-    dataplane: str = "inline"
+    dataplane: str = "process"
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import ipaddress
 import json
 import logging
@@ -43,10 +44,13 @@ from control.config import Config
 from control.ikebind import build_radius_clients, build_responder_config
 from control.pool import AddressPool, LeaseStore
 from control.routes import add_route
+from control.seqstore import UntrustedState
 
 log = logging.getLogger("espgate.daemon")
 
 Address = tuple[str, int]
+SEQ_POLL = 1.0
+POWER_CUT_ENV = "ESPGATE_POWER_CUT_MODEL"
 
 
 @dataclass
@@ -63,6 +67,8 @@ class Session:
     inside_address6: str | None = None
     children: list[tuple[int, int]] = field(default_factory=list)
     created: float = field(default_factory=time.time)
+    # per CHILD SA (by inbound SPI) what a whole-daemon restart reinstalls
+    child_state: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
 
 
 class _IkeProtocol(asyncio.DatagramProtocol):
@@ -105,6 +111,13 @@ class Headend:
         self._sock4500: socket.socket | None = None
         self._ctl_server: asyncio.AbstractServer | None = None
         self._ctl_inode = -1
+        self._seq_timer: asyncio.TimerHandle | None = None
+        self._store: Any = None
+        self._stored: dict[str, bytes] = {}
+        # two daemons may share a state dir (labs): each only sees its records
+        srv = config.server
+        key = f"{srv.listen}|{srv.natt_port}|{srv.control_socket}".encode()
+        self._scope = hashlib.sha256(key).hexdigest()[:12] + "/"
         self.engine: Any = None
         self.responder: Any = None
         # AAA: RADIUS groups by name, the group of each profile
@@ -186,11 +199,26 @@ class Headend:
             from control.dataplane import DataplaneProxy
             from control.seqstore import SeqStore
 
+            store: Any = SeqStore.in_dir(srv.state_dir)
+            self._store = store
+            kwargs: dict[str, Any] = {}
+            if os.environ.get(POWER_CUT_ENV) == "1":
+                # selftest power-cut-store: the store as its fsync model,
+                # small blocks so a cut often meets a reservation in flight
+                from control.seqstore import SnapshotStore
+
+                store.close()
+                store = SnapshotStore(store.path)
+                self._store = None
+                kwargs["reserver_kwargs"] = {"min_block": 256}
+                log.warning("%s=1: power-cut model store, for tests", POWER_CUT_ENV)
             self.engine = DataplaneProxy(
                 sock.fileno(),
                 batch=eng.batch,
                 crypto=eng.crypto,
-                store=SeqStore.in_dir(srv.state_dir),
+                store=store,
+                record_scope=self._scope,
+                **kwargs,
             )
         else:
             self.engine = Engine(sock.fileno(), batch=eng.batch, crypto=eng.crypto)
@@ -203,6 +231,10 @@ class Headend:
         )
         self.responder = IkeResponder(responder_config)
         self.engine.start(self._on_port4500_thread)
+        self._seq_timer = loop.call_later(SEQ_POLL, self._poll_seq_events)
+        if self._store is not None:
+            self._resume_sessions()
+            self._after_step()
 
     def _on_hangup(self) -> None:
         log.warning("SIGHUP ignored: reloading the config is not supported yet; "
@@ -219,6 +251,9 @@ class Headend:
         now = time.monotonic()
         for session_id in list(self.sessions if self.responder else ()):
             self._guard(self.responder.delete_ike_sa, session_id, now)
+        # the clients were told: nothing to resume at the next start
+        if self.responder is not None:
+            self._guard(self._persist)
         self._flush()
         if self.sessions:
             await asyncio.sleep(0.3)
@@ -230,6 +265,8 @@ class Headend:
             relay.close()
         if self._timer is not None:
             self._timer.cancel()
+        if self._seq_timer is not None:
+            self._seq_timer.cancel()
         if self.engine is not None:
             self.engine.stop()
         if self._transport500 is not None:
@@ -295,6 +332,9 @@ class Headend:
         # SAs and routes go in before the response that lets the client send
         while (event := self._guard(self.responder.next_event)) is not None:
             self._guard(self._apply, event)
+        # stored before the datagrams leave: a stored message ID is never
+        # behind a response the peer may have seen
+        self._guard(self._persist)
         self._flush()
         self._arm_timer()
 
@@ -326,6 +366,36 @@ class Headend:
     def _on_timer(self) -> None:
         self._timer = None
         self._guard(self.responder.handle_timer, time.monotonic())
+        self._after_step()
+
+    def _poll_seq_events(self) -> None:
+        # SeqExhausting from the reserver: rekey the CHILD SA now (RFC 4303
+        # 3.3.3: the counter never cycles); delete it if no rekey can start
+        assert self._loop is not None
+        self._seq_timer = self._loop.call_later(SEQ_POLL, self._poll_seq_events)
+        reserver = getattr(self.engine, "reserver", None)
+        if reserver is None:
+            return
+        now = time.monotonic()
+        for event in reserver.events():
+            for session in list(self.sessions.values()):
+                pair = next((c for c in session.children if c[1] == event.spi), None)
+                if pair is None:
+                    continue
+                sid = session.session_id
+                if self._guard(self.responder.rekey_child_soon, sid, pair[0], now):
+                    action = "seq_exhaustion_rekeys"
+                else:
+                    action = "seq_exhaustion_deletes"
+                    self._guard(self.responder.delete_child_sa, sid, pair[0], now)
+                self.counters[action] = self.counters.get(action, 0) + 1
+                log.info(
+                    "child sa %08x/%08x at seq %d of %d: %s before exhaustion",
+                    *pair,
+                    event.next_seq,
+                    event.hard_end,
+                    "rekeying" if action.endswith("rekeys") else "deleting",
+                )
         self._after_step()
 
     def _guard(self, func: Callable[..., Any], *args: Any) -> Any:
@@ -491,7 +561,7 @@ class Headend:
             self.counters["sessions_up"] += 1
         return session
 
-    def _child_up(self, ev: Any) -> None:
+    def _child_up(self, ev: Any, *, resume: bool = False) -> None:
         from fastpath import SAParams, open_tun
 
         session = self._session(ev.session_id, ev.identity, ev.remote)
@@ -513,6 +583,14 @@ class Headend:
         # RFC 3948: ESP in UDP only when NAT was detected, raw ESP otherwise
         common = {"session": session.index, "peer": tuple(ev.remote), "esn": ev.esn,
                   "encap": ev.udp_encap}
+        first_in = 1
+        if resume:
+            top = self.engine.inbound_top(ev.spi_in)
+            if top is None:
+                raise UntrustedState(f"No stored window for SPI 0x{ev.spi_in:08x}")
+            # FIXME: a replay of a packet received after the last store of
+            # the window top (at most about a second's worth) is accepted once
+            first_in = top + 1
         self.engine.install_sa(
             SAParams(
                 spi=ev.spi_in,
@@ -520,19 +598,35 @@ class Headend:
                 key=ev.key_in,
                 salt=ev.salt_in,
                 remote_ts=tuple(ev.remote_ts),
+                next_seq=first_in,
                 **common,
             )
         )
-        self.engine.install_sa(
-            SAParams(
-                spi=ev.spi_out,
-                inbound=False,
-                key=ev.key_out,
-                salt=ev.salt_out,
-                **common,
-            )
+        out = SAParams(
+            spi=ev.spi_out, inbound=False, key=ev.key_out, salt=ev.salt_out, **common
         )
+        if resume:
+            try:
+                self.engine.install_sa(out, resume=True)
+            except UntrustedState:
+                self.engine.remove_sa(ev.spi_in, True)
+                raise
+        else:
+            self.engine.install_sa(out)
         session.children.append((ev.spi_in, ev.spi_out))
+        session.child_state[ev.spi_in] = {
+            "spi_in": ev.spi_in,
+            "spi_out": ev.spi_out,
+            "key_in": ev.key_in.hex(),
+            "salt_in": ev.salt_in.hex(),
+            "key_out": ev.key_out.hex(),
+            "salt_out": ev.salt_out.hex(),
+            "esn": ev.esn,
+            "local_ts": list(ev.local_ts),
+            "remote_ts": list(ev.remote_ts),
+            "udp_encap": ev.udp_encap,
+            "inside_address": str(ev.inside_address),
+        }
         log.info(
             "child sa %08x/%08x up for %s, inside %s via %s",
             ev.spi_in,
@@ -547,6 +641,7 @@ class Headend:
         if session is None or (spi_in, spi_out) not in session.children:
             return
         session.children.remove((spi_in, spi_out))
+        session.child_state.pop(spi_in, None)
         self.engine.remove_sa(spi_in, True)
         self.engine.remove_sa(spi_out, False)
         log.info("child sa %08x/%08x down for %s", spi_in, spi_out, session.identity)
@@ -563,6 +658,126 @@ class Headend:
         log.info(
             "session %s (%s) down: %s", session.session_id, session.identity, reason
         )
+
+    # -- whole-daemon restart: session records (control.ike.persist) --------
+
+    def _persist(self) -> None:
+        """Store every resumable session whose state changed; drop the others."""
+        if self._store is None:
+            return
+        from control.ike.persist import RECORD_KIND, RECORD_VERSION, dumps, export_ike
+
+        # FIXME: every session is exported after every step; fine for tens of
+        # sessions, wants a dirty flag per IKE SA for thousands
+        current: dict[str, bytes] = {}
+        for ike in self.responder.established():
+            session = self.sessions.get(ike.session_id)
+            if session is None:
+                continue
+            daemon = {
+                "index": session.index,
+                "identity": session.identity,
+                "remote": list(session.remote),
+                "children": [session.child_state[i] for i, _ in session.children
+                             if i in session.child_state],
+            }  # fmt: skip
+            record = {"ike": export_ike(ike), "daemon": daemon}
+            current[self._scope + ike.session_id] = dumps(record)
+        for name, body in current.items():
+            if self._stored.get(name) != body:
+                self._store.put_record(RECORD_KIND, name, RECORD_VERSION, body)
+        for name in set(self._stored) - set(current):
+            self._store.delete_record(RECORD_KIND, name)
+        self._stored = current
+
+    def _resume_sessions(self) -> None:
+        """Rebuild the stored sessions: IKE SA, TUN, route, SAs at their marks."""
+        from control.ike.persist import RECORD_KIND, RECORD_VERSION, import_ike, loads
+
+        now = time.monotonic()
+        gone: set[int] = set()
+        for name, (version, body) in self._store.records(RECORD_KIND).items():
+            if not name.startswith(self._scope):
+                continue
+            try:
+                if version != RECORD_VERSION:
+                    raise UntrustedState(f"record version {version}")
+                record = loads(body)
+                ike = import_ike(record["ike"], self.responder, now)
+            except (UntrustedState, KeyError) as exc:
+                # no usable keys: nothing to tell the peer, forget it
+                log.warning("session %s not resumed: %s", name, exc)
+                self._store.delete_record(RECORD_KIND, name)
+                gone |= _record_spis(body)
+                continue
+            try:
+                self._claim_lease(ike.inside_address, ike.session_id)
+                self.responder.adopt(ike)
+                self._rebuild(ike, record["daemon"])
+            except (UntrustedState, KeyError, OSError, ValueError) as exc:
+                log.warning("session %s not resumed, deleting it: %s", name, exc)
+                self._store.delete_record(RECORD_KIND, name)
+                gone |= _record_spis(body)
+                if not self.responder.delete_ike_sa(ike.session_id, now):
+                    self._forget_session(ike.session_id)
+
+        # marks and windows of the SAs not resumed: their keys are never used again
+        from control.dataplane import INBOUND_KIND
+
+        live = {spi for s in self.sessions.values() for pair in s.children
+                for spi in pair}  # fmt: skip
+        for spi in gone - live:
+            self._store.forget(spi)
+            self._store.delete_record(INBOUND_KIND, f"{self._scope}{spi:08x}")
+
+    def _rebuild(self, ike: Any, daemon: dict[str, Any]) -> None:
+        from control.ike.events import ChildSAUp
+
+        index = int(daemon["index"])
+        session = Session(ike.session_id, index, ike.identity, tuple(ike.remote))
+        self.sessions[ike.session_id] = session
+        self._next_index = max(self._next_index, index + 1)
+        for child in daemon["children"]:
+            event = ChildSAUp(
+                session_id=ike.session_id,
+                identity=ike.identity,
+                remote=tuple(ike.remote),
+                inside_address=ipaddress.IPv4Address(child["inside_address"]),
+                spi_in=int(child["spi_in"]),
+                spi_out=int(child["spi_out"]),
+                key_in=bytes.fromhex(child["key_in"]),
+                salt_in=bytes.fromhex(child["salt_in"]),
+                key_out=bytes.fromhex(child["key_out"]),
+                salt_out=bytes.fromhex(child["salt_out"]),
+                esn=bool(child["esn"]),
+                local_ts=list(child["local_ts"]),
+                remote_ts=list(child["remote_ts"]),
+                udp_encap=bool(child["udp_encap"]),
+            )
+            self._child_up(event, resume=True)
+        log.info(
+            "session %s (%s) resumed from stored state: %d child sa(s), inside %s",
+            session.session_id,
+            session.identity,
+            len(session.children),
+            session.inside_address,
+        )
+
+    def _claim_lease(self, address: Any, session_id: str) -> None:
+        if address is None:
+            return
+        for pool in self.pools.values():
+            if pool.first <= int(address) <= pool.last:
+                if not pool.claim(address, session_id):
+                    holder = pool.holder(address)
+                    raise UntrustedState(f"{address} is leased to {holder}")
+                return
+        raise UntrustedState(f"{address} is in no configured pool")
+
+    def _forget_session(self, session_id: str) -> None:
+        session = self.sessions.get(session_id)
+        if session is not None:
+            self._teardown(session, "stored state not trusted")
 
     # -- control socket ----------------------------------------------------
 
@@ -620,6 +835,14 @@ class Headend:
                     for n, p in self.pools.items()
                 },
             }
+        if cmd == "show-ipsec-sa":
+            return {"sas": self._ipsec_sas()}
+        if cmd == "debug-power-cut":
+            if not hasattr(self.engine, "power_cut") or os.environ.get(
+                POWER_CUT_ENV
+            ) != "1":
+                return {"error": f"power cuts need {POWER_CUT_ENV}=1"}
+            return {"cut": self.engine.power_cut()}
         if cmd == "reload-dataplane":
             if not hasattr(self.engine, "reload"):
                 return {"error": "engine.dataplane is inline: nothing to reload"}
@@ -635,6 +858,30 @@ class Headend:
         self._after_step()
         log.info("session %s: delete requested on the control socket", session_id)
         return {"deleting": session_id}
+    def _ipsec_sas(self) -> list[dict[str, Any]]:
+        """Describe every SA: spi, direction, engine, next seq, reserved mark."""
+        engine = "process" if hasattr(self.engine, "reload") else "inline"
+        out = []
+        for session in self.sessions.values():
+            for spi_in, spi_out in session.children:
+                for spi, inbound in ((spi_in, True), (spi_out, False)):
+                    try:
+                        c = dict(self.engine.sa_counters(spi, inbound))
+                    except KeyError:
+                        continue
+                    out.append(
+                        {
+                            "spi": f"{spi:08x}",
+                            "direction": "in" if inbound else "out",
+                            "engine": engine,
+                            "identity": session.identity,
+                            "next_seq": c.pop("next_seq", None),
+                            "highest_seq": c.pop("highest_seq", None),
+                            "seq_reserved": c.pop("seq_reserved", None),
+                            "counters": c,
+                        }
+                    )
+        return out
 
     def _describe(self, session: Session) -> dict[str, Any]:
         children = []
@@ -665,6 +912,15 @@ class Headend:
             "up_seconds": round(time.time() - session.created, 1),
             "children": children,
         }
+
+
+def _record_spis(body: bytes) -> set[int]:
+    """Return the CHILD SPIs named in a session record (empty if unreadable)."""
+    try:
+        children = json.loads(body)["daemon"]["children"]
+        return {int(c[k]) for c in children for k in ("spi_in", "spi_out")}
+    except (ValueError, KeyError, TypeError):
+        return set()
 
 
 class StartupError(RuntimeError):

@@ -49,6 +49,8 @@ log = logging.getLogger("espgate.dataplane")
 
 MAX_MSG = 256 * 1024
 MAX_FDS = 4
+INBOUND_KIND = "inbound"
+INBOUND_EVERY = 20
 
 
 class DataplaneDown(RuntimeError):
@@ -146,14 +148,23 @@ class DataplaneProxy:
         store: SeqStore | SnapshotStore | None = None,
         tick: float = 0.05,
         argv: list[str] | None = None,
+        reserver_kwargs: dict[str, Any] | None = None,
+        record_scope: str = "",
         **engine_kwargs: Any,
     ):
         self.udp_fd = udp_fd
         self.engine_kwargs = {"batch": batch, "crypto": crypto, **engine_kwargs}
         self.argv = argv or [sys.executable, "-m", "control.dataplane"]
         self.tick = tick
-        self.reserver = None if store is None else SeqReserver(store, self._set_limit)
-        self.counters_: dict[str, int] = {"restarts": 0, "sa_resumed": 0}
+        # prefixes this daemon's records in a state file others may share
+        self.record_scope = record_scope
+        self.reserver = (
+            None
+            if store is None
+            else SeqReserver(store, self._set_limit, **(reserver_kwargs or {}))
+        )
+        self.counters_: dict[str, int] = {"power_cuts": 0}
+        self.counters_.update({"restarts": 0, "sa_resumed": 0})
         self._sessions: dict[int, tuple[int, bool | None]] = {}
         self._sas: dict[tuple[int, bool], Any] = {}
         self._last: dict[tuple[int, bool], dict[str, Any]] = {}
@@ -209,6 +220,51 @@ class DataplaneProxy:
             return self._restarted.wait_for(
                 lambda: self.counters_["restarts"] >= restarts, timeout
             )
+
+    def power_cut(self, wait: float = 3.0) -> str:
+        """Simulate a power cut of the dataplane and its SnapshotStore.
+
+        The cut comes at the next reservation, between its write and its
+        fsync (the block being reserved is lost), or after ``wait`` seconds
+        with none in flight.  Either way the child is killed first, then
+        every unsynced write is dropped, and the supervisor resumes the SAs
+        from what survived.  Return "in-flight" or "idle".
+        """
+        assert self.reserver is not None, "power_cut needs a store"
+        snapshot = self.reserver.store
+        assert isinstance(snapshot, SnapshotStore), "power_cut needs a SnapshotStore"
+        fired = threading.Event()
+
+        def cut(spi: int, value: int) -> None:
+            snapshot.before_sync = None
+            self._cut(snapshot)
+            fired.set()
+
+        snapshot.before_sync = cut
+        if fired.wait(wait):
+            return "in-flight"
+        with self.reserver._lock:
+            if snapshot.before_sync is None:
+                return "in-flight"
+            snapshot.before_sync = None
+            self._cut(snapshot)
+        return "idle"
+
+    def _cut(self, snapshot: SnapshotStore) -> None:
+        # nothing sends after this; then only the fsync'ed marks survive,
+        # read back through a real SQLite file into a fresh snapshot
+        assert self.reserver is not None
+        child = self._child
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.proc.pid, signal.SIGKILL)
+        survived = snapshot.cut()
+        fresh = SnapshotStore(snapshot.path)
+        fresh.durable = survived.marks()
+        fresh.volatile = dict(fresh.durable)
+        survived.close()
+        self.reserver.store = fresh
+        self.counters_["power_cuts"] += 1
 
     def _spawn(self) -> None:
         parent, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -394,6 +450,8 @@ class DataplaneProxy:
                 )
             self._sas[key] = params
             self._try("install_sa", params)
+            if params.inbound:
+                self._put_inbound(params.spi, params.next_seq - 1)
 
     def remove_sa(self, spi: int, inbound: bool) -> None:
         """Remove one SA (and its reserved mark: the key is gone)."""
@@ -403,9 +461,27 @@ class DataplaneProxy:
             self._forget((spi, bool(inbound)))
             self._try("remove_sa", spi, inbound)
 
+    def inbound_top(self, spi: int) -> int | None:
+        """Return the stored highest seq of an inbound SA (None if not stored)."""
+        store = self.reserver.store if self.reserver else None
+        if not isinstance(store, SeqStore):
+            return None
+        found = store.records(INBOUND_KIND).get(f"{self.record_scope}{spi:08x}")
+        return None if found is None else int(found[1].decode())
+
+    def _put_inbound(self, spi: int, top: int) -> None:
+        # a whole-daemon restart reopens the window just above this
+        store = self.reserver.store if self.reserver else None
+        if isinstance(store, SeqStore):
+            name = f"{self.record_scope}{spi:08x}"
+            store.put_record(INBOUND_KIND, name, 1, str(top).encode())
+
     def _forget(self, key: tuple[int, bool]) -> None:
         self._sas.pop(key, None)
         self._last.pop(key, None)
+        store = self.reserver.store if self.reserver else None
+        if key[1] and isinstance(store, SeqStore):
+            store.delete_record(INBOUND_KIND, f"{self.record_scope}{key[0]:08x}")
         if not key[1] and self.reserver is not None:
             self.reserver.close_sa(key[0])
 
@@ -422,7 +498,14 @@ class DataplaneProxy:
         self._try("set_seq_limit", spi, limit)
 
     def _set_limit(self, spi: int, limit: int) -> None:
-        self.set_seq_limit(spi, limit)
+        # the reserver calls this outside its lock: a restart (or a power
+        # cut) may have reopened spi meanwhile, never exceed its mark now
+        with self._lock:
+            assert self.reserver is not None
+            end = self.reserver.reserved_end(spi)
+            if end is None:
+                return
+            self.set_seq_limit(spi, min(limit, end - 1))
 
     def sa_counters(self, spi: int, inbound: bool) -> dict[str, Any]:
         """Return one SA's counters plus its reserved mark (last known if down)."""
@@ -459,6 +542,7 @@ class DataplaneProxy:
     # -- reservation -------------------------------------------------------
 
     def _ticker(self) -> None:
+        ticks = 0
         while not self._stopping.wait(self.tick):
             if self.reserver is None:
                 continue
@@ -472,10 +556,13 @@ class DataplaneProxy:
                     continue
                 if value is not None and self._child is not None:
                     self.reserver.tick(spi, int(value))
+            ticks += 1
             for spi in inbound:
-                # keeps the last top for a restart
+                # keeps the last top for a restart, stored about once a second
                 with contextlib.suppress(KeyError, DataplaneDown):
-                    self.sa_counters(spi, True)
+                    top = self.sa_counters(spi, True).get("highest_seq")
+                    if top is not None and ticks % INBOUND_EVERY == 0:
+                        self._put_inbound(spi, int(top))
 
 
 def main(argv: list[str] | None = None) -> int:

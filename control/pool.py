@@ -132,6 +132,21 @@ class AddressPool:
         log.debug("pool %s: %s -> %s", self.name, address, session_id)
         return address
 
+    def claim(self, address: Address, session_id: str) -> bool:
+        """Lease ``address`` to a session resumed from stored state.
+
+        False when another live session holds it or it is not in the range.
+        """
+        value = int(address)
+        if not self.first <= value <= self.last:
+            return False
+        holder = self._leases.get(value)
+        if holder not in (None, session_id):
+            return False
+        identity = self._held.pop(value, "")
+        self._lease(value, session_id, identity)
+        return True
+
     def release(self, address: Address) -> bool:
         """Return ``address`` to the pool; False if it was not leased."""
         holder = self._leases.pop(int(address), None)

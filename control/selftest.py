@@ -546,3 +546,8 @@ def run(
 
 # AAA cases (EAP through RADIUS) register themselves into CASES
 import control.selftest_aaa  # noqa: E402,F401
+
+# issue 4 cases live in their own module
+from control.selftest_reload import RELOAD_CASES  # noqa: E402
+
+CASES.update({name: Case(*spec) for name, spec in RELOAD_CASES.items()})

@@ -355,7 +355,7 @@ class SeqReserver:
             first = max(self.min_block, min(self.max_block, block or 0))
             mark = _Mark(spi, esn, start, hard_end, first, start, now)
             self._marks[spi] = mark
-            self._raise(mark, start, apply=False)
+            self._raise(mark, start)
             if resume:
                 mark.resumed_from = start
                 self.counters["sa_resumed"] += 1
@@ -403,6 +403,9 @@ class SeqReserver:
 
     def tick(self, spi: int, next_seq: int) -> None:
         """Update spi's rate from the engine's next_seq and reserve if needed."""
+        # the engine's limit is raised outside the lock: the proxy's restart
+        # holds its own lock while it reopens SAs here (no lock-order cycle)
+        limit = None
         with self._lock:
             mark = self._marks.get(spi)
             if mark is None:
@@ -420,13 +423,19 @@ class SeqReserver:
                 block = max(block, mark.block * 8)
             mark.block = max(self.min_block, min(self.max_block, block))
             if mark.end - next_seq < mark.block and mark.end < mark.hard_end:
-                self._raise(mark, next_seq)
+                limit = self._raise(mark, next_seq)
             threshold = int(mark.hard_end * self.rekey_at)
             if next_seq >= threshold and not mark.warned:
                 mark.warned = True
                 self.counters["exhaustion_events"] += 1
                 self._events.append(SeqExhausting(spi, next_seq, mark.hard_end))
                 log.info("sa %08x at seq %d: rekey before exhaustion", spi, next_seq)
+        if limit is not None:
+            try:
+                self.set_limit(spi, limit)
+            except KeyError:
+                # removed from the engine meanwhile; close_sa follows
+                pass
 
     def tick_all(self, next_seq_of: Callable[[int], int | None]) -> None:
         """Tick every open SA; next_seq_of returns None for an SA gone meanwhile."""
@@ -443,15 +452,11 @@ class SeqReserver:
             out, self._events = self._events, []
         return out
 
-    def _raise(self, mark: _Mark, next_seq: int, *, apply: bool = True) -> None:
-        # durable first, engine second: a crash in between only wastes numbers
+    def _raise(self, mark: _Mark, next_seq: int) -> int:
+        # durable first, engine second (by the caller, with the returned
+        # limit): a crash in between only wastes numbers
         want = min(next_seq + 2 * mark.block, mark.hard_end)
         stored = self.store.reserve(mark.spi, want)
         mark.end = max(mark.end, stored)
         self.counters["blocks_reserved"] += 1
-        if apply:
-            try:
-                self.set_limit(mark.spi, mark.end - 1)
-            except KeyError:
-                # removed from the engine meanwhile; close_sa follows
-                pass
+        return mark.end - 1

@@ -101,3 +101,13 @@ psk = "a-long-enough-psk-0123"
         "2001:db8:1::",
         "2001:db8:1:1::",
     ]
+
+
+def test_claim_resumed_address_then_refuse_other_session():
+    pool = make("198.18.128.1", "198.18.128.4")
+    addr = ipaddress.IPv4Address("198.18.128.3")
+    assert pool.claim(addr, "s1") is True
+    assert pool.holder(addr) == "s1"
+    assert pool.claim(addr, "s2") is False
+    assert pool.claim(ipaddress.IPv4Address("198.18.129.1"), "s1") is False
+    assert all(pool.allocate(f"x{i}") != addr for i in range(3))

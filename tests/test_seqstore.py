@@ -189,6 +189,31 @@ def test_tick_limit_raised_only_after_commit(store: SeqStore) -> None:
         assert durable is not None and limit < durable
 
 
+def test_tick_set_limit_called_without_reserver_lock(store: SeqStore) -> None:
+    # the proxy's restart holds its lock and then takes the reserver's; a
+    # set_limit under the reserver's lock would close a lock-order cycle
+    free: list[bool] = []
+
+    def set_limit(spi: int, limit: int) -> None:
+        def probe() -> None:
+            got = r._lock.acquire(blocking=False)
+            free.append(got)
+            if got:
+                r._lock.release()
+
+        t = threading.Thread(target=probe)
+        t.start()
+        t.join()
+
+    clock = FakeClock()
+    r = SeqReserver(store, set_limit, min_block=100, clock=clock)
+    r.open_sa(SPI)
+    for seq in range(1, 1000, 37):
+        clock.now += 0.01
+        r.tick(SPI, seq)
+    assert free and all(free)
+
+
 def test_tick_block_boundary(store: SeqStore) -> None:
     limits: list[int] = []
     clock = FakeClock()

@@ -291,6 +291,17 @@ class IkeResponder:
     def emit(self, event: AaaRequest) -> None:
         """Queue an event for the daemon now (tasks that park an exchange)."""
         self._events.append(event)
+    def rekey_child_soon(self, session_id: str, spi_in: int, now: float) -> bool:
+        """Make a CHILD SA's rekey due now (its sequence numbers run out)."""
+        ike = self._by_session(session_id)
+        if ike is None or ike.state != IkeState.ESTABLISHED:
+            return False
+        child = ike.children.get(spi_in)
+        if child is None or child.rekeying or child.replaced:
+            return False
+        # started by handle_timer as soon as our request window is idle
+        child.rekey_at = now
+        return True
 
     def sessions(self) -> list[dict[str, Any]]:
         """Describe every IKE SA for status output."""
@@ -310,6 +321,23 @@ class IkeResponder:
             for ike in self._sas.values()
             if not ike.superseded
         ]
+
+    # -- state export and import (a whole-daemon restart, control.ike.persist) --
+
+    def established(self) -> list[IkeSA]:
+        """Return the authenticated, current IKE SAs (what a restart resumes)."""
+        return [
+            ike
+            for ike in self._sas.values()
+            if ike.state == IkeState.ESTABLISHED and not ike.superseded and ike.profile
+        ]
+
+    def adopt(self, ike: IkeSA) -> None:
+        """Take over an IKE SA rebuilt from stored state."""
+        assert ike.spi_r not in self._sas, f"IKE SA {ike.spi_r.hex()} exists"
+        self._sas[ike.spi_r] = ike
+        self._child_spis.update(ike.children)
+        ike.log.info("ike sa resumed from stored state")
 
     # -- helpers the tasks use --------------------------------------------------
 
