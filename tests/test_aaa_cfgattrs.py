@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
+
 from control.aaa.attributes import parse_authorization
 from control.ike.messages import (
     VID_CISCO_FLEXVPN,
@@ -196,3 +198,30 @@ def test_config_without_vid_gets_no_split_include() -> None:
     got = values(cp.attributes)
     assert CfgAttribute.INTERNAL_IP4_SUBNET in got
     assert not (UNITY | FLEXVPN) & set(got)
+
+
+@pytest.mark.parametrize("lifetime,expires", [(300, 310.0), (None, 3610.0)])
+def test_session_lifetime_from_authorization_overrides_profile(
+    lifetime: int | None, expires: float
+) -> None:
+    from control.ike.eap import AaaRequest, AaaResult
+
+    free = [ADDRESS]
+    config = ResponderConfig(
+        profiles=[profile(authorize=True, session_lifetime=3600.0)],
+        allocate_address=lambda i, s: free.pop(0) if free else None,
+        release_address=lambda a: None,
+    )
+    r = IkeResponder(config)
+    client = IkeClient(psk=PSK, tsi=["0.0.0.0/0"], tsr=["0.0.0.0/0"])
+    r.datagram_received(client.init_request(), SERVER, CLIENT, 0.0)
+    client.handle_init_response(r.datagrams_to_send()[0].data)
+    r.datagram_received(client.auth_request(), SERVER, CLIENT, 10.0)
+    events = []
+    while (e := r.next_event()) is not None:
+        events.append(e)
+    (request,) = [e for e in events if isinstance(e, AaaRequest)]
+    policy = SessionPolicy(session_lifetime=lifetime)
+    r.aaa_result(request.session_id, AaaResult("accept", policy=policy), 10.0)
+    (ike,) = [s for s in r._sas.values() if s.policy is policy]
+    assert ike.expires_at == expires
