@@ -225,3 +225,32 @@ def test_session_lifetime_from_authorization_overrides_profile(
     r.aaa_result(request.session_id, AaaResult("accept", policy=policy), 10.0)
     (ike,) = [s for s in r._sas.values() if s.policy is policy]
     assert ike.expires_at == expires
+
+
+@pytest.mark.parametrize("server", ["198.18.0.67", None])
+def test_dhcp_server_from_authorization_switches_session_to_dhcp(
+    server: str | None,
+) -> None:
+    from control.ike.eap import AaaRequest, AaaResult
+
+    r = IkeResponder(
+        ResponderConfig(
+            profiles=[profile(authorize=True)],
+            allocate_address=lambda i, s: ADDRESS,
+            release_address=lambda a: None,
+        )
+    )
+    client = IkeClient(psk=PSK, tsi=["0.0.0.0/0"], tsr=["0.0.0.0/0"])
+    r.datagram_received(client.init_request(), SERVER, CLIENT, 0.0)
+    client.handle_init_response(r.datagrams_to_send()[0].data)
+    r.datagram_received(client.auth_request(), SERVER, CLIENT, 1.0)
+    first_request = r.next_event()
+    assert isinstance(first_request, AaaRequest)
+    dhcp = ipaddress.IPv4Address(server) if server else None
+    policy = SessionPolicy(dhcp_server=dhcp, dhcp_giaddr=dhcp)
+    r.aaa_result(first_request.session_id, AaaResult("accept", policy=policy), 1.0)
+    events = []
+    while (e := r.next_event()) is not None:
+        events.append(e)
+    kinds = [e.kind for e in events if isinstance(e, AaaRequest)]
+    assert kinds == (["dhcp"] if server else [])

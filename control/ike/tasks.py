@@ -722,10 +722,19 @@ class ConfigTask(Task):
                 # the daemon's DHCP relay leases the address: park until then
                 from control.ike.eap import AaaRequest
 
+                # a DHCP server from authorization goes along to the relay
+                policy = ike.policy
+                info = {}
+                if policy is not None and policy.dhcp_server is not None:
+                    info = {
+                        "dhcp_server": str(policy.dhcp_server),
+                        "dhcp_giaddr": str(policy.dhcp_giaddr or ""),
+                        "dhcp_timeout": policy.dhcp_timeout,
+                    }
                 self.responder.emit(
                     AaaRequest(
                         ike.session_id, "dhcp", ike.profile.name, ike.identity,
-                        ike.remote[0], b"",
+                        ike.remote[0], b"", info,
                     )
                 )  # fmt: skip
                 ex.waiting = True
