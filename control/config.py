@@ -102,6 +102,8 @@ POLICY_KEYS: dict[str, tuple[str, Any, int]] = {
     "interface_mtu": ("interface-config", int, 0),
 }
 AUTHZ_SOURCES = ("local", "radius")
+# RFC 7296 3.15: how config mode runs per profile
+CONFIG_MODES = ("request", "set", "both")
 
 
 class ConfigError(ValueError):
@@ -211,6 +213,8 @@ class ProfileConfig:
     dhcp_server: str | None = None
     dhcp_giaddr: str | None = None
     dhcp_timeout: int = 5
+    # "request" (CFG_REQUEST/CFG_REPLY), "set" (CFG_SET/CFG_ACK) or "both"
+    config_mode: str = "request"
 
 
 @dataclass(frozen=True)
@@ -895,6 +899,7 @@ class _Reader:
                 data, (*p, "authorization_cached"), bool, True
             ),
             ipv6_pool=pool6,
+            config_mode=self.choice(data, (*p, "config_mode"), CONFIG_MODES, "request"),
             **dhcp,
         )
 

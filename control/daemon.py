@@ -506,12 +506,19 @@ class Headend:
         from control.ike.responder import AaaResult
 
         profile = next(p for p in self.config.profiles if p.name == event.profile)
-        assert profile.dhcp_server and profile.dhcp_giaddr
-        key = (profile.dhcp_server, profile.dhcp_giaddr)
+        # a DHCP server from authorization (policy or RADIUS) wins
+        info = getattr(event, "info", None) or {}
+        server = info.get("dhcp_server") or profile.dhcp_server
+        giaddr = info.get("dhcp_giaddr") or profile.dhcp_giaddr
+        timeout = info.get("dhcp_timeout") or profile.dhcp_timeout
+        if not server or not giaddr:
+            log.warning("session %s: dhcp without server or giaddr", event.session_id)
+            return AaaResult("error")
+        key = (server, giaddr)
         relay = self._relays.get(key)
         try:
             if relay is None:
-                relay = DhcpRelay(*key, timeout=profile.dhcp_timeout / 3)
+                relay = DhcpRelay(*key, timeout=timeout / 3)
                 await relay.start()
                 self._relays[key] = relay
             lease = await relay.lease(event.session_id)

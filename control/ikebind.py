@@ -56,6 +56,7 @@ def build_responder_config(
             ike_rekey_time=float(p.ike_rekey_time) or None,
             child_rekey_time=float(p.child_rekey_time) or None,
             session_lifetime=float(p.session_lifetime) or None,
+            config_mode=p.config_mode,
             **_proposals(p),
             flow_limit=p.flow_limit,
             dpd_delay=float(p.dpd_delay) or None,

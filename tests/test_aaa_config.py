@@ -110,3 +110,15 @@ aaa_authentication = "office"
     with pytest.raises(ConfigError) as info:
         parse(conf, "t.toml")
     assert info.value.fieldname == "profiles[0].local_auth"
+
+
+def test_parse_config_mode_set_reaches_core(pki: LabPki) -> None:
+    config = parse(text(pki, 'aaa_authentication = "office"\nconfig_mode = "set"'), "t")
+    assert config.profiles[0].config_mode == "set"
+    assert build_responder_config(config, {}).profiles[0].config_mode == "set"
+
+
+def test_parse_config_mode_unknown_rejected(pki: LabPki) -> None:
+    body = text(pki, 'aaa_authentication = "office"\nconfig_mode = "push"')
+    with pytest.raises(ConfigError, match="profiles\\[0\\].config_mode"):
+        parse(body, "t")

@@ -92,6 +92,19 @@ class Authorization:
             pool=self.addr_pool,
             mtu=self.mtu(),
             pool6=self.ipv6_addr_pool,
+            banner=self.banner,
+            default_domain=self.default_domain,
+            split_dns=list(self.split_dns),
+            backup_gateways=list(self.ipsec_backup_gateway),
+            pfs=self.pfs,
+            include_local_lan=self.include_local_lan,
+            smartcard_removal_disconnect=self.smartcard_removal_disconnect,
+            configuration_url=self.configuration_url,
+            configuration_version=self.configuration_version,
+            session_lifetime=self.session_lifetime,
+            dhcp_server=self.group_dhcp_server,
+            dhcp_giaddr=self.dhcp_giaddr,
+            dhcp_timeout=self.dhcp_timeout,
         )
 
     def mtu(self) -> int | None:

@@ -154,6 +154,27 @@ class CfgAttribute(IntEnum):
     INTERNAL_IP4_SUBNET = 13
     SUPPORTED_ATTRIBUTES = 14
     INTERNAL_IP6_SUBNET = 15
+    # Cisco private range (28672..), as the Unity client and strongSwan's unity
+    # plugin number them
+    UNITY_BANNER = 28672
+    UNITY_DEF_DOMAIN = 28674
+    UNITY_SPLITDNS_NAME = 28675
+    UNITY_SPLIT_INCLUDE = 28676
+    UNITY_LOCAL_LAN = 28678
+    UNITY_PFS = 28679
+    UNITY_BACKUP_SERVERS = 28681
+    # FIXME: the next three are not in any public table we found; the values
+    # follow the Unity block and are unverified against a Cisco client.
+    CISCO_SMARTCARD_REMOVAL_DISCONNECT = 28683
+    CISCO_CONFIGURATION_URL = 28684
+    CISCO_CONFIGURATION_VERSION = 28685
+
+
+# Vendor ID payload data by which clients identify themselves: the Cisco Unity
+# client (MD5 of "CISCO-UNITY" with version bytes 1.0) and Cisco's FlexVPN
+# (the ASCII string strongSwan also sends with charon.cisco_flexvpn)
+VID_CISCO_UNITY = bytes.fromhex("12f5f28c457168a9702d9fe274cc0100")
+VID_CISCO_FLEXVPN = b"FLEXVPN-SUPPORTED"
 
 
 class TSType(IntEnum):

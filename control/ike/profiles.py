@@ -29,6 +29,7 @@ from control.ike.messages import DhGroup, EncrId, IDType, IntegId, PrfId
 ID_PREFIXES = ("fqdn", "email", "ipv4", "ipv6", "dn", "keyid")
 LOCAL_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig")
 REMOTE_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig", "pubkey", "eap")
+CONFIG_MODES = ("request", "set", "both")
 
 
 @dataclass(frozen=True)
@@ -198,8 +199,13 @@ class Profile:
     # seconds a session may live in all, across IKE rekeys; the headend
     # deletes it then; None: no limit
     session_lifetime: float | None = None
+    # config mode (RFC 7296 3.15): "request" answers a CFG_REQUEST with a
+    # CFG_REPLY; "set" pushes a CFG_SET in the IKE_AUTH response; "both"
+    # answers a request and pushes without one
+    config_mode: str = "request"
 
     def __post_init__(self) -> None:
+        assert self.config_mode in CONFIG_MODES, f"Bad config mode {self.config_mode!r}"
         assert self.local_auth in LOCAL_AUTH, f"Bad local auth {self.local_auth!r}"
         assert self.local_auth == "pre-share" or self.credential is not None, (
             f"Profile {self.name}: {self.local_auth} needs a credential"
@@ -241,6 +247,23 @@ class SessionPolicy:
     pool: str | None = None
     mtu: int | None = None
     pool6: str | None = None
+    # Cisco Unity attributes (to Unity and FlexVPN clients only)
+    banner: str | None = None
+    default_domain: str | None = None
+    split_dns: list[str] = field(default_factory=list)
+    backup_gateways: list[str] = field(default_factory=list)
+    pfs: bool | None = None
+    include_local_lan: bool | None = None
+    smartcard_removal_disconnect: bool | None = None
+    # FlexVPN only
+    configuration_url: str | None = None
+    configuration_version: int | None = None
+    # seconds, overrides Profile.session_lifetime for this session
+    session_lifetime: int | None = None
+    # DHCP server (and giaddr, timeout) for this session's IPv4 address
+    dhcp_server: ipaddress.IPv4Address | None = None
+    dhcp_giaddr: ipaddress.IPv4Address | None = None
+    dhcp_timeout: int | None = None
 
 
 AllocateAddress = Callable[[str, str], ipaddress.IPv4Address | None]

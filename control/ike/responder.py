@@ -907,8 +907,12 @@ class IkeResponder:
         ike.half_open_deadline = None
         assert ike.profile is not None
         ike.rekey_at = self.rekey_deadline(ike.profile.ike_rekey_time, now)
-        if ike.profile.session_lifetime is not None:
-            ike.expires_at = now + ike.profile.session_lifetime
+        # a session lifetime from authorization overrides the profile's
+        lifetime = getattr(ike.policy, "session_lifetime", None)
+        if lifetime is None:
+            lifetime = ike.profile.session_lifetime
+        if lifetime is not None:
+            ike.expires_at = now + lifetime
         for key, value in list(self._half_open.items()):
             if value is ike:
                 del self._half_open[key]

@@ -57,6 +57,8 @@ from control.ike.events import Address, ChildSADown, ChildSAUp, Event
 from control.ike.matching import select_profile
 from control.ike.messages import (
     IKE_VERSION,
+    VID_CISCO_FLEXVPN,
+    VID_CISCO_UNITY,
     AuthMethod,
     AuthPayload,
     CertPayload,
@@ -87,7 +89,9 @@ from control.ike.messages import (
     TSiPayload,
     TSrPayload,
     UnknownPayload,
+    VendorIDPayload,
     notify_name,
+    pull_message,
     push_message,
 )
 from control.ike.profiles import Identity, IkeAlgorithms, Profile, SessionPolicy
@@ -680,36 +684,57 @@ class AuthorizeTask(Task):
 
 
 class ConfigTask(Task):
-    """Config mode: hand out inside addresses and DNS (RFC 7296 2.19, 3.15).
+    """Config mode: hand out inside addresses and settings (RFC 7296 2.19, 3.15).
 
     An IPv4 address unless the client asked for IPv6 only; an IPv6 address
     (with its prefix length) when asked for and an IPv6 pool is configured.
     The IPv4 address comes from authorization (Framed-IP-Address), else the
-    pool authorization named, else the profile's pool.
+    pool authorization named, else the profile's pool, else DHCP.
+
+    The profile's `config_mode` says how: "request" answers a CFG_REQUEST
+    with a CFG_REPLY (and refuses a client without one), "set" pushes a
+    CFG_SET, "both" answers a request and pushes to a client without one.
+    Cisco Unity attributes go only to clients that sent the Unity or the
+    FlexVPN vendor ID; configuration URL and version only to FlexVPN ones.
     """
 
     def process(self, ex: Exchange) -> None:
         ike = ex.ike
+        assert ike.identity is not None and ike.profile is not None
+        mode = ike.profile.config_mode
         cp = first(ex.request, CPPayload)
-        if not isinstance(cp, CPPayload) or cp.cfg_type != CfgType.CFG_REQUEST:
+        requested = isinstance(cp, CPPayload) and cp.cfg_type == CfgType.CFG_REQUEST
+        if not requested and mode == "request":
             # RFC 7296 3.10.1: we require config mode, so say so
             ex.child_error = NotifyType.FAILED_CP_REQUIRED
             return
-        assert ike.identity is not None and ike.profile is not None
-        asked = {a.type for a in cp.attributes}
+        # RFC 7296 3.15: CFG_SET from the headend when the profile pushes
+        self.reply_type = (
+            CfgType.CFG_REPLY if requested and mode != "set" else CfgType.CFG_SET
+        )
+        asked = {a.type for a in cp.attributes} if isinstance(cp, CPPayload) else set()
         want6 = CfgAttribute.INTERNAL_IP6_ADDRESS in asked
         want4 = CfgAttribute.INTERNAL_IP4_ADDRESS in asked or not want6
         try:
-            if want6:
+            if want6 or not requested:
                 ike.inside_address6 = self._allocate6(ike)
             if want4 and self._use_dhcp(ike):
                 # the daemon's DHCP relay leases the address: park until then
                 from control.ike.eap import AaaRequest
 
+                # a DHCP server from authorization goes along to the relay
+                policy = ike.policy
+                info = {}
+                if policy is not None and policy.dhcp_server is not None:
+                    info = {
+                        "dhcp_server": str(policy.dhcp_server),
+                        "dhcp_giaddr": str(policy.dhcp_giaddr or ""),
+                        "dhcp_timeout": policy.dhcp_timeout,
+                    }
                 self.responder.emit(
                     AaaRequest(
                         ike.session_id, "dhcp", ike.profile.name, ike.identity,
-                        ike.remote[0], b"",
+                        ike.remote[0], b"", info,
                     )
                 )  # fmt: skip
                 ex.waiting = True
@@ -738,6 +763,9 @@ class ConfigTask(Task):
         policy = ike.policy
         if policy is not None and (policy.address is not None or policy.pool):
             return False
+        # a DHCP server named by authorization switches this session to DHCP
+        if policy is not None and policy.dhcp_server is not None:
+            return True
         return ike.profile.dhcp
 
     def _check(self, ex: Exchange) -> None:
@@ -777,38 +805,140 @@ class ConfigTask(Task):
             ex.response.append(NotifyPayload(ProtocolId.NONE, ex.child_error))
             return
         assert ike.profile is not None
-        policy = ike.policy
-        attrs: list[ConfigAttribute] = []
-        if ike.inside_address is not None:
-            # RFC 7296 3.15.1: one IPv4 address; a netmask only with it
-            attrs.append(
-                ConfigAttribute(
-                    CfgAttribute.INTERNAL_IP4_ADDRESS, ike.inside_address.packed
-                )
-            )
-            if policy is not None and policy.netmask is not None:
-                netmask = policy.netmask.packed
-                attrs.append(
-                    ConfigAttribute(CfgAttribute.INTERNAL_IP4_NETMASK, netmask)
-                )
-        if ike.inside_address6 is not None:
-            # RFC 7296 3.15.3: address and prefix length
-            six = ike.inside_address6
-            value = six.ip.packed + bytes([six.network.prefixlen])
-            attrs.append(ConfigAttribute(CfgAttribute.INTERNAL_IP6_ADDRESS, value))
-        dns = policy.dns if policy is not None and policy.dns else ike.profile.dns
-        for wins in policy.wins if policy is not None else []:
-            packed = ipaddress.IPv4Address(wins).packed
-            attrs.append(ConfigAttribute(CfgAttribute.INTERNAL_IP4_NBNS, packed))
-        for server in dns:
-            address = ipaddress.ip_address(server)
-            kind = (
-                CfgAttribute.INTERNAL_IP4_DNS
-                if address.version == 4
-                else CfgAttribute.INTERNAL_IP6_DNS
-            )
-            attrs.append(ConfigAttribute(kind, address.packed))
-        ex.response.append(CPPayload(CfgType.CFG_REPLY, attrs))
+        policy = ike.policy or SessionPolicy()
+        attrs = config_attributes(
+            ike.inside_address,
+            ike.inside_address6,
+            policy,
+            ike.profile,
+            client_kinds([*ex.request, *init_payloads(ike)]),
+        )
+        reply_type = getattr(self, "reply_type", CfgType.CFG_REPLY)
+        ex.response.append(CPPayload(reply_type, attrs))
+
+
+APPLICATION_VERSION = b"espgate"
+# RFC 7296 3.15.1 has no Unity split entry: address, mask and six bytes of
+# padding per network, as Cisco's Unity client reads them
+UNITY_SPLIT_PAD = bytes(6)
+# "include local LAN": Cisco's convention is 0.0.0.0/255.255.255.255
+UNITY_LOCAL_LAN_ENTRY = bytes(4) + b"\xff\xff\xff\xff" + UNITY_SPLIT_PAD
+
+
+def init_payloads(ike: IkeSA) -> list[Payload]:
+    """Return the payloads of the peer's IKE_SA_INIT request (for vendor IDs)."""
+    try:
+        return pull_message(ike.init_request).payloads
+    except (DecodeError, AttributeError):
+        return []
+
+
+def client_kinds(payloads: list[Payload]) -> set[str]:
+    """Return "unity" and/or "flexvpn" for the Cisco vendor IDs among payloads."""
+    kinds = set()
+    for payload in payloads:
+        if isinstance(payload, VendorIDPayload):
+            if payload.data == VID_CISCO_UNITY:
+                kinds.add("unity")
+            elif payload.data == VID_CISCO_FLEXVPN:
+                kinds.update(("unity", "flexvpn"))
+    return kinds
+
+
+def config_attributes(
+    address: ipaddress.IPv4Address | None,
+    address6: ipaddress.IPv6Interface | None,
+    policy: SessionPolicy,
+    profile: Profile,
+    kinds: set[str],
+) -> list[ConfigAttribute]:
+    """Return the CFG_REPLY/CFG_SET attributes of one session.
+
+    Everything the session has is included whether or not it was asked for;
+    the Cisco attributes only for the client `kinds` that understand them.
+    """
+    attrs: list[ConfigAttribute] = []
+
+    def add(kind: int, value: bytes) -> None:
+        attrs.append(ConfigAttribute(kind, value))
+
+    # RFC 7296 3.15.1: one IPv4 address; a netmask only with it
+    if address is not None:
+        add(CfgAttribute.INTERNAL_IP4_ADDRESS, address.packed)
+        if policy.netmask is not None:
+            add(CfgAttribute.INTERNAL_IP4_NETMASK, policy.netmask.packed)
+    # RFC 7296 3.15.3: address and prefix length
+    if address6 is not None:
+        value = address6.ip.packed + bytes([address6.network.prefixlen])
+        add(CfgAttribute.INTERNAL_IP6_ADDRESS, value)
+    for wins in policy.wins:
+        add(CfgAttribute.INTERNAL_IP4_NBNS, ipaddress.IPv4Address(wins).packed)
+    for server in policy.dns or profile.dns:
+        ip = ipaddress.ip_address(server)
+        if ip.version == 4:
+            add(CfgAttribute.INTERNAL_IP4_DNS, ip.packed)
+        else:
+            add(CfgAttribute.INTERNAL_IP6_DNS, ip.packed)
+
+    # RFC 7296 3.15.2: the protected subnets, address and netmask (IPv4) or
+    # address and prefix length (IPv6), for each family the client has
+    routed = [ipaddress.ip_network(n) for n in policy.local_ts or profile.local_ts]
+    for net in routed:
+        if net.version == 4 and address is not None:
+            add(CfgAttribute.INTERNAL_IP4_SUBNET, net.network_address.packed
+                + net.netmask.packed)  # fmt: skip
+        elif net.version == 6 and address6 is not None:
+            add(CfgAttribute.INTERNAL_IP6_SUBNET, net.network_address.packed
+                + bytes([net.prefixlen]))  # fmt: skip
+    add(CfgAttribute.APPLICATION_VERSION, APPLICATION_VERSION)
+
+    # Cisco Unity, to clients that identified as Unity or FlexVPN only
+    if "unity" in kinds:
+        attrs.extend(unity_attributes(policy, routed))
+    if "flexvpn" in kinds:
+        if policy.configuration_url:
+            add(CfgAttribute.CISCO_CONFIGURATION_URL, policy.configuration_url.encode())
+        if policy.configuration_version is not None:
+            version = policy.configuration_version.to_bytes(4, "big")
+            add(CfgAttribute.CISCO_CONFIGURATION_VERSION, version)
+    return attrs
+
+
+def unity_attributes(
+    policy: SessionPolicy,
+    routed: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> list[ConfigAttribute]:
+    """Return the Cisco Unity attributes the policy sets."""
+    attrs: list[ConfigAttribute] = []
+    strings = (
+        (CfgAttribute.UNITY_BANNER, policy.banner),
+        (CfgAttribute.UNITY_DEF_DOMAIN, policy.default_domain),
+        (CfgAttribute.UNITY_SPLITDNS_NAME, ",".join(policy.split_dns)),
+        (CfgAttribute.UNITY_BACKUP_SERVERS, ",".join(policy.backup_gateways)),
+    )
+    for kind, text in strings:
+        if text:
+            attrs.append(ConfigAttribute(kind, text.encode()))
+    flags = (
+        (CfgAttribute.UNITY_PFS, policy.pfs),
+        (CfgAttribute.CISCO_SMARTCARD_REMOVAL_DISCONNECT,
+         policy.smartcard_removal_disconnect),
+    )  # fmt: skip
+    for kind, flag in flags:
+        if flag is not None:
+            attrs.append(ConfigAttribute(kind, int(flag).to_bytes(2, "big")))
+    split = b"".join(
+        net.network_address.packed + net.netmask.packed + UNITY_SPLIT_PAD
+        for net in routed
+        if net.version == 4 and net.prefixlen > 0
+    )
+    if split:
+        attrs.append(ConfigAttribute(CfgAttribute.UNITY_SPLIT_INCLUDE, split))
+    if policy.include_local_lan:
+        attrs.append(
+            ConfigAttribute(CfgAttribute.UNITY_LOCAL_LAN, UNITY_LOCAL_LAN_ENTRY)
+        )
+    return attrs
 
 
 class ChildCreateTask(Task):
