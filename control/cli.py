@@ -3,7 +3,9 @@
 espgate serve [--config FILE]          run the headend (embedded default
                                        without --config)
 espgate check-config [FILE]            parse and check, print a summary
-espgate show sessions|counters         ask a running daemon
+espgate show sessions|counters|engines ask a running daemon
+espgate sa move SPI kernel|userspace   move a live CHILD SA to the other
+                                       ESP engine (SPI in or out, hex)
 espgate demo [--json PATH]             the main job: a real strongSwan
                                        client through the headend in a lab
 espgate selftest [--json PATH] [--cases A,B]
@@ -58,10 +60,18 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("show", help="ask a running daemon")
-    p.add_argument("what", choices=["sessions", "counters"])
+    p.add_argument("what", choices=["sessions", "counters", "engines"])
     p.add_argument("--socket", default=DEFAULT_SOCKET)
     p.add_argument("--json", action="store_true", help="print raw JSON")
     p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("sa", help="act on a running daemon's CHILD SAs")
+    sa_sub = p.add_subparsers(metavar="ACTION")
+    p = sa_sub.add_parser("move", help="move a live CHILD SA to another engine")
+    p.add_argument("spi", help="inbound or outbound SPI, hex (as in show)")
+    p.add_argument("to", choices=["kernel", "userspace"])
+    p.add_argument("--socket", default=DEFAULT_SOCKET)
+    p.set_defaults(func=_cmd_sa_move)
 
     p = sub.add_parser("demo", help="run the main job in a lab of namespaces")
     p.add_argument("--json", default="results/run.json", help="results file")
@@ -127,12 +137,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def request(path: str, cmd: str, timeout: float = 5.0) -> dict[str, Any]:
+def request(
+    path: str, cmd: str, timeout: float = 5.0, **fields: Any
+) -> dict[str, Any]:
     """Send one command to a daemon's control socket and return its answer."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
-        sock.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+        sock.sendall(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)
@@ -158,6 +170,33 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sa_move(args: argparse.Namespace) -> int:
+    try:
+        int(args.spi, 16)
+    except ValueError:
+        print(f"espgate: not a hex SPI: {args.spi!r}", file=sys.stderr)
+        return 2
+    try:
+        answer = request(args.socket, "sa-move", timeout=30, spi=args.spi, to=args.to)
+    except OSError as exc:
+        print(
+            f"espgate: cannot reach the daemon at {args.socket}: {exc}", file=sys.stderr
+        )
+        return 1
+    if "error" in answer:
+        print(f"espgate: sa move failed: {answer['error']}", file=sys.stderr)
+        return 1
+    if not answer.get("moved"):
+        print(f"sa {answer['spi_in']} already in the {answer['engine']} engine")
+        return 0
+    print(
+        f"sa {answer['spi_in']}/{answer['spi_out']} moved to the {answer['engine']} "
+        f"engine in {answer['ms']} ms, out seq {answer['source_next_seq']} -> "
+        f"{answer['dest_next_seq']}"
+    )
+    return 0
+
+
 def format_sessions(sessions: list[dict[str, Any]]) -> str:
     """Render sessions as an aligned table, one row per CHILD SA."""
     header = (
@@ -165,6 +204,7 @@ def format_sessions(sessions: list[dict[str, Any]]) -> str:
         "outside",
         "inside",
         "spi in/out",
+        "engine",
         "pkts in/out",
         "bytes in/out",
     )
@@ -173,7 +213,8 @@ def format_sessions(sessions: list[dict[str, Any]]) -> str:
         for c in s["children"] or [None]:
             if c is None:
                 rows.append(
-                    (s["identity"], s["outside"], str(s["inside"]), "-", "-", "-")
+                    (s["identity"], s["outside"], str(s["inside"]), "-",
+                     s.get("engine", "-"), "-", "-")  # fmt: skip
                 )
                 continue
             rows.append(
@@ -182,6 +223,7 @@ def format_sessions(sessions: list[dict[str, Any]]) -> str:
                     s["outside"],
                     str(s["inside"]),
                     f"{c['spi_in']}/{c['spi_out']}",
+                    str(c.get("engine", "userspace")),
                     f"{c['packets_in']}/{c['packets_out']}",
                     f"{c['bytes_in']}/{c['bytes_out']}",
                 )
@@ -217,7 +259,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_selftest(args: argparse.Namespace) -> int:
-    from control import selftest
+    from control import selftest, selftest_kernel
 
     if args.list:
         for name, case in selftest.CASES.items():
@@ -225,6 +267,8 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
         return 0
     _setup_logging("info")
     names = args.cases.split(",") if args.cases else None
+    # the guest cases share one qemu boot
+    selftest_kernel.prefetch(names)
     results = selftest.run(names, Path(args.json), keep_logs=args.keep_logs)
     return 0 if all(r["passed"] for r in results) else 1
 

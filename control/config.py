@@ -9,7 +9,7 @@ for example ``espgate.toml:21: profiles[0].pool: unknown pool 'office'``.
 Layout::
 
     [server]            listen address, ports, control socket, log level
-    [engine]            crypto backend, batch size, TUN MTU
+    [engine]            crypto backend, batch size, TUN MTU, ESP engine mode
     [pools.NAME]        range = "first-last" or a prefix
     [[profiles]]        identities matched, local identity, PSK, pool,
                         DNS, local traffic selectors, ESP proposals
@@ -34,6 +34,7 @@ CRYPTO_BACKENDS = ("ipsec-mb", "openssl")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTH_METHODS = ("psk",)
 IDENTITY_TYPES = ("fqdn", "email", "ipv4", "ipv6")
+ENGINE_MODES = ("userspace", "kernel", "auto")
 
 PathKey = tuple[str | int, ...]
 
@@ -64,6 +65,7 @@ class EngineConfig:
     crypto: str = "ipsec-mb"
     batch: int = 64
     tun_mtu: int = 1400
+    mode: str = "userspace"
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class ProfileConfig:
     dns: tuple[str, ...]
     local_ts: tuple[str, ...]
     esp: tuple[str, ...]
+    engine: str | None = None  # None: [engine] mode
 
 
 @dataclass(frozen=True)
@@ -271,7 +274,8 @@ class _Reader:
         if not 576 <= mtu <= 9000:
             raise self.error((*p, "tun_mtu"), f"{mtu} out of range 576..9000")
         crypto = self.choice(data, (*p, "crypto"), CRYPTO_BACKENDS, d.crypto)
-        return EngineConfig(crypto=crypto, batch=batch, tun_mtu=mtu)
+        mode = self.choice(data, (*p, "mode"), ENGINE_MODES, d.mode)
+        return EngineConfig(crypto=crypto, batch=batch, tun_mtu=mtu, mode=mode)
 
     def pool(self, name: str, data: dict[str, Any]) -> PoolConfig:
         p: PathKey = ("pools", name)
@@ -337,6 +341,9 @@ class _Reader:
                     (*p, "esp"),
                     f"{item!r} is not one of {', '.join(ESP_PROPOSALS)}",
                 )
+        engine = None
+        if "engine" in data:
+            engine = self.choice(data, (*p, "engine"), ENGINE_MODES, None)
         match = self.strings(data, (*p, "match_identity"), ["*"])
         if not match:
             raise self.error((*p, "match_identity"), "empty")
@@ -350,6 +357,7 @@ class _Reader:
             dns=tuple(dns),
             local_ts=tuple(local_ts),
             esp=tuple(esp),
+            engine=engine,
         )
 
 
