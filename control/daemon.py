@@ -530,6 +530,7 @@ class Headend:
         *,
         top_in: int = 0,
         next_out: int | None = None,
+        dirs: tuple[str, ...] = ("out", "in", "fwd"),
     ) -> None:
         """Install a CHILD SA pair in the kernel, and the session's policies once."""
         from fastpath.xfrm import ReplayState
@@ -541,7 +542,7 @@ class Headend:
             sa_out = dataclasses.replace(sa_out, next_seq=next_out)
         kernel.install_sa(sa_out)
         if not session.policies:
-            self._kernel_policies(session, sa_in, ("out", "in", "fwd"))
+            self._kernel_policies(session, sa_in, dirs)
         self._sync_encap_readers()
 
     def _kernel_policies(
@@ -665,7 +666,9 @@ class Headend:
         # here on; everything up to the userspace top counts as seen
         top = int(self.engine.sa_counters(sa_in.spi, True)["highest_seq"])
         n = int(self.engine.sa_counters(sa_out.spi, False)["next_seq"])
-        self._kernel_install(session, sa_in, sa_out, top_in=top, next_out=n + margin)
+        self._kernel_install(
+            session, sa_in, sa_out, top_in=top, next_out=n + margin, dirs=("out",)
+        )
 
         # the out policy is already the switch; the source may have sealed a few
         # more packets meanwhile: check they stayed below the margin
@@ -674,6 +677,9 @@ class Headend:
         self.engine.remove_sa(sa_in.spi, True)
         if last > n + margin:
             log.error("move overran the sequence margin: %d > %d", last, n + margin)
+
+        # in and fwd last: they drop what the userspace engine decrypted before
+        self._kernel_policies(session, sa_in, ("in", "fwd"))
         return {"source_next_seq": last, "dest_next_seq": n + margin, "top_in": top}
 
     def _move_to_userspace(

@@ -39,8 +39,9 @@ from typing import Any
 from control import selftest
 from control.cli import request
 from control.lab import ping, tcp_transfer
-from control.lab.capture import Capture, read_pcap
+from control.lab.capture import Capture, classify, read_pcap
 from control.lab.strongswan import PLUGINS
+from control.lab.transfer import MARKER
 from control.selftest import CASES, Case, HeadendLab, check_traffic
 
 log = logging.getLogger("espgate.selftest")
@@ -174,6 +175,35 @@ def esp_sequence_repeats(path: Path) -> tuple[int, int, list[str]]:
     return sum(seen.values()), len(repeats), examples
 
 
+def wire_check(path: Path, decap_src: str, client_outer: str) -> dict[str, Any]:
+    """Classify a capture of the hub's outer interface with the kernel in the path.
+
+    The kernel's packet tap shows an inbound ESP packet twice on the receiving
+    device: as ESP-in-UDP, and again after XFRM decapsulation as the inner
+    packet (source: the client's inside address).  Those copies are counted
+    apart; everything else must be IKE or ESP-in-UDP and free of the marker.
+    """
+    out: dict[str, Any] = {"decapsulated": 0, "from_client_esp": 0, "leaks": 0,
+                           "by_proto": Counter(), "examples": []}  # fmt: skip
+    for rec in read_pcap(path):
+        off = 14 if rec.linktype == 1 else 0
+        pkt = rec.data[off:]
+        src = ".".join(str(b) for b in pkt[12:16]) if len(pkt) >= 20 else ""
+        if src == decap_src:
+            out["decapsulated"] += 1
+            continue
+        kind, desc = classify(rec)
+        out["by_proto"][kind] += 1
+        if kind == "udp4500" and src == client_outer:
+            out["from_client_esp"] += 1
+        if kind not in ("udp4500", "udp500") or MARKER in rec.data:
+            out["leaks"] += 1
+            if len(out["examples"]) < 5:
+                out["examples"].append(desc)
+    out["by_proto"] = dict(out["by_proto"])
+    return out
+
+
 def _daemon_log(lab: HeadendLab) -> str:
     assert lab.procs is not None
     return str(lab.procs.get(getattr(lab, "daemon_name", "espgate")).stderr_text())
@@ -239,9 +269,18 @@ def _kernel_mode(lab: HeadendLab) -> Verdict:
     detail.update(up)
     if more:
         return detail, failures + more
-    traffic, more = check_traffic(lab, client, 2 * 1024 * 1024)
+    assert lab.topo is not None
+    cap_path = lab.workdir / "outer.pcap"
+    with Capture(lab.topo.hub, lab.topo.hub_outer_if, cap_path):
+        traffic, more = check_traffic(lab, client, 2 * 1024 * 1024, capture=False)
     detail.update(traffic)
     failures += more
+    wire = wire_check(cap_path, str(up["inside_address"]), lab.topo.cli_outer_ip)
+    detail["capture"] = wire
+    if wire["leaks"]:
+        failures.append(f"non IKE/ESP-in-UDP on the outer interface: {wire}")
+    if wire["from_client_esp"] < max(100, wire["decapsulated"]):
+        failures.append(f"fewer ESP-in-UDP packets than decapsulated ones: {wire}")
     sessions = lab.show()["sessions"]
     detail["sessions"] = sessions
     child = sessions[0]["children"][0] if sessions and sessions[0]["children"] else {}
@@ -270,7 +309,7 @@ def _kernel_rekey(lab: HeadendLab) -> Verdict:
     restart_headend(lab, mode="kernel")
     client = kernel_client(
         lab,
-        extra_conf={"children": {"espgate": {"rekey_time": "12s", "rand_time": "0s",
+        extra_conf={"children": {"espgate": {"rekey_time": "8s", "rand_time": "0s",
                                              "life_time": "60s"}}},
     )  # fmt: skip
     detail, failures = _up(lab, client)
@@ -281,7 +320,7 @@ def _kernel_rekey(lab: HeadendLab) -> Verdict:
 
     # a steady ping across the rekey, then traffic on the new SA
     assert lab.topo is not None
-    detail["ping"] = ping(lab.topo.cli, lab.topo.srv_ip, count=60, interval=0.3)
+    detail["ping"] = ping(lab.topo.cli, lab.topo.srv_ip, count=40, interval=0.3)
     children = lab.show()["sessions"][0]["children"]
     detail["children_after"] = children
     if len(children) != 1 or children[0]["spi_in"] == first:
@@ -367,6 +406,17 @@ def _move(lab: HeadendLab, spi: str, to: str) -> dict[str, Any]:
     return request(lab.socket, "sa-move", timeout=30, spi=spi, to=to)
 
 
+def _wait_packets(lab: HeadendLab, more: int, timeout: float = 60.0) -> None:
+    # until the CHILD SA's engine counted `more` inbound packets from now
+    def count() -> int:
+        return int(lab.show()["sessions"][0]["children"][0]["packets_in"])
+
+    start = count()
+    deadline = time.monotonic() + timeout
+    while count() < start + more and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def _sa_move_under_traffic(lab: HeadendLab) -> Verdict:
     assert lab.topo is not None and lab.procs is not None
     topo = lab.topo
@@ -383,7 +433,7 @@ def _sa_move_under_traffic(lab: HeadendLab) -> Verdict:
     def stream() -> None:
         try:
             transfer.update(tcp_transfer(topo, src_ns=topo.cli, dst_ns=topo.srv,
-                                         dst_addr=topo.srv_ip, nbytes=3 << 20,
+                                         dst_addr=topo.srv_ip, nbytes=12 << 20,
                                          timeout=300))  # fmt: skip
         except Exception as exc:  # reported as a failure below
             transfer["error"] = repr(exc)
@@ -398,11 +448,11 @@ def _sa_move_under_traffic(lab: HeadendLab) -> Verdict:
         worker = threading.Thread(target=stream, name="move-stream")
         worker.start()
         try:
-            time.sleep(3)
+            # move only while the stream is flowing, in each engine
+            _wait_packets(lab, 300)
             moves.append(_move(lab, spi, "kernel"))
-            time.sleep(1)
+            _wait_packets(lab, 300)
             moves.append({"engines": _engines_of(lab)})
-            time.sleep(3)
             moves.append(_move(lab, spi, "userspace"))
             moves.append({"engines": _engines_of(lab)})
             worker.join(timeout=320)
@@ -461,7 +511,10 @@ def run_guest(names: list[str]) -> dict[str, dict[str, Any]]:
     """Run guest cases in one qemu boot; return {case: result} (failed ones too)."""
     from control.guest import GuestError, run_in_guest
 
+    # warm the guest's page cache: the first daemon must start within 15 s
+    warm = "import control.daemon, control.ike.responder, fastpath, uvloop"
     script = (
+        f"python -c '{warm}'; "
         f"espgate selftest --cases {','.join(names)} --json /tmp/egk.json; "
         f"rc=$?; printf '{RESULT_MARKER}'; cat /tmp/egk.json | tr -d '\\n'; "
         "echo; exit $rc"
