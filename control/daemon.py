@@ -91,7 +91,7 @@ class _IkeProtocol(asyncio.DatagramProtocol):
     def __init__(self, receive: Callable[[bytes, Address], None]):
         self.receive = receive
 
-    def datagram_received(self, data: bytes, addr: Address) -> None:  # type: ignore[override]
+    def datagram_received(self, data: bytes, addr: Address) -> None:
         self.receive(data, addr)
 
     def error_received(self, exc: Exception) -> None:
@@ -435,7 +435,7 @@ class Headend:
                     *moved.remote,
                     *event.remote,
                 )
-                moved.remote = tuple(event.remote)
+                moved.remote = (str(event.remote[0]), int(event.remote[1]))
                 if moved.tun_fd is not None:
                     self.engine.set_peer(moved.index, tuple(event.remote))
                 if moved.engine == "kernel":
@@ -452,7 +452,7 @@ class Headend:
     def _session(self, session_id: str, identity: str, remote: Address) -> Session:
         session = self.sessions.get(session_id)
         if session is None:
-            session = Session(session_id, self._next_index, identity, tuple(remote))
+            session = Session(session_id, self._next_index, identity, remote)
             self._next_index += 1
             self.sessions[session_id] = session
             self.counters["sessions_up"] += 1
@@ -507,8 +507,21 @@ class Headend:
         session.params[(ev.spi_in, True)] = sa_in
         session.params[(ev.spi_out, False)] = sa_out
         if session.engine == "kernel":
-            self._kernel_install(session, sa_in, sa_out)
-        else:
+            try:
+                self._kernel_install(session, sa_in, sa_out)
+            except OSError as exc:
+                if session.children:
+                    raise  # a rekey: the older pair keeps the session in the kernel
+                log.error(
+                    "session %s: kernel refused the sa (%s), using the userspace "
+                    "engine",
+                    session.session_id,
+                    exc,
+                )
+                self._kernel_remove_pair(session, ev.spi_in, ev.spi_out)
+                self._kernel_release(session)
+                session.engine = "userspace"
+        if session.engine != "kernel":
             self.engine.install_sa(sa_in)
             self.engine.install_sa(sa_out)
         session.children.append((ev.spi_in, ev.spi_out))

@@ -548,7 +548,7 @@ def _failed(name: str, why: str) -> dict[str, Any]:
 def _guest_case(name: str, body: Any) -> Any:
     def case(lab: HeadendLab) -> Verdict:
         if IN_GUEST:
-            return body(lab)  # type: ignore[no-any-return]
+            return body(lab)
         result = _guest_results.pop(name, None) or run_guest([name])[name]
         detail = dict(result["detail"])
         failures = list(detail.pop("failures", []))
