@@ -219,4 +219,25 @@ def test_selftest_sa_move_under_traffic_no_replay_no_repeat(guest_cases):
     assert d["client_replay"] == {"replay_window": 0, "replay": 0, "failed": 0}
     assert d["capture"]["repeated"] == 0 and d["capture"]["esp_packets"] >= 100
     assert d["transfer"]["match"]
-    assert d["ping"]["received"] == d["ping"]["sent"] > 0
+    assert d["ping"]["lost_near_a_move"] == [] and d["ping"]["sent"] > 0
+
+
+PING_OUT = """\
+[100.20] 64 bytes from 198.19.1.2: icmp_seq=1 ttl=63 time=3.0 ms
+[100.30] no answer yet for icmp_seq=2
+[100.35] 64 bytes from 198.19.1.2: icmp_seq=2 ttl=63 time=150 ms
+[100.40] no answer yet for icmp_seq=3
+[105.40] no answer yet for icmp_seq=50
+"""
+
+
+def test_pings_lost_near_counts_only_unanswered_next_to_a_move():
+    from control.selftest_kernel import _pings_lost_near
+
+    assert _pings_lost_near(PING_OUT, [100.0, 100.5], interval=0.1) == [3]
+
+
+def test_pings_lost_near_empty_when_loss_far_from_moves():
+    from control.selftest_kernel import _pings_lost_near
+
+    assert _pings_lost_near(PING_OUT, [110.0, 110.5], interval=0.1) == []
