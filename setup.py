@@ -1,4 +1,4 @@
-"""Build the fastpath Cython extension (intel-ipsec-mb and libcrypto)."""
+"""Build the Cython extensions: the fastpath engine and the raw bench loops."""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -12,7 +12,13 @@ setup(
                 libraries=["IPSec_MB", "crypto"],
                 extra_compile_args=["-O3"],
                 define_macros=[("_GNU_SOURCE", "1")],
-            )
+            ),
+            Extension(
+                "bench._rawloops",
+                ["bench/_rawloops.pyx"],
+                libraries=["IPSec_MB", "crypto"],
+                extra_compile_args=["-O3"],
+            ),
         ],
         compiler_directives={"language_level": "3"},
     )

@@ -1,4 +1,4 @@
-"""The ``espgate`` command line.
+"""The espgate command line.
 
 espgate serve [--config FILE]          run the headend (embedded default
                                        without --config)
@@ -30,6 +30,12 @@ DEFAULT_SOCKET = configmod.ServerConfig().control_socket
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        # the benchmarks parse their own options, --help included
+        from bench.cli import main as bench_main
+
+        return int(bench_main(argv[1:]) or 0)
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
@@ -55,6 +61,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=configmod.LOG_LEVELS)
     p.set_defaults(func=_cmd_serve)
 
+    p = sub.add_parser("reload", help="restart a part of a running daemon")
+    p.add_argument("what", choices=["dataplane"])
+    p.add_argument("--socket", default=DEFAULT_SOCKET)
+    p.set_defaults(func=_cmd_reload)
+
+    p = sub.add_parser("dataplane", help="the ESP dataplane (started by serve)")
+    p.add_argument("fd", help="control socket fd handed over by espgate serve")
+    p.set_defaults(
+        func=lambda a: __import__("control.dataplane").dataplane.main([a.fd])
+    )
+
     p = sub.add_parser("check-config", help="check a config file")
     p.add_argument("file", nargs="?", help="TOML config (default: embedded)")
     p.set_defaults(func=_cmd_check)
@@ -77,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default="results/run.json", help="results file")
     p.add_argument(
         "--bytes",
-        type=int,
+        type=_positive,
         default=128 * 1024 * 1024,
         help="size of the checked TCP transfer",
     )
@@ -85,10 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-logs", help="directory to keep the lab's logs in")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("bench", help="benchmarks (espgate bench --help)",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_bench)
+    sub.add_parser("bench", help="benchmarks (espgate bench --help)")
 
     p = sub.add_parser("selftest", help="real peers in namespaces, JSON verdicts")
     p.add_argument("--json", default="results/selftest.json", help="results file")
@@ -99,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {value}")
+    return value
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -107,7 +128,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from control.daemon import serve
+    from control.daemon import StartupError, serve
 
     config = configmod.load(args.config)
     overrides: dict[str, Any] = {}
@@ -120,7 +141,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if overrides:
         config = configmod.replace_server(config, **overrides)
     _setup_logging(config.server.log_level)
-    serve(config)
+    try:
+        serve(config)
+    except StartupError as exc:
+        print(f"espgate: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -155,6 +180,24 @@ def request(
     return answer
 
 
+def _cmd_dataplane(args: argparse.Namespace) -> int:
+    from control.dataplane import main as dataplane_main
+
+    return dataplane_main([args.fd])
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    try:
+        answer = request(args.socket, f"reload-{args.what}")
+    except OSError as exc:
+        print(
+            f"espgate: cannot reach the daemon at {args.socket}: {exc}", file=sys.stderr
+        )
+        return 1
+    print(json.dumps(answer, indent=2))
+    return 1 if "error" in answer else 0
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     try:
         answer = request(args.socket, f"show-{args.what}")
@@ -163,10 +206,12 @@ def _cmd_show(args: argparse.Namespace) -> int:
             f"espgate: cannot reach the daemon at {args.socket}: {exc}", file=sys.stderr
         )
         return 1
-    if args.json or args.what != "sessions":
+    if args.json:
         print(json.dumps(answer, indent=2))
-        return 0
-    print(format_sessions(answer["sessions"]))
+    elif args.what == "sessions":
+        print(format_sessions(answer["sessions"]))
+    else:
+        print(format_counters(answer))
     return 0
 
 
@@ -197,6 +242,17 @@ def _cmd_sa_move(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_counters(answer: dict[str, Any], prefix: str = "") -> str:
+    """Render nested counters as ``area.name  value`` lines."""
+    lines = []
+    for key, value in answer.items():
+        if isinstance(value, dict):
+            lines.append(format_counters(value, f"{prefix}{key}."))
+        else:
+            lines.append(f"{prefix}{key:<28} {value}")
+    return "\n".join(line for line in lines if line)
+
+
 def format_sessions(sessions: list[dict[str, Any]]) -> str:
     """Render sessions as an aligned table, one row per CHILD SA."""
     header = (
@@ -212,8 +268,9 @@ def format_sessions(sessions: list[dict[str, Any]]) -> str:
     for s in sessions:
         for c in s["children"] or [None]:
             if c is None:
+                inside = str(s["inside"] or "-")
                 rows.append(
-                    (s["identity"], s["outside"], str(s["inside"]), "-",
+                    (s["identity"], s["outside"], inside, "-",
                      s.get("engine", "-"), "-", "-")  # fmt: skip
                 )
                 continue
@@ -221,7 +278,7 @@ def format_sessions(sessions: list[dict[str, Any]]) -> str:
                 (
                     s["identity"],
                     s["outside"],
-                    str(s["inside"]),
+                    str(s["inside"] or "-"),
                     f"{c['spi_in']}/{c['spi_out']}",
                     str(c.get("engine", "userspace")),
                     f"{c['packets_in']}/{c['packets_out']}",
@@ -252,12 +309,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from bench.cli import main as bench_main
-
-    return int(bench_main(args.rest) or 0)
-
-
 def _cmd_selftest(args: argparse.Namespace) -> int:
     from control import selftest, selftest_kernel
 
@@ -266,7 +317,10 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
             print(f"{name:24} {case.summary}")
         return 0
     _setup_logging("info")
-    names = args.cases.split(",") if args.cases else None
+    names = [n for n in (args.cases or "").split(",") if n.strip()] or None
+    if args.cases is not None and names is None:
+        print("espgate: --cases names no case", file=sys.stderr)
+        return 2
     # the guest cases share one qemu boot
     selftest_kernel.prefetch(names)
     results = selftest.run(names, Path(args.json), keep_logs=args.keep_logs)

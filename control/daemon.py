@@ -40,6 +40,7 @@ whatever a crashed run left is removed at start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -47,6 +48,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,6 +123,7 @@ class Headend:
         self._transport500: asyncio.DatagramTransport | None = None
         self._sock4500: socket.socket | None = None
         self._ctl_server: asyncio.AbstractServer | None = None
+        self._ctl_inode = -1
         self.engine: Any = None
         self.responder: Any = None
         self.kernel: Any = None
@@ -133,46 +136,26 @@ class Headend:
 
     async def run(self) -> None:
         """Serve until SIGTERM or SIGINT, then tear every session down."""
-        from control.ike.responder import IkeResponder
-        from fastpath import Engine
-
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._stopping = asyncio.Event()
         srv = self.config.server
         self._check_forwarding()
-        self._choose_engines()
 
-        # sockets: 500 in the loop, 4500 to the engine
-        self._transport500, _ = await loop.create_datagram_endpoint(
-            lambda: _IkeProtocol(self._on_port500),
-            local_addr=(srv.listen, srv.ike_port),
-        )
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        sock.bind((srv.listen, srv.natt_port))
-        sock.setblocking(False)
-        self._sock4500 = sock
-
-        # engine and responder
-        eng = self.config.engine
-        self.engine = Engine(sock.fileno(), batch=eng.batch, crypto=eng.crypto)
-        responder_config = build_responder_config(self.config, self.pools)
-        self.responder = IkeResponder(responder_config)
-        self.engine.start(self._on_port4500_thread)
-
-        # control socket and signals
-        await self._start_control_socket()
+        try:
+            await self._start(loop)
+        except BaseException:
+            await self._shutdown()
+            raise
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         log.info(
             "listening on %s ports %d/%d, engine %s, %d profile(s)",
             srv.listen,
             srv.ike_port,
             srv.natt_port,
-            eng.crypto,
+            self.config.engine.crypto,
             len(self.config.profiles),
         )
         for name, mode in self.profile_engine.items():
@@ -181,6 +164,62 @@ class Headend:
             await self._stopping.wait()
         finally:
             await self._shutdown()
+
+    async def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        from control.ike.responder import IkeResponder
+        from fastpath import Engine
+
+        srv = self.config.server
+        # the control socket first: it refuses to start beside a running daemon
+        await self._start_control_socket()
+
+        # engines after the socket: crash recovery must not run beside a live
+        # daemon, whose kernel state it would take for stale
+        self._choose_engines()
+
+        # sockets: 500 in the loop, 4500 to the engine
+        try:
+            self._transport500, _ = await loop.create_datagram_endpoint(
+                lambda: _IkeProtocol(self._on_port500),
+                local_addr=(srv.listen, srv.ike_port),
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"cannot bind UDP {srv.listen}:{srv.ike_port}: {exc.strerror or exc}"
+            ) from None
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock4500 = sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        try:
+            sock.bind((srv.listen, srv.natt_port))
+        except OSError as exc:
+            raise StartupError(
+                f"cannot bind UDP {srv.listen}:{srv.natt_port}: {exc.strerror or exc}"
+            ) from None
+        sock.setblocking(False)
+
+        # engine and responder
+        eng = self.config.engine
+        if eng.dataplane == "process":
+            from control.dataplane import DataplaneProxy
+            from control.seqstore import SeqStore
+
+            self.engine = DataplaneProxy(
+                sock.fileno(),
+                batch=eng.batch,
+                crypto=eng.crypto,
+                store=SeqStore.in_dir(srv.state_dir),
+            )
+        else:
+            self.engine = Engine(sock.fileno(), batch=eng.batch, crypto=eng.crypto)
+        responder_config = build_responder_config(self.config, self.pools)
+        self.responder = IkeResponder(responder_config)
+        self.engine.start(self._on_port4500_thread)
+
+    def _on_hangup(self) -> None:
+        log.warning("SIGHUP ignored: reloading the config is not supported yet; "
+                    "restart the daemon to apply a new one")
 
     def stop(self) -> None:
         """Ask a running daemon to stop (from the loop's thread)."""
@@ -191,7 +230,7 @@ class Headend:
         log.info("stopping: %d session(s)", len(self.sessions))
         # tell clients we are going, give them a moment to answer
         now = time.monotonic()
-        for session_id in list(self.sessions):
+        for session_id in list(self.sessions if self.responder else ()):
             self._guard(self.responder.delete_ike_sa, session_id, now)
         self._flush()
         if self.sessions:
@@ -216,7 +255,10 @@ class Headend:
             self._ctl_server.close()
             await self._ctl_server.wait_closed()
             path = Path(self.config.server.control_socket)
-            path.unlink(missing_ok=True)
+            # remove the socket only if it is still ours
+            with contextlib.suppress(OSError):
+                if path.lstat().st_ino == self._ctl_inode:
+                    path.unlink()
         log.info("stopped")
 
     # -- engines -----------------------------------------------------------
@@ -240,9 +282,9 @@ class Headend:
             )
         forced = sorted(name for name, mode in modes.items() if mode == "kernel")
         if forced and not self.kernel_ok:
-            raise SystemExit(
-                f"espgate: engine kernel for profile(s) {', '.join(forced)} but the "
-                f"kernel cannot: {self.kernel_reason}"
+            raise StartupError(
+                f"engine kernel for profile(s) {', '.join(forced)} but the kernel "
+                f"cannot: {self.kernel_reason}"
             )
         self.profile_engine = {
             name: ("kernel" if self.kernel_ok else "userspace")
@@ -371,6 +413,8 @@ class Headend:
         self._arm_timer()
 
     def _flush(self) -> None:
+        if self.responder is None:
+            return
         for dgram in self.responder.datagrams_to_send():
             self.counters["ike_tx"] += 1
             try:
@@ -722,7 +766,7 @@ class Headend:
     async def _start_control_socket(self) -> None:
         path = Path(self.config.server.control_socket)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)
+        _claim_socket_path(path)
         old = os.umask(0o177)
         try:
             self._ctl_server = await asyncio.start_unix_server(
@@ -731,6 +775,7 @@ class Headend:
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
+        self._ctl_inode = path.lstat().st_ino
 
     async def _control_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -746,6 +791,10 @@ class Headend:
             await writer.drain()
         except (TimeoutError, ConnectionError):
             pass
+        except ValueError:
+            # a request line over the stream limit
+            with contextlib.suppress(ConnectionError):
+                writer.write(b'{"error": "request too long"}\n')
         finally:
             writer.close()
 
@@ -777,6 +826,10 @@ class Headend:
                     for n, p in self.pools.items()
                 },
             }
+        if cmd == "reload-dataplane":
+            if not hasattr(self.engine, "reload"):
+                return {"error": "engine.dataplane is inline: nothing to reload"}
+            return {"dataplane_pid": self.engine.reload()}
         return {"error": f"unknown command {cmd!r}"}
 
     def _describe(self, session: Session) -> dict[str, Any]:
@@ -790,13 +843,14 @@ class Headend:
                     "spi_in": f"{spi_in:08x}",
                     "spi_out": f"{spi_out:08x}",
                     "engine": session.engine,
-                    "next_seq": tx.get("next_seq"),
-                    "highest_seq": rx.get("highest_seq"),
+                    "highest_seq_in": rx.get("highest_seq"),
                     "packets_in": rx["packets"],
                     "bytes_in": rx["bytes"],
                     "packets_out": tx["packets"],
                     "bytes_out": tx["bytes"],
                     "drops_in": rx.get("drops", {}),
+                    "next_seq_out": tx.get("next_seq"),
+                    "seq_reserved": tx.get("seq_reserved"),
                 }
             )
         return {
@@ -810,6 +864,29 @@ class Headend:
             "up_seconds": round(time.time() - session.created, 1),
             "children": children,
         }
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start: a socket is taken or cannot be bound."""
+
+
+def _claim_socket_path(path: Path) -> None:
+    """Remove a stale control socket; refuse anything else at ``path``."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"control socket path {path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            path.unlink()  # left behind by a daemon that is gone
+            return
+        except OSError:
+            pass
+    raise StartupError(f"another daemon is serving the control socket {path}")
 
 
 def serve(config: Config) -> None:

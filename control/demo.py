@@ -21,20 +21,16 @@ import json
 import logging
 import os
 import shutil
-import signal
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from control.lab import tcp_transfer
+from control.lab.procs import interrupt_once
 from control.selftest import HeadendLab, check_traffic
 
 log = logging.getLogger("espgate.demo")
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def run_demo(
@@ -45,7 +41,6 @@ def run_demo(
     keep_logs: str | None = None,
 ) -> dict[str, Any]:
     """Run the demo and return (and write) its results."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     workdir = (
         Path(keep_logs) if keep_logs else Path(tempfile.mkdtemp(prefix="espgate-"))
     )
@@ -62,7 +57,7 @@ def run_demo(
     }
     started = time.monotonic()
     try:
-        with HeadendLab(workdir, prefix=f"egd{os.getpid() % 100000}",
+        with interrupt_once(), HeadendLab(workdir, prefix=f"egd{os.getpid() % 100000}",
                         embedded=True) as lab:
             assert lab.topo is not None
             topo = lab.topo

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -31,12 +32,14 @@ from control.cli import request
 from control.config import load as load_config
 from control.lab import (
     Capture,
+    LabPki,
     ProcessSet,
     StrongSwanClient,
     Topology,
     ping,
     tcp_transfer,
 )
+from control.lab.procs import interrupt_once
 
 log = logging.getLogger("espgate.selftest")
 
@@ -58,7 +61,7 @@ range = "{pool_range}"
 
 [[profiles]]
 name = "lab"
-match_identity = ["*@espgate.example"]
+match_identity = {match}
 local_identity = "fqdn:{server_id}"
 auth = "psk"
 psk = "{psk}"
@@ -66,6 +69,8 @@ pool = "lab"
 dns = ["198.19.1.53"]
 local_ts = ["{inside_net}"]
 esp = ["aes128gcm16", "aes256gcm16"]
+{profile_extra}
+{extra_config}
 """
 
 
@@ -80,16 +85,36 @@ class HeadendLab:
         crypto: str = "ipsec-mb",
         pool_range: str = "198.18.128.10-198.18.128.250",
         embedded: bool = False,
+        clients: int = 1,
+        pki: dict[str, Any] | None = None,
+        auth: tuple[str, list[str]] = ("pre-share", ["pre-share"]),
+        match: tuple[str, ...] = ("*@espgate.example",),
+        extra_config: Callable[[HeadendLab], str] | None = None,
     ):
-        """Set up a lab; ``embedded`` runs the daemon on its built-in default."""
+        """Set up a lab; ``embedded`` runs the daemon on its built-in default.
+
+        ``clients`` is the number of client namespaces (one charon each).
+        ``pki`` makes a test PKI (`LabPki.create` arguments) before the
+        headend starts; ``auth`` is the profile's local and remote auth,
+        ``match`` its identity patterns. ``extra_config`` returns TOML (more
+        pools and profiles) appended to the generated configuration.
+        """
         self.workdir = workdir
         # unique per process, so concurrent runs never share namespace names
-        self.prefix = prefix or f"egst{os.getpid() % 100000}"
+        self.prefix = prefix or os.environ.get(
+            "ESPGATE_LAB_PREFIX", f"egst{os.getpid() % 100000}"
+        )
         self.embedded = embedded
         self.psk = PSK
         self.server_id = SERVER_ID
         self.crypto = crypto
         self.pool_range = pool_range
+        self.nclients = clients
+        self.pki_args = pki
+        self.pki: LabPki | None = None
+        self.auth = auth
+        self.match = match
+        self.extra_config = extra_config
         self.socket = str(workdir / "espgate.sock")
         self.topo: Topology | None = None
         self.procs: ProcessSet | None = None
@@ -97,11 +122,15 @@ class HeadendLab:
 
     def __enter__(self) -> HeadendLab:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.topo = Topology(self.prefix, self.workdir, reuse_stale=True)
+        self.topo = Topology(
+            self.prefix, self.workdir, reuse_stale=True, clients=self.nclients
+        )
         self.topo.__enter__()
         try:
             self.procs = ProcessSet(self.workdir)
             self.procs.__enter__()
+            if self.pki_args is not None:
+                self.pki = LabPki.create(self.workdir, **self.pki_args)
             self._start_headend()
         except BaseException:
             self.__exit__(*sys.exc_info())
@@ -136,10 +165,24 @@ class HeadendLab:
                 server_id=SERVER_ID,
                 psk=PSK,
                 inside_net=self.topo.inside_net,
+                profile_extra=self._profile_extra(),
+                match=json.dumps(list(self.match)),
+                extra_config=self.extra_config(self) if self.extra_config else "",
             )
         )
         config.chmod(0o600)
         return [espgate, "serve", "--config", str(config)]
+
+    def _profile_extra(self) -> str:
+        local, remote = self.auth
+        lines = [f'local_auth = "{local}"', f"remote_auth = {json.dumps(remote)}"]
+        if self.pki is not None:
+            lines += [
+                f'certificate = "{self.pki.server_cert_path}"',
+                f'private_key = "{self.pki.server_key_path}"',
+                f'ca = ["{self.pki.ca_path}"]',
+            ]
+        return "\n".join(lines)
 
     def _start_headend(self) -> None:
         assert self.topo is not None and self.procs is not None
@@ -159,7 +202,7 @@ class HeadendLab:
         raise RuntimeError("espgate did not open its control socket within 15 s")
 
     def client(self, name: str = "c1", **kwargs: Any) -> StrongSwanClient:
-        """Start a strongSwan client in the client namespace."""
+        """Start a strongSwan client; ``client=N`` picks the N-th client namespace."""
         assert self.topo is not None and self.procs is not None
         kwargs.setdefault("psk", self.psk.encode())
         kwargs.setdefault("remote_id", self.server_id)
@@ -182,17 +225,18 @@ def check_traffic(
     """Ping and a checked transfer through the tunnel, optionally captured."""
     assert lab.topo is not None
     topo = lab.topo
+    link = client.link
     failures: list[str] = []
     detail: dict[str, Any] = {}
-    cap_path = lab.workdir / "outer.pcap"
-    cap = Capture(topo.hub, topo.hub_outer_if, cap_path) if capture else None
+    cap_path = lab.workdir / f"outer-{link.index}.pcap"
+    cap = Capture(topo.hub, link.hub_if, cap_path) if capture else None
     if cap is not None:
         cap.__enter__()
     try:
-        detail["ping"] = ping(topo.cli, topo.srv_ip, count=5, interval=0.2)
+        detail["ping"] = ping(link.ns, topo.srv_ip, count=5, interval=0.2)
         detail["transfer"] = tcp_transfer(
             topo,
-            src_ns=topo.cli,
+            src_ns=link.ns,
             dst_ns=topo.srv,
             dst_addr=topo.srv_ip,
             nbytes=nbytes,
@@ -267,6 +311,107 @@ def _case_psk(esp: str, key_bits: int) -> Callable[[HeadendLab], tuple[dict, lis
     return case
 
 
+def _cert_client(lab: HeadendLab, **kwargs: Any) -> StrongSwanClient:
+    """Start a client that authenticates by certificate and wants ours."""
+    assert lab.pki is not None
+    local, remote = lab.auth
+    conf: dict[str, Any] = {"remote": {"auth": "pubkey"}}
+    if "pre-share" not in remote:
+        conf["local"] = {"auth": "pubkey", "certs": "client.pem"}
+    if local == "pre-share":
+        conf["remote"] = {"auth": "psk"}
+    return lab.client(files=lab.pki.client_files(), extra_conf=conf, **kwargs)
+
+
+def _case_cert(keysize: int) -> Callable[[HeadendLab], tuple[dict, list]]:
+    def case(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+        client = _cert_client(lab)
+        if not client.initiate():
+            return {"client_log": str(client.log_path)}, ["tunnel did not come up"]
+        detail: dict[str, Any] = {"inside_address": client.virtual_ip()}
+        failures: list[str] = []
+        log_text = client.log_path.read_text(errors="replace")
+        # strongSwan names the method it verified our AUTH with
+        auth_lines = [
+            line.split("] ", 1)[-1]
+            for line in log_text.splitlines()
+            if "successful" in line and "authentication of" in line
+        ]
+        detail["client_auth_log"] = auth_lines
+        detail["client_cert_log"] = [
+            line.split("] ", 1)[-1]
+            for line in log_text.splitlines()
+            if re.search(r"(received|sending) (end entity|issuer) cert", line)
+        ]
+        if lab.pki is not None and lab.pki.intermediate is not None:
+            got = [x for x in detail["client_cert_log"] if "received issuer" in x]
+            sent = [x for x in detail["client_cert_log"] if "sending issuer" in x]
+            if not got or not sent:
+                failures.append("intermediate certificates not sent both ways")
+        server_ok = [line for line in auth_lines if SERVER_ID in line]
+        if not server_ok:
+            failures.append("client did not log our authentication as successful")
+        elif lab.auth[0] != "pre-share" and not re.search(r"SHA2|_DER", server_ok[0]):
+            # RFC 7427 schemes read RSA_EMSA_PKCS1_SHA2_256, ECDSA_WITH_SHA384_DER
+            failures.append(f"server auth not by RFC 7427 signature: {server_ok[0]}")
+        elif lab.auth[0] == "pre-share" and "pre-shared key" not in server_ok[0]:
+            failures.append(f"server auth not by PSK: {server_ok[0]}")
+        if keysize and lab.pki is not None:
+            key = lab.pki.server.key
+            size = getattr(key, "key_size", 0) or key.curve.key_size  # type: ignore[union-attr]
+            detail["server_key_bits"] = size
+            if size != keysize:
+                failures.append(f"server key is {size} bits, wanted {keysize}")
+        traffic, more = check_traffic(lab, client, 8 * 1024 * 1024)
+        detail.update(traffic)
+        failures += more
+        sess, more = _session_checks(lab, detail["inside_address"])
+        detail.update(sess)
+        return detail, failures + more
+
+    return case
+
+
+def _case_two_clients(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    # distinct identities: INITIAL_CONTACT would replace a same-identity session
+    clients = [
+        lab.client(f"c{n}", client=n, local_id=f"client{n}@espgate.example")
+        for n in (1, 2)
+    ]
+    detail: dict[str, Any] = {}
+    failures: list[str] = []
+    for client in clients:
+        if not client.initiate():
+            return {"client_log": str(client.log_path)}, [
+                f"tunnel of client {client.link.index} did not come up"
+            ]
+    vips = [c.virtual_ip() for c in clients]
+    detail["inside_addresses"] = vips
+    if None in vips or len(set(vips)) != 2:
+        failures.append(f"expected two distinct inside addresses, got {vips}")
+    for client in clients:
+        traffic, more = check_traffic(lab, client, 8 * 1024 * 1024)
+        detail[f"client{client.link.index}"] = traffic
+        failures += [f"client {client.link.index}: {f}" for f in more]
+    sessions = lab.show()["sessions"]
+    if sorted(s["inside"] for s in sessions) != sorted(str(v) for v in vips):
+        failures.append(f"headend sessions do not match the clients: {sessions}")
+    return detail, failures
+
+
+def _case_unknown_identity(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    client = lab.client(local_id="stranger@elsewhere.example")
+    up = client.initiate(timeout=10)
+    failures = ["tunnel came up for an identity no profile matches"] if up else []
+    if lab.show()["sessions"]:
+        failures.append("headend kept a session for an unknown identity")
+    log_text = client.log_path.read_text(errors="replace")
+    if "AUTHENTICATION_FAILED" not in log_text:
+        failures.append("client did not receive AUTHENTICATION_FAILED")
+    ike = lab.show("counters")["ike"]
+    return {"initiated": up, "ike_counters": ike}, failures
+
+
 def _case_wrong_psk(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
     client = lab.client(psk=b"not-the-right-psk-at-all-1234")
     up = client.initiate(timeout=10)
@@ -301,10 +446,50 @@ CASES: dict[str, Case] = {
         _case_psk("aes128gcm16", 128),
         {"crypto": "openssl"},
     ),
+    "rsa-cert": Case(
+        "RSA certificates both ways, RFC 7427 signatures: traffic",
+        _case_cert(2048),
+        {"pki": {"kind": "rsa"}, "auth": ("rsa-sig", ["rsa-sig"])},
+    ),
+    "ecdsa-cert": Case(
+        "ECDSA P-384 certificates both ways: traffic",
+        _case_cert(384),
+        {"pki": {"kind": "p384"}, "auth": ("ecdsa-sig", ["ecdsa-sig"])},
+    ),
+    "ecdsa-p256-cert": Case(
+        "ECDSA P-256 certificates both ways: traffic",
+        _case_cert(256),
+        {"pki": {"kind": "p256"}, "auth": ("ecdsa-sig", ["pubkey"])},
+    ),
+    "rsa-cert-chain": Case(
+        "RSA leaves under an intermediate CA, chains sent both ways: traffic",
+        _case_cert(2048),
+        {"pki": {"kind": "rsa", "chain": True}, "auth": ("rsa-sig", ["pubkey"])},
+    ),
+    "asymmetric-cert-psk": Case(
+        "server by RSA certificate, client by PSK: traffic",
+        _case_cert(2048),
+        {"pki": {"kind": "rsa"}, "auth": ("rsa-sig", ["pre-share"])},
+    ),
+    "psk-two-clients": Case(
+        "two strongSwan clients in their own namespaces at once",
+        _case_two_clients,
+        {"clients": 2},
+    ),
+    "unknown-identity-rejected": Case(
+        "an identity no profile matches gets AUTHENTICATION_FAILED",
+        _case_unknown_identity,
+        {},
+    ),
     "ikev2-wrong-psk-rejected": Case(
         "a wrong PSK gets AUTHENTICATION_FAILED", _case_wrong_psk, {}
     ),
 }
+
+# issue 6 cases live in their own module
+from control.selftest_ike import IKE_CASES  # noqa: E402
+
+CASES.update({name: Case(*spec) for name, spec in IKE_CASES.items()})
 
 
 def run(
@@ -325,7 +510,7 @@ def run(
         workdir = base / name
         shutil.rmtree(workdir, ignore_errors=True)
         try:
-            with HeadendLab(workdir, **case.lab) as lab:
+            with interrupt_once(), HeadendLab(workdir, **case.lab) as lab:
                 detail, failures = case.func(lab)
         except Exception as exc:
             detail, failures = {"traceback": traceback.format_exc()}, [repr(exc)]

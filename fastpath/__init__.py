@@ -19,9 +19,11 @@ from fastpath._engine import (
     esp_seal_payload,
     gcm_open,
     gcm_seal,
+    tun_coalesce,
+    tun_segment,
 )
 from fastpath.sa import SAParams
-from fastpath.tun import open_tun
+from fastpath.tun import open_tun, tun_vnet_hdr
 
 __all__ = [
     "BATCH_HEADROOM",
@@ -40,4 +42,7 @@ __all__ = [
     "gcm_open",
     "gcm_seal",
     "open_tun",
+    "tun_coalesce",
+    "tun_segment",
+    "tun_vnet_hdr",
 ]

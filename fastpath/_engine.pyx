@@ -17,12 +17,21 @@ functions that work in place on buffers with headroom:
   ESN inference; it is checked before the ICV and updated only after it.
 * ``Engine`` owns an epoll set over the ESP-in-UDP socket (RFC 3948), every
   session's TUN fd and an eventfd.  One worker thread loops: ``epoll_wait``, then
-  for each ready fd takes the table lock and handles one batch (TUN: read until
-  EAGAIN or ``batch``, seal, ``sendmmsg``; UDP: ``recvmmsg``, classify, open,
-  write to the session's TUN).  IKE datagrams (non-ESP marker) stay in the
-  receive slots and are handed to the Python callback after the lock is
-  released, with the GIL.  Python mutators take the same lock, so the worker
-  never sees an SA half installed or freed.
+  for each ready fd takes the table lock and handles one batch.  IKE datagrams
+  (non-ESP marker) stay in the receive slots and are handed to the Python
+  callback after the lock is released, with the GIL.  Python mutators take the
+  same lock, so the worker never sees an SA half installed or freed.
+* TUN to UDP: read until EAGAIN or ``batch`` reads.  A TUN opened with a vnet
+  header hands over TCP/UDP super-packets; ``gso_split`` cuts them into MTU-sized
+  packets in the tx slots (headers fixed up, checksums completed).  The slots are
+  sealed in place and runs of equal-size ESP packets (the last may be shorter)
+  leave as one ``sendmmsg`` entry with ``UDP_SEGMENT``.  A kernel that refuses
+  (EIO/EINVAL) switches the engine to one datagram per entry for good.
+* UDP to TUN: ``recvmmsg`` into 64 KB slots with ``UDP_GRO``; each coalesced
+  datagram is split by its gso_size cmsg, every ESP packet opened in place and
+  queued.  The queue is written per session: on a vnet TUN, in-order segments of
+  one TCP flow become one super-packet (``tcp_run``, one ``writev``), anything
+  else goes alone behind an empty vnet header written over the spent ESP header.
 
 Drops are counted, per SA where an SA is known and globally otherwise, and never
 logged.  The module-level wrappers (``gcm_seal``, ``esp_encrypt``, ...) call the
@@ -35,10 +44,10 @@ import threading
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EAGAIN, EINTR, EINVAL, EIO, errno
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 
 from fastpath._ipsecmb cimport (
     IMB_AES128_GCM_DEC,
@@ -73,6 +82,12 @@ from fastpath._libcrypto cimport (
 from fastpath._sys cimport (
     AF_INET,
     AF_INET6,
+    CMSG_DATA,
+    CMSG_FIRSTHDR,
+    CMSG_LEN,
+    CMSG_NXTHDR,
+    CMSG_SPACE,
+    cmsghdr,
     EFD_CLOEXEC,
     EFD_NONBLOCK,
     EPOLL_CLOEXEC,
@@ -102,15 +117,18 @@ from fastpath._sys cimport (
     recvmmsg,
     sendmmsg,
     sendmsg,
+    setsockopt,
     sockaddr,
     sockaddr_in,
     sockaddr_in6,
     sockaddr_storage,
     socklen_t,
     write,
+    writev,
 )
 
 from fastpath.sa import SAParams
+from fastpath.tun import tun_vnet_hdr
 
 log = logging.getLogger("espgate.fastpath")
 
@@ -478,8 +496,15 @@ cdef struct sa_t:
     uint64_t drop_malformed
     uint64_t drop_policy
     uint64_t seq_exhausted
+    uint64_t seq_blocked
     sa_t *hnext
     sa_t *snext
+
+
+cdef inline uint64_t seq_cap(const sa_t *sa, uint64_t limit) noexcept nogil:
+    # RFC 4303 section 3.3.3: 2^32 - 1 is the last number without ESN
+    cdef uint64_t top = 0xFFFFFFFFFFFFFFFFULL if sa.esn else 0xFFFFFFFFULL
+    return limit if limit < top else top
 
 
 cdef void sa_free(sa_t *sa) noexcept nogil:
@@ -553,7 +578,15 @@ cdef sa_t *sa_from_params(object params, int backend, int family) except NULL:
         memcpy(sa.salt, PyBytes_AS_STRING(params.salt), 4)
         sa.next_seq = params.next_seq
         sa.seq_limit = 0xFFFFFFFFFFFFFFFFULL if sa.esn else 0xFFFFFFFFULL
+        # a reserved limit (control/seqstore.py) caps what may be sent before the
+        # store has the next block on disk
+        if params.seq_limit and params.seq_limit < sa.seq_limit:
+            sa.seq_limit = params.seq_limit
         replay_init(&sa.replay, params.replay_window, sa.esn)
+        # an inbound SA resumed from stored state expects next_seq next: the
+        # window starts just below it (nothing marked), so ESN inference works
+        if sa.inbound and sa.next_seq > 1:
+            sa.replay.top = sa.next_seq - 1
         fill_sockaddr(&sa.peer, &sa.peer_len, params.peer, family)
         for i, ts in enumerate(params.remote_ts):
             net = ipaddress.ip_network(ts, strict=False)
@@ -820,6 +853,14 @@ cdef class SAHandle:
     def next_seq(self) -> int:
         return self.sa.next_seq
 
+    @property
+    def seq_limit(self) -> int:
+        return self.sa.seq_limit
+
+    def set_seq_limit(self, uint64_t limit) -> None:
+        """Allow sending up to limit (inclusive), capped at the SA's hard maximum."""
+        self.sa.seq_limit = seq_cap(self.sa, limit)
+
 
 def encrypt_batch(SAHandle handle, uint8_t[:, ::1] packets,
                   int32_t[::1] lengths) -> int:
@@ -887,12 +928,420 @@ def decrypt_batch(SAHandle handle, uint8_t[:, ::1] packets,
     return ok
 
 
+# ---------------------------------------------------------------- offloads
+#
+# A TUN opened with IFF_VNET_HDR prefixes every packet with a virtio_net_hdr.
+# On reads it may describe a TCP or UDP super-packet (gso_type, gso_size) whose
+# L4 checksum is only partial (NEEDS_CSUM: the field holds the pseudo-header
+# sum, csum_start/csum_offset say where the rest goes); ``gso_split`` cuts it
+# into MTU-sized packets with complete headers and checksums.  On writes the
+# engine hands runs of in-order TCP segments of one flow back as one super-packet
+# (``tcp_run``), with a partial checksum the kernel finishes if it must.
+#
+# Checksums are summed in memory byte order (the one's-complement sum does not
+# care) and stored back the same way, so no byte swapping happens per word.
+
+
+cdef enum:
+    VNET_LEN = 10
+    VNET_F_NEEDS_CSUM = 1
+    GSO_NONE = 0
+    GSO_TCPV4 = 1
+    GSO_TCPV6 = 4
+    GSO_UDP_L4 = 5
+    GSO_ECN = 0x80
+    TCP_FIN = 0x01
+    TCP_PSH = 0x08
+    TCP_ACK = 0x10
+    TCP_CWR = 0x80
+    SOL_UDP_ = 17
+    UDP_SEGMENT_ = 103
+    UDP_GRO_ = 104
+    GSO_MAX_SEGS = 64        # UDP_MAX_SEGMENTS on older kernels
+    GSO_MAX_BYTES = 65535 - 8 - 40
+    COALESCE_MAX = 64
+    STAGE = 65536 + 64       # one TUN super-packet with its vnet header
+    TX_SLOTS = 256           # segments sealed and sent per flush
+    RX_SLOT = 65536 + 64     # one GRO datagram
+    CTRL_LEN = 64
+    PENDING = 1024           # decrypted packets queued for the TUN
+    ERR_ROOM = -6
+
+
+cdef struct vnet_hdr_t:
+    # struct virtio_net_hdr, little-endian fields (the TUN default on x86)
+    uint8_t flags
+    uint8_t gso_type
+    uint16_t hdr_len
+    uint16_t gso_size
+    uint16_t csum_start
+    uint16_t csum_offset
+
+
+cdef inline uint16_t be16(const uint8_t *p) noexcept nogil:
+    return <uint16_t>((p[0] << 8) | p[1])
+
+
+cdef inline void put16(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = <uint8_t>(v >> 8)
+    p[1] = <uint8_t>v
+
+
+cdef inline uint64_t csum_add(const uint8_t *p, size_t n, uint64_t acc) noexcept nogil:
+    """Add n bytes (starting at an even offset) to a one's-complement sum."""
+    cdef uint32_t w
+    cdef uint16_t h = 0
+    cdef size_t i
+    for i in range(n >> 2):
+        memcpy(&w, p + 4 * i, 4)
+        acc += w
+    p += n & ~(<size_t>3)
+    if n & 2:
+        memcpy(&h, p, 2)
+        acc += h
+        p += 2
+    if n & 1:
+        h = 0
+        memcpy(&h, p, 1)
+        acc += h
+    return acc
+
+
+cdef inline uint16_t csum_fold(uint64_t acc) noexcept nogil:
+    acc = (acc & 0xFFFFFFFFULL) + (acc >> 32)
+    acc = (acc & 0xFFFFFFFFULL) + (acc >> 32)
+    acc = (acc & 0xFFFF) + (acc >> 16)
+    acc = (acc & 0xFFFF) + (acc >> 16)
+    acc = (acc & 0xFFFF) + (acc >> 16)
+    return <uint16_t>acc
+
+
+cdef inline uint64_t pseudo_sum(const uint8_t *ip, int v6, int proto,
+                                uint32_t l4len) noexcept nogil:
+    # RFC 9293 section 3.1 / RFC 8200 section 8.1: addresses, protocol, length
+    cdef uint64_t acc = csum_add(ip + 8, 32, 0) if v6 else csum_add(ip + 12, 8, 0)
+    return acc + htons(<uint16_t>proto) + htons(<uint16_t>l4len)
+
+
+cdef inline void ipv4_csum(uint8_t *p, int ihl) noexcept nogil:
+    cdef uint16_t v
+    p[10] = 0
+    p[11] = 0
+    v = <uint16_t>~csum_fold(csum_add(p, ihl, 0))
+    memcpy(p + 10, &v, 2)
+
+
+cdef int csum_complete(const vnet_hdr_t *h, uint8_t *p, int n) noexcept nogil:
+    """Finish a partial checksum as the device would; -1 if it does not fit."""
+    cdef int start = h.csum_start
+    cdef int at = start + h.csum_offset
+    cdef uint16_t v
+    if start >= n or at + 2 > n:
+        return -1
+    v = <uint16_t>~csum_fold(csum_add(p + start, n - start, 0))
+    # a computed zero goes out as 0xFFFF (RFC 768: zero means no checksum)
+    if v == 0:
+        v = 0xFFFF
+    memcpy(p + at, &v, 2)
+    return 0
+
+
+cdef int gso_split(const vnet_hdr_t *h, const uint8_t *pkt, int plen, uint8_t *out,
+                   size_t stride, int cap, int *lens, int room) noexcept nogil:
+    """Cut one TUN super-packet into packets at out + i * stride.
+
+    Return how many, ERR_MALFORMED when the headers do not parse, or ERR_ROOM
+    when more than room packets would be needed.
+    """
+    cdef int typ = h.gso_type & ~GSO_ECN
+    cdef int v6, ihl, proto, l4hl, hlen, gso, pay, nseg, i, chunk, total, ck, tcp
+    cdef uint32_t seq = 0
+    cdef uint16_t ipid = 0, v
+    cdef uint8_t *q
+    if plen < 20:
+        return ERR_MALFORMED
+    if pkt[0] >> 4 == 6:
+        if plen < 40:
+            return ERR_MALFORMED
+        v6, ihl, proto = 1, 40, pkt[6]
+    elif pkt[0] >> 4 == 4:
+        v6, ihl, proto = 0, (pkt[0] & 15) * 4, pkt[9]
+        if ihl < 20:
+            return ERR_MALFORMED
+    else:
+        return ERR_MALFORMED
+    tcp = typ == GSO_TCPV4 or typ == GSO_TCPV6
+    if tcp:
+        if proto != 6 or plen < ihl + 20:
+            return ERR_MALFORMED
+        l4hl = (pkt[ihl + 12] >> 4) * 4
+        if l4hl < 20:
+            return ERR_MALFORMED
+        seq = be32(pkt + ihl + 4)
+        ck = ihl + 16
+    elif typ == GSO_UDP_L4:
+        if proto != 17:
+            return ERR_MALFORMED
+        l4hl = 8
+        ck = ihl + 6
+    else:
+        return ERR_MALFORMED
+    hlen = ihl + l4hl
+    gso = h.gso_size
+    pay = plen - hlen
+    if pay < 0 or gso == 0 or hlen + gso > cap:
+        return ERR_MALFORMED
+    nseg = (pay + gso - 1) // gso if pay else 1
+    if nseg > room:
+        return ERR_ROOM
+    if not v6:
+        ipid = be16(pkt + 4)
+    for i in range(nseg):
+        q = out + <size_t>i * stride
+        chunk = pay - i * gso
+        if chunk > gso:
+            chunk = gso
+        total = hlen + chunk
+        memcpy(q, pkt, hlen)
+        memcpy(q + hlen, pkt + hlen + i * gso, chunk)
+        if v6:
+            put16(q + 4, total - 40)
+        else:
+            put16(q + 2, total)
+            put16(q + 4, <uint16_t>(ipid + i))
+            ipv4_csum(q, ihl)
+        if tcp:
+            put32(q + ihl + 4, seq + <uint32_t>(i * gso))
+            # FIN and PSH belong to the last segment, CWR to the first
+            if i < nseg - 1:
+                q[ihl + 13] &= ~(TCP_FIN | TCP_PSH)
+            if i > 0:
+                q[ihl + 13] &= ~TCP_CWR
+        else:
+            put16(q + ihl + 4, total - ihl)
+        q[ck] = 0
+        q[ck + 1] = 0
+        v = <uint16_t>~csum_fold(csum_add(q + ihl, total - ihl,
+                                          pseudo_sum(q, v6, proto, total - ihl)))
+        if v == 0 and not tcp:
+            v = 0xFFFF
+        memcpy(q + ck, &v, 2)
+        lens[i] = total
+    return nseg
+
+
+cdef inline int tcp_head(const uint8_t *p, int n, int *ihl) noexcept nogil:
+    """Return the IP + TCP header length of a segment tcp_run may join, else 0."""
+    cdef int thl
+    if p[0] == 0x45:
+        # IPv4 without options and not a fragment
+        if p[9] != 6 or (p[6] & 0x3F) or p[7]:
+            return 0
+        ihl[0] = 20
+    elif p[0] >> 4 == 6:
+        if p[6] != 6:
+            return 0
+        ihl[0] = 40
+    else:
+        return 0
+    if n < ihl[0] + 20:
+        return 0
+    thl = (p[ihl[0] + 12] >> 4) * 4
+    # only data-carrying ACK segments (PSH allowed) take part
+    if thl < 20 or ihl[0] + thl >= n or (p[ihl[0] + 13] & ~TCP_PSH) != TCP_ACK:
+        return 0
+    return ihl[0] + thl
+
+
+cdef inline int tcp_follows(const uint8_t *f, const uint8_t *prev, int prevpay,
+                            const uint8_t *c, int hl, int ihl) noexcept nogil:
+    """Return whether segment c continues the run that starts at f, after prev."""
+    if f[0] != c[0]:
+        return 0
+    if ihl == 20:
+        # same TOS, DF, TTL, protocol and addresses
+        if f[1] != c[1] or f[6] != c[6] or f[8] != c[8]:
+            return 0
+        if memcmp(f + 12, c + 12, 8) != 0:
+            return 0
+    elif memcmp(f, c, 4) != 0 or f[7] != c[7] or memcmp(f + 8, c + 8, 32) != 0:
+        return 0
+    # same ports, ack, header length, flags, window and options
+    if memcmp(f + ihl, c + ihl, 4) != 0 or memcmp(f + ihl + 8, c + ihl + 8, 4) != 0:
+        return 0
+    if f[ihl + 12] != c[ihl + 12] or memcmp(f + ihl + 14, c + ihl + 14, 2) != 0:
+        return 0
+    if memcmp(f + ihl + 20, c + ihl + 20, hl - ihl - 20) != 0:
+        return 0
+    return be32(c + ihl + 4) == be32(prev + ihl + 4) + <uint32_t>prevpay
+
+
+cdef int tcp_run(uint8_t **ptr, const int *lens, int n, int *hl_out) noexcept nogil:
+    """Find the TCP run at ptr[0]; if longer than one, make ptr[0] its head.
+
+    Return the run length k: segments 1..k-1 then contribute only their payload
+    (after hl_out[0] header octets), behind ptr[0]'s headers and vnet header.
+    """
+    cdef int k = 1, ihl = 0, cihl = 0, hl, total, fpay, prevpay, ch
+    cdef uint8_t *p = ptr[0]
+    cdef uint8_t *prev = p
+    hl = tcp_head(p, lens[0], &ihl)
+    if not hl:
+        return 1
+    fpay = lens[0] - hl
+    prevpay = fpay
+    total = lens[0]
+    # all segments but the last carry the first one's size; PSH ends a run
+    while k < n and k < COALESCE_MAX and prevpay == fpay:
+        if prev[ihl + 13] & TCP_PSH:
+            break
+        ch = tcp_head(ptr[k], lens[k], &cihl)
+        if ch != hl or cihl != ihl or lens[k] - hl > fpay:
+            break
+        if total + lens[k] - hl > 65535:
+            break
+        if not tcp_follows(p, prev, prevpay, ptr[k], hl, ihl):
+            break
+        total += lens[k] - hl
+        prev = ptr[k]
+        prevpay = lens[k] - hl
+        k += 1
+    if k > 1:
+        tcp_run_head(p, hl, ihl, total, fpay, prev[ihl + 13] & TCP_PSH)
+    hl_out[0] = hl
+    return k
+
+
+cdef void tcp_run_head(uint8_t *p, int hl, int ihl, int total, int gso,
+                       int psh) noexcept nogil:
+    """Turn the first segment's headers and vnet header into a super-packet's."""
+    cdef vnet_hdr_t h
+    cdef uint16_t v
+    cdef int v6 = ihl == 40
+    if v6:
+        put16(p + 4, total - 40)
+    else:
+        put16(p + 2, total)
+        ipv4_csum(p, ihl)
+    if psh:
+        p[ihl + 13] |= TCP_PSH
+    # partial checksum: the pseudo-header sum, not inverted, as a device expects
+    v = csum_fold(pseudo_sum(p, v6, 6, total - ihl))
+    memcpy(p + ihl + 16, &v, 2)
+    h.flags = VNET_F_NEEDS_CSUM
+    h.gso_type = GSO_TCPV6 if v6 else GSO_TCPV4
+    h.hdr_len = <uint16_t>hl
+    h.gso_size = <uint16_t>gso
+    h.csum_start = <uint16_t>ihl
+    h.csum_offset = 16
+    memcpy(p - VNET_LEN, &h, VNET_LEN)
+
+
+def tun_segment(bytes vnet_hdr, bytes packet, int mtu=9000) -> list:
+    """Cut a TUN super-packet (vnet header + packet) as the engine does.
+
+    Return packets of at most mtu octets with complete headers and checksums;
+    a packet without GSO comes back alone with its partial checksum finished.
+    Raise ValueError when the headers do not parse.
+    """
+    cdef vnet_hdr_t h
+    cdef Py_ssize_t n = len(packet)
+    cdef int room = 1024, k, i
+    cdef uint8_t *out
+    cdef int *lens
+    if len(vnet_hdr) != VNET_LEN or n > 65535:
+        raise ValueError(f"Bad vnet header or packet length {len(vnet_hdr)}, {n}")
+    memcpy(&h, PyBytes_AS_STRING(vnet_hdr), VNET_LEN)
+    out = <uint8_t *>malloc(<size_t>room * SLOT)
+    lens = <int *>malloc(room * sizeof(int))
+    if out == NULL or lens == NULL:
+        free(out)
+        free(lens)
+        raise MemoryError()
+    try:
+        if h.gso_type == GSO_NONE:
+            memcpy(out, PyBytes_AS_STRING(packet), n)
+            lens[0] = <int>n
+            k = 1
+            if h.flags & VNET_F_NEEDS_CSUM and csum_complete(&h, out, <int>n) != 0:
+                k = ERR_MALFORMED
+        else:
+            k = gso_split(&h, <const uint8_t *>PyBytes_AS_STRING(packet), <int>n,
+                          out, SLOT, mtu, lens, room)
+        if k < 0:
+            raise ValueError("Malformed super-packet")
+        return [PyBytes_FromStringAndSize(<char *>out + <size_t>i * SLOT, lens[i])
+                for i in range(k)]
+    finally:
+        free(out)
+        free(lens)
+
+
+def tun_coalesce(list packets) -> list:
+    """Fold in-order TCP segments as the engine does before a TUN write.
+
+    Return one buffer per write: a vnet header and the packet, a run's payloads
+    appended behind its first segment.
+    """
+    cdef Py_ssize_t n = len(packets)
+    cdef int i = 0, k, j, hl = 0
+    cdef uint8_t *buf
+    cdef uint8_t **ptr
+    cdef int *lens
+    for pkt in packets:
+        if not isinstance(pkt, bytes) or not 40 <= len(pkt) <= SLOT - HEADROOM:
+            raise ValueError("Bad packet in batch")
+    buf = <uint8_t *>malloc(<size_t>(n + 1) * SLOT)
+    ptr = <uint8_t **>malloc((n + 1) * sizeof(uint8_t *))
+    lens = <int *>malloc((n + 1) * sizeof(int))
+    out = []
+    try:
+        if buf == NULL or ptr == NULL or lens == NULL:
+            raise MemoryError()
+        for j in range(n):
+            ptr[j] = buf + <size_t>j * SLOT + HEADROOM
+            lens[j] = len(packets[j])
+            memcpy(ptr[j], PyBytes_AS_STRING(packets[j]), lens[j])
+        while i < n:
+            k = tcp_run(ptr + i, lens + i, <int>(n - i), &hl)
+            if k == 1:
+                memset(ptr[i] - VNET_LEN, 0, VNET_LEN)
+                out.append(PyBytes_FromStringAndSize(<char *>ptr[i] - VNET_LEN,
+                                                     lens[i] + VNET_LEN))
+            else:
+                one = [PyBytes_FromStringAndSize(<char *>ptr[i] - VNET_LEN,
+                                                 lens[i] + VNET_LEN)]
+                for j in range(i + 1, i + k):
+                    one.append(PyBytes_FromStringAndSize(<char *>ptr[j] + hl,
+                                                         lens[j] - hl))
+                out.append(b"".join(one))
+            i += k
+        return out
+    finally:
+        free(buf)
+        free(ptr)
+        free(lens)
+
+
+cdef inline int gro_size(msghdr *mh) noexcept nogil:
+    """Return the UDP_GRO segment size a receive reported, 0 if none."""
+    cdef cmsghdr *c = CMSG_FIRSTHDR(mh)
+    cdef int v
+    while c != NULL:
+        if c.cmsg_level == SOL_UDP_ and c.cmsg_type == UDP_GRO_:
+            memcpy(&v, CMSG_DATA(c), sizeof(int))
+            return v
+        c = CMSG_NXTHDR(mh, c)
+    return 0
+
+
 # ---------------------------------------------------------------- engine
 
 
 cdef struct session_t:
     uint32_t id
     int tun_fd
+    int vnet               # reads and writes carry a virtio_net_hdr
     sa_t *out_sa           # newest outbound SA, used for TUN traffic
     sa_t *sas              # every SA of the session, newest first (snext)
     session_t *hnext
@@ -918,7 +1367,16 @@ cdef struct counters_t:
     uint64_t ike_tx
     uint64_t ike_callback_errors
     uint64_t poll_errors
-
+    uint64_t tun_gso_rx        # TUN super-packets read and segmented
+    uint64_t tun_segments      # packets cut from them
+    uint64_t tun_gro_tx        # coalesced TCP super-packets written to TUNs
+    uint64_t tun_gro_segs      # segments folded into them
+    uint64_t udp_gso_tx        # sendmsg calls carrying UDP_SEGMENT
+    uint64_t udp_gso_segs      # datagrams sent that way
+    uint64_t udp_gso_fallbacks
+    uint64_t udp_gro_rx        # coalesced datagrams received (UDP_GRO)
+    uint64_t udp_gro_segs      # datagrams split out of them
+    uint64_t ike_dropped
 
 
 cdef inline uint32_t hash32(uint32_t v) noexcept nogil:
@@ -954,13 +1412,29 @@ cdef class Engine:
     cdef iovec *tx_iov
     cdef sockaddr_storage *rx_addr
     cdef int *tx_len
-    cdef int *ike_idx
+    cdef int gso
+    cdef int gro
+    cdef int coalesce
+    cdef size_t rx_slot
+    cdef uint8_t *stage
+    cdef uint8_t *rx_ctrl
+    cdef uint8_t *tx_ctrl
+    cdef int *tx_first
+    cdef session_t **in_sess
+    cdef uint8_t **in_ptr
+    cdef int *in_len
+    cdef int in_n
+    cdef iovec wiov[64]
+    cdef uint8_t **ike_ptr
+    cdef int *ike_len
+    cdef int *ike_src
     cdef int ike_n
     cdef object _thread
     cdef object _callback
     cdef object _send_lock
 
-    def __cinit__(self, int udp_fd, *, int batch=64, str crypto="ipsec-mb"):
+    def __cinit__(self, int udp_fd, *, int batch=64, str crypto="ipsec-mb",
+                  bint gso=True, bint gro=True, bint coalesce=True):
         cdef sockaddr_storage ss
         cdef socklen_t sl = sizeof(ss)
         cdef epoll_event ev
@@ -977,27 +1451,51 @@ cdef class Engine:
         self.family = ss.ss_family
         self.udp_fd = udp_fd
         self.batch = batch
+        self.gso = gso
+        self.coalesce = coalesce
+        self.gro = 0
+        if gro:
+            self.gro = 1
+            # fall back to one datagram per receive where the kernel refuses
+            if setsockopt(udp_fd, SOL_UDP_, UDP_GRO_, &self.gro, sizeof(int)) != 0:
+                self.gro = 0
+        self.rx_slot = RX_SLOT if self.gro else SLOT
         pthread_mutex_init(&self.lock, NULL)
         self._send_lock = threading.Lock()
 
-        # preallocated slots: rx holds datagrams, tx holds TUN packets at HEADROOM
-        self.rx_buf = <uint8_t *>malloc(<size_t>batch * SLOT)
-        self.tx_buf = <uint8_t *>malloc(<size_t>batch * SLOT)
+        # preallocated slots: rx holds datagrams (64 KB with GRO), tx holds
+        # TUN packets or the segments of TUN super-packets at HEADROOM
+        self.rx_buf = <uint8_t *>malloc(<size_t>batch * self.rx_slot)
+        self.tx_buf = <uint8_t *>malloc(<size_t>TX_SLOTS * SLOT)
+        self.stage = <uint8_t *>malloc(STAGE)
         self.rx_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
-        self.tx_msgs = <mmsghdr *>calloc(batch, sizeof(mmsghdr))
+        self.tx_msgs = <mmsghdr *>calloc(TX_SLOTS, sizeof(mmsghdr))
         self.rx_iov = <iovec *>calloc(batch, sizeof(iovec))
-        self.tx_iov = <iovec *>calloc(batch, sizeof(iovec))
+        self.tx_iov = <iovec *>calloc(TX_SLOTS, sizeof(iovec))
         self.rx_addr = <sockaddr_storage *>calloc(batch, sizeof(sockaddr_storage))
-        self.tx_len = <int *>calloc(batch, sizeof(int))
-        self.ike_idx = <int *>calloc(batch, sizeof(int))
-        if (self.rx_buf == NULL or self.tx_buf == NULL or self.rx_msgs == NULL
-                or self.tx_msgs == NULL or self.rx_iov == NULL or self.tx_iov == NULL
-                or self.rx_addr == NULL or self.tx_len == NULL
-                or self.ike_idx == NULL):
+        self.rx_ctrl = <uint8_t *>calloc(batch, CTRL_LEN)
+        self.tx_ctrl = <uint8_t *>calloc(TX_SLOTS, CTRL_LEN)
+        self.tx_len = <int *>calloc(TX_SLOTS, sizeof(int))
+        self.tx_first = <int *>calloc(TX_SLOTS + 1, sizeof(int))
+        self.in_sess = <session_t **>calloc(PENDING, sizeof(session_t *))
+        self.in_ptr = <uint8_t **>calloc(PENDING, sizeof(uint8_t *))
+        self.in_len = <int *>calloc(PENDING, sizeof(int))
+        self.ike_ptr = <uint8_t **>calloc(PENDING, sizeof(uint8_t *))
+        self.ike_len = <int *>calloc(PENDING, sizeof(int))
+        self.ike_src = <int *>calloc(PENDING, sizeof(int))
+        if (self.rx_buf == NULL or self.tx_buf == NULL or self.stage == NULL
+                or self.rx_msgs == NULL or self.tx_msgs == NULL
+                or self.rx_iov == NULL or self.tx_iov == NULL
+                or self.rx_addr == NULL or self.rx_ctrl == NULL
+                or self.tx_ctrl == NULL or self.tx_len == NULL
+                or self.tx_first == NULL or self.in_sess == NULL
+                or self.in_ptr == NULL or self.in_len == NULL
+                or self.ike_ptr == NULL or self.ike_len == NULL
+                or self.ike_src == NULL):
             raise MemoryError()
         for i in range(batch):
-            self.rx_iov[i].iov_base = self.rx_buf + <size_t>i * SLOT
-            self.rx_iov[i].iov_len = SLOT
+            self.rx_iov[i].iov_base = self.rx_buf + <size_t>i * self.rx_slot
+            self.rx_iov[i].iov_len = self.rx_slot
             self.rx_msgs[i].msg_hdr.msg_iov = &self.rx_iov[i]
             self.rx_msgs[i].msg_hdr.msg_iovlen = 1
             self.rx_msgs[i].msg_hdr.msg_name = &self.rx_addr[i]
@@ -1047,7 +1545,16 @@ cdef class Engine:
         free(self.tx_iov)
         free(self.rx_addr)
         free(self.tx_len)
-        free(self.ike_idx)
+        free(self.stage)
+        free(self.rx_ctrl)
+        free(self.tx_ctrl)
+        free(self.tx_first)
+        free(self.in_sess)
+        free(self.in_ptr)
+        free(self.in_len)
+        free(self.ike_ptr)
+        free(self.ike_len)
+        free(self.ike_src)
         pthread_mutex_destroy(&self.lock)
 
     # -- tables (callers hold self.lock)
@@ -1099,18 +1606,25 @@ cdef class Engine:
 
     # -- control-plane API
 
-    def add_session(self, int session, int tun_fd) -> None:
-        """Attach a session and its TUN fd (non-blocking) to the engine."""
+    def add_session(self, int session, int tun_fd, *, vnet_hdr=None) -> None:
+        """Attach a session and its TUN fd (non-blocking) to the engine.
+
+        vnet_hdr says whether the fd carries virtio-net headers (``open_tun``
+        with offload); None asks the kernel.
+        """
         cdef session_t *s
         cdef epoll_event ev
         cdef int rc
         if session < 0 or tun_fd < 0:
             raise ValueError(f"Bad session {session} or TUN fd {tun_fd}")
+        if vnet_hdr is None:
+            vnet_hdr = tun_vnet_hdr(tun_fd)
         s = <session_t *>calloc(1, sizeof(session_t))
         if s == NULL:
             raise MemoryError()
         s.id = session
         s.tun_fd = tun_fd
+        s.vnet = bool(vnet_hdr)
         self._lock()
         if self._session(session) != NULL:
             self._unlock()
@@ -1235,6 +1749,8 @@ cdef class Engine:
         else:
             out["next_seq"] = copy.next_seq
             out["seq_exhausted"] = copy.seq_exhausted
+            out["seq_limit"] = copy.seq_limit
+            out["seq_blocked"] = copy.seq_blocked
         out["drops"] = {
             "replay": copy.drop_replay,
             "auth": copy.drop_auth,
@@ -1242,6 +1758,29 @@ cdef class Engine:
             "policy": copy.drop_policy,
         }
         return out
+
+    def set_seq_limit(self, uint32_t spi, uint64_t limit) -> None:
+        """Let an outbound SA send up to limit (inclusive), capped at its maximum.
+
+        The sequence store calls this only after the block ending at limit is
+        durable; lowering the limit is allowed (a soft stop before a rekey).
+        """
+        cdef sa_t *sa
+        self._lock()
+        sa = self._sa(spi, False)
+        if sa != NULL:
+            sa.seq_limit = seq_cap(sa, limit)
+        self._unlock()
+        if sa == NULL:
+            raise KeyError(f"No SA 0x{spi:08x} inbound=False")
+
+    def features(self) -> dict:
+        """Return which offloads are in use (they turn off when refused)."""
+        return {
+            "udp_gso": bool(self.gso),
+            "udp_gro": bool(self.gro),
+            "tun_coalesce": bool(self.coalesce),
+        }
 
     def counters(self) -> dict:
         """Return the engine-wide counters."""
@@ -1334,35 +1873,60 @@ cdef class Engine:
         return -1 if self.stopping else 0
 
     cdef void _rx(self) noexcept nogil:
-        cdef int n, i
-        cdef unsigned int ln
+        cdef int n, i, gso
+        cdef unsigned int ln, off, sl
         cdef uint8_t *p
+        cdef msghdr *mh
         for i in range(self.batch):
-            self.rx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
-            self.rx_msgs[i].msg_hdr.msg_flags = 0
+            mh = &self.rx_msgs[i].msg_hdr
+            mh.msg_namelen = sizeof(sockaddr_storage)
+            mh.msg_flags = 0
+            mh.msg_control = self.rx_ctrl + <size_t>i * CTRL_LEN
+            mh.msg_controllen = CTRL_LEN
         n = recvmmsg(self.udp_fd, self.rx_msgs, self.batch, MSG_DONTWAIT, NULL)
         if n <= 0:
             return
         self.c.udp_rx += n
         self.ike_n = 0
         for i in range(n):
-            p = self.rx_buf + <size_t>i * SLOT
+            p = self.rx_buf + <size_t>i * self.rx_slot
             ln = self.rx_msgs[i].msg_len
             if self.rx_msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
                 self.c.malformed += 1
-            # RFC 3948 section 2.3: a lone 0xFF octet is a NAT-keepalive
-            elif ln == 1 and p[0] == 0xFF:
-                self.c.keepalives += 1
-            elif ln < 4:
-                self.c.malformed += 1
-            # RFC 3948 section 2.2: a zero SPI field is the non-ESP marker (IKE)
-            elif be32(p) == 0:
-                self.c.rx_ike += 1
-                self.ike_idx[self.ike_n] = i
-                self.ike_n += 1
-            else:
-                self.c.rx_esp += 1
-                self._rx_esp(p, ln)
+                continue
+            # UDP_GRO: equal-size datagrams back to back, the last may be shorter
+            gso = gro_size(&self.rx_msgs[i].msg_hdr)
+            if gso <= 0 or <unsigned int>gso >= ln:
+                self._rx_one(p, ln, i)
+                continue
+            self.c.udp_gro_rx += 1
+            off = 0
+            while off < ln:
+                sl = ln - off if ln - off < <unsigned int>gso else <unsigned int>gso
+                self._rx_one(p + off, sl, i)
+                self.c.udp_gro_segs += 1
+                off += sl
+        self._flush_tun()
+
+    cdef void _rx_one(self, uint8_t *p, unsigned int ln, int src) noexcept nogil:
+        # RFC 3948 section 2.3: a lone 0xFF octet is a NAT-keepalive
+        if ln == 1 and p[0] == 0xFF:
+            self.c.keepalives += 1
+        elif ln < 4:
+            self.c.malformed += 1
+        # RFC 3948 section 2.2: a zero SPI field is the non-ESP marker (IKE)
+        elif be32(p) == 0:
+            self.c.rx_ike += 1
+            if self.ike_n == PENDING:
+                self.c.ike_dropped += 1
+                return
+            self.ike_ptr[self.ike_n] = p
+            self.ike_len[self.ike_n] = ln
+            self.ike_src[self.ike_n] = src
+            self.ike_n += 1
+        else:
+            self.c.rx_esp += 1
+            self._rx_esp(p, ln)
 
     cdef void _rx_esp(self, uint8_t *p, unsigned int n) noexcept nogil:
         cdef sa_t *sa
@@ -1405,46 +1969,148 @@ cdef class Engine:
         if s == NULL:
             self.c.no_session += 1
             return
-        if write(s.tun_fd, p + ESP_HEAD, total) < 0:
-            self.c.tun_errors += 1
-        else:
-            self.c.tun_tx += 1
+        # queue for the TUN; the ESP header in front leaves room for a vnet header
+        self.in_sess[self.in_n] = s
+        self.in_ptr[self.in_n] = p + ESP_HEAD
+        self.in_len[self.in_n] = total
+        self.in_n += 1
+        if self.in_n == PENDING:
+            self._flush_tun()
+
+    cdef void _flush_tun(self) noexcept nogil:
+        """Write the queued inner packets, runs of one TCP flow as one."""
+        cdef int i = 0, k, m, n, hl = 0
+        cdef session_t *s
+        cdef uint8_t *p
+        cdef long r
+        while i < self.in_n:
+            s = self.in_sess[i]
+            p = self.in_ptr[i]
+            n = self.in_len[i]
+            k = 1
+            if not s.vnet:
+                r = write(s.tun_fd, p, n)
+            else:
+                # the packets after i that go to the same TUN, then the TCP run
+                m = 1
+                while i + m < self.in_n and self.in_sess[i + m] == s:
+                    m += 1
+                k = tcp_run(self.in_ptr + i, self.in_len + i, m, &hl) if (
+                    self.coalesce) else 1
+                if k == 1:
+                    memset(p - VNET_LEN, 0, VNET_LEN)
+                    r = write(s.tun_fd, p - VNET_LEN, n + VNET_LEN)
+                else:
+                    self._write_run(s, i, k, hl)
+                    r = 0
+            if r < 0:
+                self.c.tun_errors += k
+            else:
+                self.c.tun_tx += k
+            i += k
+        self.in_n = 0
+
+    cdef void _write_run(self, session_t *s, int i, int k, int hl) noexcept nogil:
+        cdef int j
+        self.wiov[0].iov_base = self.in_ptr[i] - VNET_LEN
+        self.wiov[0].iov_len = self.in_len[i] + VNET_LEN
+        for j in range(1, k):
+            self.wiov[j].iov_base = self.in_ptr[i + j] + hl
+            self.wiov[j].iov_len = self.in_len[i + j] - hl
+        if writev(s.tun_fd, self.wiov, k) < 0:
+            self.c.tun_errors += k
+            self.c.tun_tx -= k
+            return
+        self.c.tun_gro_tx += 1
+        self.c.tun_gro_segs += k
+
+    cdef inline uint8_t *_slot(self, int i) noexcept nogil:
+        return self.tx_buf + <size_t>i * SLOT + HEADROOM
 
     cdef void _tx(self, uint32_t sid) noexcept nogil:
         cdef session_t *s = self._session(sid)
         cdef sa_t *sa
-        cdef uint8_t *p
-        cdef int n = 0, m = 0, i, ln, nh
+        cdef int n = 0, reads = 0, k
         cdef long r
-        cdef size_t cap = SLOT - HEADROOM - ESP_TAIL_MAX
+        cdef int cap = SLOT - HEADROOM - ESP_TAIL_MAX
+        cdef vnet_hdr_t h
+        cdef uint8_t *pkt
         if s == NULL:
             return
+        sa = s.out_sa
 
-        # read the TUN until EAGAIN or a full batch
-        while n < self.batch:
-            r = read(s.tun_fd, self.tx_buf + <size_t>n * SLOT + HEADROOM, cap)
+        # read the TUN until EAGAIN or batch reads; a super-packet fills many slots
+        while reads < self.batch:
+            if n == TX_SLOTS:
+                self._seal_send(sa, n)
+                n = 0
+            if not s.vnet:
+                r = read(s.tun_fd, self._slot(n), cap)
+            else:
+                r = read(s.tun_fd, self.stage, STAGE)
             if r <= 0:
                 if r < 0 and errno != EAGAIN:
                     self.c.tun_errors += 1
                 break
-            self.tx_len[n] = <int>r
-            n += 1
-        self.c.tun_rx += n
-        sa = s.out_sa
+            reads += 1
+            if not s.vnet:
+                self.tx_len[n] = <int>r
+                n += 1
+                continue
+            if r <= VNET_LEN:
+                self.c.tun_malformed += 1
+                continue
+            memcpy(&h, self.stage, VNET_LEN)
+            pkt = self.stage + VNET_LEN
+            r -= VNET_LEN
+            if h.gso_type == GSO_NONE:
+                if r > cap:
+                    self.c.tun_malformed += 1
+                    continue
+                memcpy(self._slot(n), pkt, r)
+                if (h.flags & VNET_F_NEEDS_CSUM
+                        and csum_complete(&h, self._slot(n), <int>r) != 0):
+                    self.c.tun_malformed += 1
+                    continue
+                self.tx_len[n] = <int>r
+                n += 1
+                continue
+            k = gso_split(&h, pkt, <int>r, self._slot(n), SLOT, cap, &self.tx_len[n],
+                          TX_SLOTS - n)
+            if k == ERR_ROOM and n > 0:
+                self._seal_send(sa, n)
+                n = 0
+                k = gso_split(&h, pkt, <int>r, self._slot(0), SLOT, cap, self.tx_len,
+                              TX_SLOTS)
+            if k < 0:
+                self.c.tun_malformed += 1
+                continue
+            self.c.tun_gso_rx += 1
+            self.c.tun_segments += k
+            n += k
+        self.c.tun_rx += reads
+        if n:
+            self._seal_send(sa, n)
+
+    cdef void _seal_send(self, sa_t *sa, int n) noexcept nogil:
+        cdef int m = 0, i, ln, nh
+        cdef uint8_t *p
         if sa == NULL:
             self.c.no_sa_tx += n
             return
-
-        # seal in place and queue for sendmmsg
         for i in range(n):
-            p = self.tx_buf + <size_t>i * SLOT + HEADROOM
+            p = self._slot(i)
             nh = 4 if p[0] >> 4 == 4 else (41 if p[0] >> 4 == 6 else 0)
             if nh == 0:
                 self.c.tun_malformed += 1
                 continue
-            # RFC 4303 section 3.3.3: the counter must not cycle; rekey first
+            # RFC 4303 section 3.3.3: the counter must not cycle; rekey first.
+            # Below the hard maximum the limit is the durably reserved mark.
             if sa.next_seq > sa.seq_limit:
-                sa.seq_exhausted += 1
+                if sa.seq_limit < seq_cap(sa, 0xFFFFFFFFFFFFFFFFULL):
+                    sa.seq_blocked += 1
+                else:
+                    sa.seq_exhausted += 1
                 continue
             ln = esp_seal(sa, p, self.tx_len[i], sa.next_seq, nh, NULL)
             if ln < 0:
@@ -1455,42 +2121,89 @@ cdef class Engine:
             sa.bytes += self.tx_len[i]
             self.tx_iov[m].iov_base = p - ESP_HEAD
             self.tx_iov[m].iov_len = ln
-            self.tx_msgs[m].msg_hdr.msg_iov = &self.tx_iov[m]
-            self.tx_msgs[m].msg_hdr.msg_iovlen = 1
-            self.tx_msgs[m].msg_hdr.msg_name = &sa.peer
-            self.tx_msgs[m].msg_hdr.msg_namelen = sa.peer_len
             m += 1
-        self._send(m)
+        self._send(sa, 0, m)
 
-    cdef void _send(self, int m) noexcept nogil:
-        cdef int off = 0, r
-        while off < m:
-            r = sendmmsg(self.udp_fd, self.tx_msgs + off, m - off, MSG_DONTWAIT)
+    cdef void _send(self, sa_t *sa, int first, int m) noexcept nogil:
+        """Send tx_iov[first:m] to sa's peer, equal-size runs as one GSO datagram."""
+        cdef int g = 0, i = first, start
+        cdef size_t size, total
+        cdef msghdr *mh
+        cdef cmsghdr *cm
+        cdef uint16_t seg
+        while i < m:
+            start = i
+            size = self.tx_iov[i].iov_len
+            total = size
+            i += 1
+            if self.gso:
+                # a shorter datagram ends the run as its last segment
+                while (i < m and i - start < GSO_MAX_SEGS
+                        and self.tx_iov[i].iov_len <= size
+                        and total + self.tx_iov[i].iov_len <= GSO_MAX_BYTES):
+                    total += self.tx_iov[i].iov_len
+                    i += 1
+                    if self.tx_iov[i - 1].iov_len < size:
+                        break
+            mh = &self.tx_msgs[g].msg_hdr
+            mh.msg_name = &sa.peer
+            mh.msg_namelen = sa.peer_len
+            mh.msg_iov = &self.tx_iov[start]
+            mh.msg_iovlen = i - start
+            mh.msg_flags = 0
+            mh.msg_control = NULL
+            mh.msg_controllen = 0
+            if i - start > 1:
+                mh.msg_control = self.tx_ctrl + <size_t>g * CTRL_LEN
+                mh.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
+                cm = CMSG_FIRSTHDR(mh)
+                cm.cmsg_level = SOL_UDP_
+                cm.cmsg_type = UDP_SEGMENT_
+                cm.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+                seg = <uint16_t>size
+                memcpy(CMSG_DATA(cm), &seg, sizeof(uint16_t))
+            self.tx_first[g] = start
+            g += 1
+        self.tx_first[g] = m
+        self._sendmmsg(sa, g, m)
+
+    cdef void _sendmmsg(self, sa_t *sa, int g, int m) noexcept nogil:
+        cdef int off = 0, r, j, segs
+        while off < g:
+            r = sendmmsg(self.udp_fd, self.tx_msgs + off, g - off, MSG_DONTWAIT)
             if r < 0:
                 if errno == EINTR:
                     continue
+                segs = self.tx_first[off + 1] - self.tx_first[off]
+                if segs > 1 and (errno == EIO or errno == EINVAL):
+                    # the kernel or the device cannot segment: stop asking
+                    self.gso = 0
+                    self.c.udp_gso_fallbacks += 1
+                    self._send(sa, self.tx_first[off], m)
+                    return
                 if errno == EAGAIN:
-                    self.c.send_errors += m - off
+                    self.c.send_errors += m - self.tx_first[off]
                     return
                 # skip the datagram the kernel refused and carry on
-                self.c.send_errors += 1
+                self.c.send_errors += segs
                 off += 1
                 continue
-            self.c.udp_tx += r
+            for j in range(off, off + r):
+                segs = self.tx_first[j + 1] - self.tx_first[j]
+                self.c.udp_tx += segs
+                if segs > 1:
+                    self.c.udp_gso_tx += 1
+                    self.c.udp_gso_segs += segs
             off += r
 
     cdef void _deliver_ike(self):
-        cdef int k, i
-        cdef unsigned int ln
-        cdef uint8_t *p
+        cdef int k
         n = self.ike_n
         self.ike_n = 0
         for k in range(n):
-            i = self.ike_idx[k]
-            p = self.rx_buf + <size_t>i * SLOT
-            ln = self.rx_msgs[i].msg_len
-            data = PyBytes_FromStringAndSize(<char *>p + 4, ln - 4)
-            addr = sockaddr_tuple(&self.rx_addr[i])
+            data = PyBytes_FromStringAndSize(<char *>self.ike_ptr[k] + 4,
+                                             self.ike_len[k] - 4)
+            addr = sockaddr_tuple(&self.rx_addr[self.ike_src[k]])
             try:
                 self._callback(data, addr)
             except Exception:

@@ -11,6 +11,7 @@ cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
         void *iov_base
         size_t iov_len
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -30,6 +31,16 @@ cdef extern from "<sys/socket.h>" nogil:
     struct mmsghdr:
         msghdr msg_hdr
         unsigned int msg_len
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+    cmsghdr *CMSG_FIRSTHDR(msghdr *mh)
+    cmsghdr *CMSG_NXTHDR(msghdr *mh, cmsghdr *c)
+    unsigned char *CMSG_DATA(cmsghdr *c)
+    size_t CMSG_SPACE(size_t n)
+    size_t CMSG_LEN(size_t n)
+    int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
     struct timespec:
         pass
     int AF_INET

@@ -33,7 +33,13 @@ def _check_addr(name: str, value: object) -> None:
 
 @dataclass(frozen=True)
 class SAParams:
-    """One direction of an ESP SA (AES-GCM-16) as the engine consumes it."""
+    """One direction of an ESP SA (AES-GCM-16) as the engine consumes it.
+
+    ``next_seq`` is the next number to send (outbound) or expected (inbound: the
+    replay window starts just below it, for SAs resumed from stored state).
+    ``seq_limit`` (outbound, 0 = none) is the highest number the engine may send
+    until the sequence store raises it: the end of the durably reserved block.
+    """
 
     spi: int
     inbound: bool
@@ -47,6 +53,7 @@ class SAParams:
     next_seq: int = 1
     remote_ts: tuple[str, ...] = ("0.0.0.0/0",)
     engine: str = "userspace"
+    seq_limit: int = 0
 
     def __post_init__(self) -> None:
         # RFC 4303 section 2.1: SPI values 1..255 are reserved by IANA and 0 is
@@ -70,6 +77,8 @@ class SAParams:
         limit = 0xFFFFFFFFFFFFFFFF if self.esn else 0xFFFFFFFF
         if not isinstance(self.next_seq, int) or not 1 <= self.next_seq <= limit:
             raise ValueError(f"Bad next_seq {self.next_seq!r}")
+        if not isinstance(self.seq_limit, int) or not 0 <= self.seq_limit <= limit:
+            raise ValueError(f"Bad seq_limit {self.seq_limit!r}")
         if not self.remote_ts:
             raise ValueError("Empty remote_ts")
         for ts in self.remote_ts:

@@ -22,14 +22,18 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, x25519
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from control.ike.crypto import MODP_2048_P
 from control.ike.messages import (
     AuthMethod,
     AuthPayload,
+    CertPayload,
     CfgAttribute,
     CfgType,
     ConfigAttribute,
@@ -67,11 +71,18 @@ from control.ike.messages import (
 )
 from control.ike.profiles import Identity
 
+# RFC 7427 appendix A.1.2 / A.3.1: sha256WithRSAEncryption, ecdsa-with-sha256
+RSA_SHA256_ALG_ID = bytes.fromhex("300d06092a864886f70d01010b0500")
+ECDSA_SHA256_ALG_ID = bytes.fromhex("300a06082a8648ce3d040302")
+
 HASHES = {
     PrfId.PRF_HMAC_SHA2_256: hashlib.sha256,
     PrfId.PRF_HMAC_SHA2_384: hashlib.sha384,
     PrfId.PRF_HMAC_SHA2_512: hashlib.sha512,
 }
+
+
+DER = Encoding.DER
 
 
 class ServerRefused(Exception):
@@ -137,8 +148,13 @@ class IkeClient:
         tsr: list[str] | None = None,
         request_config: bool = True,
         fake_nat: bool = False,
+        signer: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | None = None,
+        certs: list[x509.Certificate] | None = None,
     ) -> None:
         self.identity = Identity.from_string(identity)
+        # with a signer: CERT payloads and an RFC 7427 SHA-256 signature
+        self.signer = signer
+        self.certs = certs or []
         self.psk = psk
         self.remote_id = Identity.from_string(remote_id) if remote_id else None
         self.dh_group = dh_group
@@ -296,13 +312,17 @@ class IkeClient:
 
         # RFC 7296 2.14
         skeyseed = self.prf(self.nonce_i + self.nonce_r, shared)
+        self._set_keys(skeyseed, self.nonce_i, self.nonce_r)
+        self.next_mid = 1
+
+    def _set_keys(self, skeyseed: bytes, nonce_i: bytes, nonce_r: bytes) -> None:
         n = self.hash().digest_size
         gcm = self.encr == EncrId.ENCR_AES_GCM_16
         e = self.key_length // 8 + (4 if gcm else 0)
         a = 0 if gcm else 32
         stream = self.prf_plus(
             skeyseed,
-            self.nonce_i + self.nonce_r + self.spi_i + self.spi_r,
+            nonce_i + nonce_r + self.spi_i + self.spi_r,
             3 * n + 2 * a + 2 * e,
         )
         sizes = [n, a, a, e, e, n, n]
@@ -319,7 +339,6 @@ class IkeClient:
             self.sk_pi,
             self.sk_pr,
         ) = keys
-        self.next_mid = 1
 
     # -- SK payloads ------------------------------------------------------------
 
@@ -406,6 +425,19 @@ class IkeClient:
         octets = real_message + nonce + self.prf(sk_p, id_body)
         return self.prf(self.prf(self.psk, b"Key Pad for IKEv2"), octets)
 
+    def _signature(self, id_body: bytes) -> AuthPayload:
+        # RFC 7427 3: length | AlgorithmIdentifier | signature over the octets
+        octets = self.init_req + self.nonce_r + self.prf(self.sk_pi, id_body)
+        if isinstance(self.signer, rsa.RSAPrivateKey):
+            alg = RSA_SHA256_ALG_ID
+            sig = self.signer.sign(octets, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            assert self.signer is not None
+            alg = ECDSA_SHA256_ALG_ID
+            sig = self.signer.sign(octets, ec.ECDSA(hashes.SHA256()))
+        data = bytes([len(alg)]) + alg + sig
+        return AuthPayload(AuthMethod.DIGITAL_SIGNATURE, data)
+
     def auth_request(self, extra: list[Payload] | None = None) -> bytes:
         """Build the IKE_AUTH request the way strongSwan lays it out."""
         idi = IDiPayload(self.identity.type, self.identity.data)
@@ -415,8 +447,12 @@ class IkeClient:
         ]
         if self.remote_id is not None:
             payloads.append(IDrPayload(self.remote_id.type, self.remote_id.data))
-        auth = self._auth(self.init_req, self.nonce_r, self.sk_pi, idi.push_body())
-        payloads.append(AuthPayload(AuthMethod.SHARED_KEY_MIC, auth))
+        if self.signer is None:
+            auth = self._auth(self.init_req, self.nonce_r, self.sk_pi, idi.push_body())
+            payloads.append(AuthPayload(AuthMethod.SHARED_KEY_MIC, auth))
+        else:
+            payloads += [CertPayload(4, c.public_bytes(DER)) for c in self.certs]
+            payloads.append(self._signature(idi.push_body()))
         if self.request_config:
             payloads.append(
                 CPPayload(
@@ -558,6 +594,42 @@ class IkeClient:
         return self.seal(
             ExchangeType.CREATE_CHILD_SA, mid, payloads, HeaderFlag.INITIATOR
         )
+
+    def rekey_ike(self) -> bytes:
+        """Build HDR, SK {SA(IKE, new SPIi), Ni, KEi} on the current IKE SA."""
+        proposal = self.ike_proposal()
+        self.new_spi_i = os.urandom(8)
+        proposal.spi = self.new_spi_i
+        self.rekey_nonce = os.urandom(32)
+        self._new_key()
+        payloads: list[Payload] = [
+            SAPayload([proposal]),
+            NoncePayload(self.rekey_nonce),
+            KEPayload(self.dh_group, self.public),
+        ]
+        mid = self.next_mid
+        self.next_mid += 1
+        return self.seal(
+            ExchangeType.CREATE_CHILD_SA, mid, payloads, HeaderFlag.INITIATOR
+        )
+
+    def handle_ike_rekey_response(self, data: bytes) -> None:
+        """Switch to the new IKE SA: SKEYSEED = prf(SK_d, g^ir | Ni | Nr) (2.18)."""
+        payloads = self.open_response(data)
+        errors = [p for p in payloads if isinstance(p, NotifyPayload) and p.is_error]
+        if errors:
+            raise ServerRefused(errors[0].notify_type, errors[0].data)
+        sa = next(p for p in payloads if isinstance(p, SAPayload))
+        nonce = next(p for p in payloads if isinstance(p, NoncePayload))
+        ke = next(p for p in payloads if isinstance(p, KEPayload))
+        assert sa.proposals[0].protocol == ProtocolId.IKE
+        assert len(sa.proposals[0].spi) == 8
+        skeyseed = self.prf(self.sk_d, self._shared(ke.data) + self.rekey_nonce
+                            + nonce.data)  # fmt: skip
+        self.old_spis = (self.spi_i, self.spi_r)
+        self.spi_i, self.spi_r = self.new_spi_i, sa.proposals[0].spi
+        self._set_keys(skeyseed, self.rekey_nonce, nonce.data)
+        self.next_mid = 0
 
     def handle_create_child_response(self, data: bytes) -> ChildResult:
         """Derive the new CHILD SA's keys: prf+(SK_d, [g^ir new |] Ni | Nr)."""

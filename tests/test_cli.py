@@ -50,3 +50,21 @@ def test_format_sessions_one_row_per_child():
     text = format_sessions(sessions)
     assert "alice@example.net" in text and "c0000001/00abcdef" in text
     assert "3/4" in text and text.endswith("1 session(s)")
+
+
+def test_demo_rejects_nonpositive_bytes():
+    proc = subprocess.run([ESPGATE, "demo", "--bytes", "-5"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "must be positive" in proc.stderr
+
+
+def test_selftest_empty_case_list_is_an_error():
+    proc = subprocess.run([ESPGATE, "selftest", "--cases", ""], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "names no case" in proc.stderr
+
+
+def test_format_sessions_without_inside_address_shows_dash():
+    sessions = [{"identity": "bob", "outside": "198.18.1.2:4500", "inside": None,
+                 "children": []}]
+    assert "None" not in format_sessions(sessions)

@@ -98,3 +98,186 @@ def test_parse_missing_profiles():
 def test_load_missing_file_names_it(tmp_path):
     with pytest.raises(ConfigError, match="nope.toml: file"):
         config.load(tmp_path / "nope.toml")
+
+
+CERT_PROFILE = """\
+[[profiles]]
+name = "certs"
+local_identity = "fqdn:vpn.espgate.example"
+local_auth = "rsa-sig"
+remote_auth = ["rsa-sig", "pre-share"]
+psk = "a-long-enough-secret"
+certificate = "pki/server.pem"
+private_key = "pki/server.key"
+ca = ["pki/ca.pem"]
+"""
+
+
+@pytest.fixture(scope="module")
+def pki_dir(tmp_path_factory):
+    from control.lab.pki import LabPki
+
+    base = tmp_path_factory.mktemp("cfg")
+    LabPki.create(base, "rsa", chain=True)
+    return base
+
+
+def test_parse_cert_profile_resolves_paths_next_to_file(pki_dir):
+    cfg = config.parse(CERT_PROFILE, str(pki_dir / "espgate.toml"))
+    p = cfg.profiles[0]
+    assert p.local_auth == "rsa-sig" and p.remote_auth == ("rsa-sig", "pre-share")
+    assert p.certificate == str(pki_dir / "pki/server.pem")
+    assert p.ca == (str(pki_dir / "pki/ca.pem"),)
+
+
+def test_parse_cert_profile_missing_key_names_field(pki_dir):
+    text = CERT_PROFILE.replace('private_key = "pki/server.key"\n', "")
+    with pytest.raises(ConfigError, match=r"profiles\[0\].private_key: missing"):
+        config.parse(text, str(pki_dir / "espgate.toml"))
+
+
+def test_parse_cert_profile_identity_not_in_certificate_rejected(pki_dir):
+    text = CERT_PROFILE.replace("vpn.espgate.example", "other.example")
+    with pytest.raises(ConfigError, match="local_identity"):
+        config.parse(text, str(pki_dir / "espgate.toml"))
+
+
+def test_parse_cert_profile_wrong_key_type_rejected(pki_dir):
+    text = CERT_PROFILE.replace('local_auth = "rsa-sig"', 'local_auth = "ecdsa-sig"')
+    with pytest.raises(ConfigError, match="local_auth: ecdsa-sig with a rsa-sig key"):
+        config.parse(text, str(pki_dir / "espgate.toml"))
+
+
+def test_parse_remote_cert_auth_without_ca_rejected(pki_dir):
+    text = CERT_PROFILE.replace('ca = ["pki/ca.pem"]\n', "")
+    with pytest.raises(ConfigError, match=r"profiles\[0\].ca:"):
+        config.parse(text, str(pki_dir / "espgate.toml"))
+
+
+def test_parse_bad_crl_file_rejected(pki_dir):
+    text = CERT_PROFILE + 'crl = ["pki/ca.pem"]\n'
+    with pytest.raises(ConfigError, match=r"profiles\[0\].crl:"):
+        config.parse(text, str(pki_dir / "espgate.toml"))
+
+
+def test_parse_huge_pool_prefix_rejected_without_listing_it():
+    with pytest.raises(ConfigError, match="more than"):
+        config.parse(GOOD.replace("198.18.128.10-198.18.128.20", "0.0.0.0/0"), "t")
+
+
+@pytest.mark.parametrize("bad", ["127.0.0.1-127.0.0.5", "224.0.0.1-224.0.0.9",
+                                 "0.0.0.0-0.0.0.3", "255.255.255.250-255.255.255.255"])
+def test_parse_pool_of_unusable_addresses_rejected(bad):
+    with pytest.raises(ConfigError, match="cannot use"):
+        config.parse(GOOD.replace("198.18.128.10-198.18.128.20", bad), "t")
+
+
+def test_parse_pool_prefix_with_host_bits_rejected():
+    with pytest.raises(ConfigError, match="pools.office.range"):
+        config.parse(GOOD.replace("198.18.128.10-198.18.128.20", "198.18.128.10/24"),
+                     "t")
+
+
+def test_parse_overlapping_pools_rejected():
+    text = GOOD.replace('[[profiles]]', '[pools.lab]\nrange = "198.18.128.15/32"\n\n'
+                        '[[profiles]]')
+    with pytest.raises(ConfigError, match="overlaps pool 'office'"):
+        config.parse(text, "t")
+
+
+@pytest.mark.parametrize(
+    "psk", ['["my-real-secret-psk-value"]', "98765432109876543210"]
+)
+def test_parse_wrong_psk_type_does_not_echo_it(psk):
+    with pytest.raises(ConfigError) as info:
+        config.parse(GOOD.replace('"a-long-enough-secret"', psk), "t")
+    assert "my-real-secret" not in str(info.value)
+    assert "98765432109876543210" not in str(info.value)
+
+
+def test_parse_profiles_as_table_does_not_echo_contents():
+    with pytest.raises(ConfigError) as info:
+        config.parse(GOOD.replace("[[profiles]]", "[profiles]"), "t")
+    assert "a-long-enough-secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(("old", "new", "field"), [
+    ('listen = "198.18.1.1"', 'listen = "::"', "server.listen"),
+    ('listen = "198.18.1.1"', 'control_socket = "relative.sock"',
+     "server.control_socket"),
+    ('listen = "198.18.1.1"', f'control_socket = "/{"x" * 120}"',
+     "server.control_socket"),
+    ('local_identity = "fqdn:vpn.example.net"', 'local_identity = "ipv4:300.1.1.1"',
+     "profiles[0].local_identity"),
+    ('local_identity = "fqdn:vpn.example.net"', 'local_identity = "fqdn:"',
+     "profiles[0].local_identity"),
+    ('name = "staff"', 'name = ""', "profiles[0].name"),
+    ('pool = "office"', 'pool = "office"\nesp = []', "profiles[0].esp"),
+    ('pool = "office"', 'pool = "office"\nlocal_ts = []', "profiles[0].local_ts"),
+])
+def test_parse_values_that_would_fail_at_runtime_rejected(old, new, field):
+    with pytest.raises(ConfigError) as info:
+        config.parse(GOOD.replace(old, new), "t")
+    assert info.value.fieldname == field
+
+
+def test_load_non_utf8_file_is_a_config_error(tmp_path):
+    path = tmp_path / "binary.toml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        config.load(path)
+
+
+def test_replace_server_checks_overrides():
+    cfg = config.parse(GOOD, "t")
+    with pytest.raises(ConfigError, match="--listen"):
+        config.replace_server(cfg, listen="nope")
+
+
+def test_parse_certificate_map_reads_rules(pki_dir):
+    text = CERT_PROFILE + (
+        'match_certificate = [{ field = "issuer.cn", contains = "client CA" },\n'
+        '                     { field = "subject", equals = "CN=x,O=y" }]\n'
+    )
+    p = config.parse(text, str(pki_dir / "espgate.toml")).profiles[0]
+    assert p.match_certificate == (
+        ("issuer.cn", "contains", "client CA"),
+        ("subject", "equals", "CN=x,O=y"),
+    )
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        '{ field = "serial", equals = "1" }',
+        '{ field = "subject.xx", equals = "1" }',
+        '{ field = "subject", equals = "a", contains = "b" }',
+        '{ field = "subject", startswith = "a" }',
+        '{ field = "subject", equals = "" }',
+        '"subject contains a"',
+    ],
+)
+def test_parse_bad_certificate_map_rule_rejected(pki_dir, rule):
+    text = CERT_PROFILE + f"match_certificate = [{rule}]\n"
+    with pytest.raises(ConfigError, match=r"profiles\[0\].match_certificate"):
+        config.parse(text, str(pki_dir / "espgate.toml"))
+
+
+def test_parse_certificate_map_with_psk_only_rejected():
+    text = GOOD + 'match_certificate = [{ field = "subject.o", equals = "x" }]\n'
+    with pytest.raises(ConfigError, match="needs a certificate remote_auth"):
+        config.parse(text, "t.toml")
+
+
+@pytest.mark.parametrize("pattern", ["dn:XX=1", "keyid:nothex", "ipv4:198.18.0.0/99"])
+def test_parse_bad_identity_pattern_names_it(pattern):
+    text = GOOD + f'match_identity = ["{pattern}"]\n'
+    with pytest.raises(ConfigError, match=r"t.toml:\d+: profiles\[0\].match_identity"):
+        config.parse(text, "t.toml")
+
+
+def test_parse_identity_patterns_of_every_kind():
+    patterns = ["*@example.net", "198.18.0.0/15", "dn:O=espgate lab,OU=ops",
+                "keyid:0a0b", "fqdn:host.example", "ipv6:2001:db8::/32"]
+    text = GOOD + f"match_identity = {patterns!r}\n".replace("'", '"')
+    assert config.parse(text, "t.toml").profiles[0].match_identity == tuple(patterns)

@@ -41,6 +41,7 @@ SPI_AB, SPI_BA = 0x0A0B0001, 0x0B0A0001
 KEY_AB, SALT_AB = bytes(range(16)), b"\x01\x02\x03\x04"
 KEY_BA, SALT_BA = bytes(range(32, 64)), b"\x05\x06\x07\x08"
 WAIT = 15.0
+UDP_SEGMENT = 103
 
 
 def _wait_for(pred: Callable[[], bool], timeout: float = WAIT) -> bool:
@@ -292,19 +293,21 @@ def _can_namespace() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def tunnel() -> Iterator[tuple[Helper, Helper]]:
+def _tunnel(
+    names: tuple[str, str, str, str], options: dict
+) -> Iterator[tuple[Helper, Helper]]:
     reason = _can_namespace()
     if reason:
         pytest.skip(reason)
+    ns_a, ns_b, veth_a, veth_b = names
     helpers: list[Helper] = []
     try:
-        _run("ip", "netns", "add", NS_A)
-        _run("ip", "netns", "add", NS_B)
-        _run("ip", "link", "add", VETH_A, "type", "veth", "peer", "name", VETH_B)
-        _run("ip", "link", "set", VETH_A, "netns", NS_A)
-        _run("ip", "link", "set", VETH_B, "netns", NS_B)
-        for ns, dev, addr in ((NS_A, VETH_A, OUTER_A), (NS_B, VETH_B, OUTER_B)):
+        _run("ip", "netns", "add", ns_a)
+        _run("ip", "netns", "add", ns_b)
+        _run("ip", "link", "add", veth_a, "type", "veth", "peer", "name", veth_b)
+        _run("ip", "link", "set", veth_a, "netns", ns_a)
+        _run("ip", "link", "set", veth_b, "netns", ns_b)
+        for ns, dev, addr in ((ns_a, veth_a, OUTER_A), (ns_b, veth_b, OUTER_B)):
             _run("ip", "-n", ns, "link", "set", "lo", "up")
             _run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             _run("ip", "-n", ns, "link", "set", dev, "up")
@@ -312,30 +315,53 @@ def tunnel() -> Iterator[tuple[Helper, Helper]]:
             "crypto": "ipsec-mb",
             "inner": INNER_A,
             "remote_net": NET_B,
-            "veth": VETH_A,
+            "veth": veth_a,
             "sas": [
                 _sa_cfg(SPI_AB, False, KEY_AB, SALT_AB, OUTER_B, NET_B),
                 _sa_cfg(SPI_BA, True, KEY_BA, SALT_BA, OUTER_B, NET_B),
             ],
+            **options,
         }
         cfg_b = {
             "crypto": "openssl",
             "inner": INNER_B,
             "remote_net": NET_A,
-            "veth": VETH_B,
+            "veth": veth_b,
             "sas": [
                 _sa_cfg(SPI_BA, False, KEY_BA, SALT_BA, OUTER_A, NET_A),
                 _sa_cfg(SPI_AB, True, KEY_AB, SALT_AB, OUTER_A, NET_A),
             ],
+            **options,
         }
-        helpers.append(Helper(NS_A, cfg_a))
-        helpers.append(Helper(NS_B, cfg_b))
+        helpers.append(Helper(ns_a, cfg_a))
+        helpers.append(Helper(ns_b, cfg_b))
         yield helpers[0], helpers[1]
     finally:
         for h in helpers:
             h.close()
-        for ns in (NS_A, NS_B):
+        for ns in (ns_a, ns_b):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def tunnel() -> Iterator[tuple[Helper, Helper]]:
+    yield from _tunnel((NS_A, NS_B, VETH_A, VETH_B), {})
+
+
+@pytest.fixture(scope="module")
+def esn_tunnel() -> Iterator[tuple[Helper, Helper]]:
+    # ESN SAs whose 64-bit counter starts 16 packets below the 32-bit boundary
+    names = (f"egt-fp{PID}e", f"egt-fp{PID}f", f"egfe{PID}"[:15], f"egff{PID}"[:15])
+    extra = {"esn": True, "next_seq": 0xFFFFFFF0}
+    yield from _tunnel(names, {"sa_extra": extra})
+
+
+@pytest.fixture(scope="module")
+def plain_tunnel() -> Iterator[tuple[Helper, Helper]]:
+    # every offload off: plain TUN, one datagram per sendmmsg slot, no coalescing
+    names = (f"egt-fp{PID}c", f"egt-fp{PID}d", f"egfc{PID}"[:15], f"egfd{PID}"[:15])
+    off = {"gso": False, "gro": False, "coalesce": False}
+    yield from _tunnel(names, {"offload": False, "engine": off})
 
 
 def _ping(count: int) -> None:
@@ -375,6 +401,73 @@ def test_tcp_round_trip_byte_exact(tunnel: tuple[Helper, Helper]) -> None:
     sent, received = a.call(cmd="tcp_rt", host=INNER_B, port=port, size=size)
     assert sent == received
     assert a.call(cmd="counters")["udp_tx"] > size // 1400
+
+
+def test_tcp_super_packets_segmented_and_coalesced(
+    tunnel: tuple[Helper, Helper],
+) -> None:
+    a, b = tunnel
+    port = b.call(cmd="tcp_echo", host=INNER_B)
+    size = 4_000_000
+    before_a, before_b = a.call(cmd="counters"), b.call(cmd="counters")
+    sent, received = a.call(cmd="tcp_rt", host=INNER_B, port=port, size=size)
+    assert sent == received
+    ca, cb = a.call(cmd="counters"), b.call(cmd="counters")
+    assert a.call(cmd="features") == {
+        "udp_gso": True,
+        "udp_gro": True,
+        "tun_coalesce": True,
+    }
+    # TSO super-packets from the TUN were cut and sent as UDP GSO runs ...
+    assert ca["tun_gso_rx"] > before_a["tun_gso_rx"]
+    assert ca["tun_segments"] - before_a["tun_segments"] > size // 1400
+    assert ca["udp_gso_tx"] > before_a["udp_gso_tx"]
+    # ... arrived as GRO datagrams and went into B's TUN as TCP super-packets
+    assert cb["udp_gro_rx"] > before_b["udp_gro_rx"]
+    assert cb["tun_gro_tx"] > before_b["tun_gro_tx"]
+    assert cb["tun_malformed"] == 0 and ca["tun_malformed"] == 0
+
+
+def test_udp_super_packet_segmented(tunnel: tuple[Helper, Helper]) -> None:
+    a, b = tunnel
+    port = b.call(cmd="udp_sink", host=INNER_B)
+    before = a.call(cmd="counters")["tun_gso_rx"]
+    payload = bytes((i * 13) & 0xFF for i in range(8000))
+    # one send with UDP_SEGMENT: the TUN hands the engine a UDP_L4 super-packet
+    a.call(cmd="udp_gso_send", host=INNER_B, port=port, payload=payload.hex(), seg=1000)
+    got = b.call(cmd="udp_sink_get", count=8)
+    assert [bytes.fromhex(g) for g in got] == [
+        payload[i : i + 1000] for i in range(0, 8000, 1000)
+    ]
+    assert a.call(cmd="counters")["tun_gso_rx"] > before
+
+
+def test_tcp_round_trip_without_offloads(plain_tunnel: tuple[Helper, Helper]) -> None:
+    a, b = plain_tunnel
+    port = b.call(cmd="tcp_echo", host=INNER_B)
+    sent, received = a.call(cmd="tcp_rt", host=INNER_B, port=port, size=1_000_000)
+    assert sent == received
+    for h in (a, b):
+        c = h.call(cmd="counters")
+        assert c["tun_gso_rx"] == c["udp_gso_tx"] == c["udp_gro_rx"] == 0
+        assert c["tun_gro_tx"] == 0
+        assert c["udp_tx"] > 1_000_000 // 1400
+        assert h.call(cmd="features") == {
+            "udp_gso": False,
+            "udp_gro": False,
+            "tun_coalesce": False,
+        }
+
+
+def test_esn_counter_crosses_32_bits(esn_tunnel: tuple[Helper, Helper]) -> None:
+    a, b = esn_tunnel
+    port = b.call(cmd="tcp_echo", host=INNER_B)
+    sent, received = a.call(cmd="tcp_rt", host=INNER_B, port=port, size=300_000)
+    assert sent == received
+    # RFC 4303 appendix A: the receiver follows the high half it never sees
+    assert a.call(cmd="sa_counters", spi=SPI_AB, inbound=False)["next_seq"] > 1 << 32
+    assert b.call(cmd="sa_counters", spi=SPI_AB, inbound=True)["highest_seq"] > 1 << 32
+    assert _in_drops(b, SPI_AB, "auth") == _in_drops(b, SPI_AB, "replay") == 0
 
 
 def test_replayed_datagram_counted_replay(tunnel: tuple[Helper, Helper]) -> None:
@@ -474,6 +567,18 @@ def _serve_echo_udp(host: str) -> int:
     return int(s.getsockname()[1])
 
 
+def _serve_sink_udp(host: str, sink: queue.Queue) -> int:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, 0))
+
+    def loop() -> None:
+        while True:
+            sink.put(s.recv(65535))
+
+    threading.Thread(target=loop, daemon=True).start()
+    return int(s.getsockname()[1])
+
+
 def _serve_echo_tcp(host: str) -> int:
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.bind((host, 0))
@@ -536,6 +641,7 @@ def _helper() -> None:
     engine: Engine | None = None
     sniffer: _Sniffer | None = None
     keep: list[Any] = []
+    sink: queue.Queue = queue.Queue()
 
     def sa_params(d: dict) -> SAParams:
         return SAParams(
@@ -546,6 +652,8 @@ def _helper() -> None:
             session=1,
             peer=(d["peer"][0], d["peer"][1]),
             remote_ts=tuple(d["remote_ts"]),
+            esn=d.get("esn", False),
+            next_seq=d.get("next_seq", 1),
         )
 
     def configure(cfg: dict) -> str:
@@ -553,7 +661,7 @@ def _helper() -> None:
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         udp.bind(("0.0.0.0", 4500))
         udp.setblocking(False)
-        fd, ifname = open_tun("egtfp%d", 1400)
+        fd, ifname = open_tun("egtfp%d", 1400, offload=cfg.get("offload", True))
         keep.extend([udp, fd])
         subprocess.run(
             ["ip", "addr", "add", f"{cfg['inner']}/32", "dev", ifname], check=True
@@ -572,10 +680,12 @@ def _helper() -> None:
             check=True,
         )
         sniffer = _Sniffer(cfg["veth"])
-        engine = Engine(udp.fileno(), batch=32, crypto=cfg["crypto"])
+        engine = Engine(
+            udp.fileno(), batch=32, crypto=cfg["crypto"], **cfg.get("engine", {})
+        )
         engine.add_session(1, fd)
         for d in cfg["sas"]:
-            engine.install_sa(sa_params(d))
+            engine.install_sa(sa_params({**d, **cfg.get("sa_extra", {})}))
         engine.start(lambda data, addr: ike.put((data, addr)))
         return ifname
 
@@ -629,6 +739,17 @@ def _helper() -> None:
                 result = _serve_echo_udp(cmd["host"])
             elif op == "tcp_echo":
                 result = _serve_echo_tcp(cmd["host"])
+            elif op == "features":
+                assert engine is not None
+                result = engine.features()
+            elif op == "udp_sink":
+                result = _serve_sink_udp(cmd["host"], sink)
+            elif op == "udp_sink_get":
+                result = [sink.get(timeout=WAIT).hex() for _ in range(cmd["count"])]
+            elif op == "udp_gso_send":
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.setsockopt(socket.IPPROTO_UDP, UDP_SEGMENT, cmd["seg"])
+                    s.sendto(bytes.fromhex(cmd["payload"]), (cmd["host"], cmd["port"]))
             elif op == "udp_rt":
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                     s.settimeout(WAIT)

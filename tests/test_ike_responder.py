@@ -7,6 +7,7 @@ Exchanges are written in RFC 7296 notation in the step comments:
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import logging
 from typing import Any
@@ -15,7 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from control.ike.certs import TrustStore
+from control.ike.matching import CertRule
 from control.ike.messages import (
+    CertPayload,
     DeletePayload,
     EncrId,
     ExchangeType,
@@ -40,9 +44,16 @@ from control.ike.responder import (
 )
 
 try:
-    from tests.ikeclient import AuthResult, ChildResult, IkeClient, ServerRefused
+    from tests.ikeclient import (
+        DER,
+        AuthResult,
+        ChildResult,
+        IkeClient,
+        ServerRefused,
+    )
 except ImportError:  # pytest's rootdir-relative import without tests/__init__.py
     from ikeclient import (  # type: ignore[no-redef]
+        DER,
         AuthResult,
         ChildResult,
         IkeClient,
@@ -649,17 +660,70 @@ def test_rekey_with_unaccepted_pfs_group_gets_no_proposal_chosen() -> None:
     assert events(r) == [] and r.sessions()[0]["state"] == "established"
 
 
-def test_ike_rekey_is_refused_with_no_additional_sas() -> None:
+def test_ike_rekey_without_ke_and_with_ts_gets_invalid_syntax() -> None:
     r = make_responder()
     client = IkeClient()
     connect(r, client)
     events(r)
+    # RFC 7296 1.3.2: SA, Ni, KEi and no selectors; this one is a CHILD layout
     request = client.create_child(ike=True)
     (reply,) = exchange(r, request, local=SERVER_NATT, remote=CLIENT_NATT)
     with pytest.raises(ServerRefused) as refused:
         client.handle_create_child_response(reply.data)
-    assert refused.value.notify == NotifyType.NO_ADDITIONAL_SAS
+    assert refused.value.notify == NotifyType.INVALID_SYNTAX
     assert r.sessions()[0]["state"] == "established"
+
+
+@pytest.mark.parametrize("group", [19, 31])
+def test_ike_rekey_moves_session_to_new_sa(group: int) -> None:
+    r = make_responder()
+    client = IkeClient(dh_group=group)
+    connect(r, client)
+    (up,) = [e for e in events(r) if isinstance(e, ChildSAUp)]
+    before = r.sessions()[0]
+
+    # HDR, SK {SA, Ni, KEi} --> <-- HDR, SK {SA, Nr, KEr}
+    request = client.rekey_ike()
+    old = copy.copy(client)
+    (reply,) = exchange(r, request, local=SERVER_NATT, remote=CLIENT_NATT)
+    client.handle_ike_rekey_response(reply.data)
+    (after,) = r.sessions()
+    assert after["id"] == before["id"] == up.session_id
+    assert after["ike_spis"] != before["ike_spis"]
+    assert after["ike_spis"][0] == client.spi_i.hex()
+    assert after["child_spis"] == before["child_spis"]
+    assert r.counters["ike_rekeyed"] == 1
+
+    # the new SA answers at message ID 0 with the independently derived keys
+    (reply,) = exchange(r, client.informational([]), local=SERVER_NATT,
+                        remote=CLIENT_NATT)  # fmt: skip
+    assert client.open_response(reply.data) == []
+
+    # the peer deletes the old SA: nothing of the session goes
+    (reply,) = exchange(r, old.delete_ike(), local=SERVER_NATT, remote=CLIENT_NATT)
+    assert old.open_response(reply.data) == []
+    assert events(r) == [] and r.pool.released == []  # type: ignore[attr-defined]
+
+    # a CHILD rekey on the new SA derives from the new SK_d
+    (reply,) = exchange(r, client.create_child(rekey=True), local=SERVER_NATT,
+                        remote=CLIENT_NATT)  # fmt: skip
+    _check_keys(_child_up(r), client.handle_create_child_response(reply.data))
+
+    # and deleting the new SA ends the session
+    exchange(r, client.delete_ike(), local=SERVER_NATT, remote=CLIENT_NATT)
+    downs = [e for e in events(r) if isinstance(e, IkeSADown)]
+    assert [d.session_id for d in downs] == [up.session_id]
+
+
+def test_ike_rekey_tampered_is_dropped_silently() -> None:
+    r = make_responder()
+    client = IkeClient()
+    connect(r, client)
+    events(r)
+    request = bytearray(client.rekey_ike())
+    request[-1] ^= 1
+    assert exchange(r, bytes(request), local=SERVER_NATT, remote=CLIENT_NATT) == []
+    assert r.counters["drop_integrity"] == 1 and r.counters["ike_rekeyed"] == 0
 
 
 def test_rekey_with_ke_in_unaccepted_group_gets_invalid_ke() -> None:
@@ -701,3 +765,105 @@ def test_first_admitting_profile_is_used() -> None:
         connect(r, IkeClient(psk=b"other"))
     connect(r, IkeClient(identity="someone@example.org", psk=b"other"))
     assert events(r)[0].profile == "all"
+
+
+@pytest.fixture(scope="module")
+def client_pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from control.lab.pki import LabPki
+
+    return LabPki.create(tmp_path_factory.mktemp("pki"), "p256", chain=True)
+
+
+def _cert_profile(name: str, pki: Any, rules: list[CertRule]) -> Profile:
+    return Profile(
+        name,
+        ["*"],
+        Identity.from_string("vpn.example.net"),
+        PSK,
+        remote_auth=["ecdsa-sig"],
+        trust=TrustStore([pki.root.cert]),
+        cert_map=rules,
+    )
+
+
+def _cert_client(pki: Any) -> IkeClient:
+    return IkeClient(
+        identity="client1@espgate.example",
+        signer=pki.client.key,
+        certs=[pki.client.cert, pki.client_intermediate.cert],
+    )
+
+
+def test_certificate_map_selects_profile_and_its_pool(client_pki: Any) -> None:
+    r = make_responder()
+    wrong = _cert_profile("servers", client_pki, [CertRule("issuer.cn", "contains",
+                                                           "server CA")])  # fmt: skip
+    right = _cert_profile("clients", client_pki, [CertRule("issuer.cn", "contains",
+                                                           "client CA")])  # fmt: skip
+    r.config.profiles[:] = [wrong, right]
+    chosen: list[str] = []
+
+    def allocate_for(profile: str, identity: str, session: str) -> Any:
+        chosen.append(profile)
+        return ipaddress.IPv4Address("198.18.200.1")
+
+    r.config.allocate_for_profile = allocate_for
+    result = connect(r, _cert_client(client_pki))
+    assert result.inside_address == ipaddress.IPv4Address("198.18.200.1")
+    assert chosen == ["clients"]
+    assert events(r)[0].profile == "clients"
+
+
+def test_certificate_map_without_match_fails_auth(client_pki: Any) -> None:
+    r = make_responder()
+    rule = CertRule("subject.cn", "equals", "somebody else")
+    r.config.profiles[:] = [_cert_profile("clients", client_pki, [rule])]
+    with pytest.raises(ServerRefused) as refused:
+        connect(r, _cert_client(client_pki))
+    assert refused.value.notify == NotifyType.AUTHENTICATION_FAILED
+    assert r.counters["auth_failed"] == 1
+
+
+def test_certificate_map_refuses_psk_with_a_matching_certificate(
+    client_pki: Any,
+) -> None:
+    # a CERT payload alone proves nothing: a map profile needs its signature
+    r = make_responder()
+    rule = CertRule("issuer.cn", "contains", "client CA")
+    profile = _cert_profile("clients", client_pki, [rule])
+    profile.remote_auth = ["pre-share", "ecdsa-sig"]
+    r.config.profiles[:] = [profile]
+    client = IkeClient(identity="client1@espgate.example")
+    connect_extra = [CertPayload(4, client_pki.client.cert.public_bytes(DER))]
+    (reply,) = exchange(r, client.init_request())
+    client.handle_init_response(reply.data)
+    (reply,) = exchange(r, client.auth_request(extra=connect_extra))
+    with pytest.raises(ServerRefused):
+        client.handle_auth_response(reply.data)
+    assert r.counters["auth_failed"] == 1
+
+
+def test_dn_identity_selects_dn_profile() -> None:
+    r = make_responder()
+    r.config.profiles.insert(
+        0,
+        Profile("ops", ["dn:O=espgate lab,OU=ops"],
+                Identity.from_string("vpn.example.net"), b"ops-psk-0123456789"),
+    )  # fmt: skip
+    dn = "dn:CN=carol,OU=ops,O=espgate lab,C=CH"
+    connect(r, IkeClient(identity=dn, psk=b"ops-psk-0123456789"))
+    up = events(r)[0]
+    assert up.profile == "ops" and up.identity == "CN=carol,OU=ops,O=espgate lab,C=CH"
+
+
+def test_key_id_identity_selects_key_id_profile() -> None:
+    r = make_responder()
+    r.config.profiles.insert(
+        0,
+        Profile("android", ["keyid:a1b2c3d4"],
+                Identity.from_string("vpn.example.net"), b"android-psk-01234567"),
+    )  # fmt: skip
+    connect(r, IkeClient(identity="keyid:a1b2c3d4", psk=b"android-psk-01234567"))
+    assert events(r)[0].profile == "android"
+    with pytest.raises(ServerRefused):
+        connect(r, IkeClient(identity="keyid:a1b2c3d5", psk=b"android-psk-01234567"))

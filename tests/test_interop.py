@@ -22,6 +22,10 @@ pytestmark = [
 ]
 
 ESPGATE = str(Path(sys.executable).with_name("espgate"))
+# the selftest's namespace prefix; set it to run beside another selftest
+# unique to this test run, so a concurrent self-test elsewhere never collides
+LAB = os.environ.get("ESPGATE_LAB_PREFIX", f"egst{os.getpid() % 100000}")
+PREFIX = LAB + "-"
 
 
 def namespaces() -> set[str]:
@@ -32,19 +36,25 @@ def namespaces() -> set[str]:
 @pytest.fixture(scope="module")
 def verdicts(tmp_path_factory):
     out = tmp_path_factory.mktemp("selftest") / "selftest.json"
-    cases = "psk-gcm128,psk-gcm256,psk-gcm128-openssl,ikev2-wrong-psk-rejected"
-    proc = subprocess.Popen([ESPGATE, "selftest", "--cases", cases, "--json", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout, stderr = proc.communicate(timeout=900)
-    print(stdout, stderr[-4000:])
+    cases = ",".join(
+        ["psk-gcm128", "psk-gcm256", "psk-gcm128-openssl", "ikev2-wrong-psk-rejected",
+         "psk-two-clients", "rsa-cert", "ecdsa-cert", "rsa-cert-chain",
+         "asymmetric-cert-psk", "unknown-identity-rejected", "profile-match-identity",
+         "profile-match-certmap", "child-rekey-pfs", "ike-rekey",
+         "rekey-under-traffic-no-loss"]
+    )
+    env = dict(os.environ, ESPGATE_LAB_PREFIX=LAB)
+    proc = subprocess.run([ESPGATE, "selftest", "--cases", cases, "--json", str(out)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    print(proc.stdout, proc.stderr[-4000:])
     results = {r["case"]: r for r in json.loads(out.read_text())}
-    return results, proc.pid, namespaces()
+    return results, namespaces()
 
 
 @pytest.mark.parametrize(("case", "bits"), [("psk-gcm128", 128), ("psk-gcm256", 256),
                                             ("psk-gcm128-openssl", 128)])
 def test_tunnel_carries_checked_traffic(verdicts, case, bits):
-    results, _, _ = verdicts
+    results, _ = verdicts
     r = results[case]
     assert r["passed"], r["detail"]["failures"]
     d = r["detail"]
@@ -59,13 +69,76 @@ def test_tunnel_carries_checked_traffic(verdicts, case, bits):
 
 
 def test_wrong_psk_rejected(verdicts):
-    results, _, _ = verdicts
+    results, _ = verdicts
     r = results["ikev2-wrong-psk-rejected"]
     assert r["passed"], r["detail"]["failures"]
     assert r["detail"]["initiated"] is False
 
 
 def test_selftest_leaves_no_namespaces(verdicts):
-    _, proc_pid, after = verdicts
-    ours = f"egst{proc_pid % 100000}-"
-    assert not {ns for ns in after if ns.startswith(ours)}
+    _, after = verdicts
+    assert not {ns for ns in after if ns.startswith(PREFIX)}
+
+
+@pytest.mark.parametrize(
+    "case", ["rsa-cert", "ecdsa-cert", "rsa-cert-chain", "asymmetric-cert-psk"]
+)
+def test_certificate_auth_carries_checked_traffic(verdicts, case):
+    results, _ = verdicts
+    r = results[case]
+    assert r["passed"], r["detail"]["failures"]
+    d = r["detail"]
+    assert d["transfer"]["match"] and d["ping"]["loss_pct"] == 0
+    assert any("vpn.espgate.example" in line for line in d["client_auth_log"])
+
+
+def test_two_clients_each_carry_traffic(verdicts):
+    results, _ = verdicts
+    r = results["psk-two-clients"]
+    assert r["passed"], r["detail"]["failures"]
+    addrs = r["detail"]["inside_addresses"]
+    assert len(set(addrs)) == 2
+    for n in (1, 2):
+        assert r["detail"][f"client{n}"]["transfer"]["match"]
+
+
+def test_unknown_identity_rejected(verdicts):
+    results, _ = verdicts
+    r = results["unknown-identity-rejected"]
+    assert r["passed"], r["detail"]["failures"]
+    assert r["detail"]["initiated"] is False
+
+
+@pytest.mark.parametrize(
+    ("case", "labels"),
+    [("profile-match-identity", ["android", "ops", "branch"]),
+     ("profile-match-certmap", ["client-ca", "server-ca"])],
+)
+def test_profile_selection_carries_checked_traffic(verdicts, case, labels):
+    results, _ = verdicts
+    r = results[case]
+    assert r["passed"], r["detail"]["failures"]
+    for label in labels:
+        d = r["detail"][label]
+        assert d["transfer"]["match"] and d["ping"]["loss_pct"] == 0
+        assert d["inside_address"].startswith("198.18.128.")
+
+
+@pytest.mark.parametrize("case", ["child-rekey-pfs", "ike-rekey"])
+def test_rekey_leaves_one_working_child_sa(verdicts, case):
+    results, _ = verdicts
+    r = results[case]
+    assert r["passed"], r["detail"]["failures"]
+    d = r["detail"]
+    assert d["transfer"]["match"] and d["ping"]["loss_pct"] == 0
+    assert len(d["headend_children"]) == 1
+    for step in d["child_spis"]:
+        assert step["before"] != step["after"]
+
+
+def test_rekey_under_traffic_loses_nothing(verdicts):
+    results, _ = verdicts
+    r = results["rekey-under-traffic-no-loss"]
+    assert r["passed"], r["detail"]["failures"]
+    ping = r["detail"]["ping_during_rekeys"]
+    assert ping["received"] == ping["sent"] >= 250

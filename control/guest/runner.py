@@ -262,7 +262,6 @@ ln -sf /proc/self/fd $r/dev/fd
 ln -sf /proc/self/fd/0 $r/dev/stdin
 ln -sf /proc/self/fd/1 $r/dev/stdout
 ln -sf /proc/self/fd/2 $r/dev/stderr
-mount -t tmpfs tmp $r/tmp
 mount -t tmpfs run $r/run
 mkdir -p $r/run/espgate-guest
 mount --bind /out $r/run/espgate-guest

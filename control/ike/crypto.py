@@ -314,11 +314,18 @@ def derive_child_keys(
 KEY_PAD = b"Key Pad for IKEv2"
 
 
+def signed_octets(
+    prf: Prf, real_message: bytes, nonce: bytes, sk_p: bytes, id_body: bytes
+) -> bytes:
+    """Return RealMessage | Nonce | prf(SK_p, ID'), what AUTH covers (2.15)."""
+    return real_message + nonce + prf(sk_p, id_body)
+
+
 def psk_auth(
     prf: Prf, psk: bytes, real_message: bytes, nonce: bytes, sk_p: bytes, id_body: bytes
 ) -> bytes:
     """Compute AUTH = prf(prf(PSK, "Key Pad for IKEv2"), <signed octets>)."""
-    signed = real_message + nonce + prf(sk_p, id_body)
+    signed = signed_octets(prf, real_message, nonce, sk_p, id_body)
     return prf(prf(psk, KEY_PAD), signed)
 
 

@@ -25,9 +25,10 @@ the address allocator returns None the IKE SA stays up without a CHILD SA, as
 RFC 7296 3.15.4 describes; the client normally deletes it. Events are only
 emitted for SAs that authenticated: a half-open SA dies silently. INITIAL_CONTACT
 replaces older SAs of the same identity. CREATE_CHILD_SA creates or rekeys
-CHILD SAs (with PFS when offered); IKE SA rekeying is refused with
-NO_ADDITIONAL_SAS for now. `PeerMoved` (beyond the core API) reports an
-authenticated change of the peer's address.
+CHILD SAs (with PFS when offered) and rekeys the IKE SA
+(`control.ike.rekey`): the session keeps its id across IKE SA generations.
+`PeerMoved` (beyond the core API) reports an authenticated change of the
+peer's address.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from cryptography.hazmat.primitives.hashes import SHA256
 
 from control.ike.crypto import IntegrityError, Prf, open_message, seal_message
 from control.ike.events import (
@@ -229,6 +232,7 @@ class IkeResponder:
                 "established": ike.established_at,
             }
             for ike in self._sas.values()
+            if not ike.superseded
         ]
 
     # -- helpers the tasks use --------------------------------------------------
@@ -237,6 +241,15 @@ class IkeResponder:
         if prf_id not in self._prfs:
             self._prfs[prf_id] = Prf(prf_id)
         return self._prfs[prf_id]
+
+    def trust_anchors(self) -> list[Any]:
+        """Return the trust anchors of all profiles, each once (for CERTREQ)."""
+        seen: dict[bytes, Any] = {}
+        for profile in self.config.profiles:
+            if profile.trust is not None:
+                for cert in profile.trust.anchors:
+                    seen.setdefault(cert.fingerprint(SHA256()), cert)
+        return list(seen.values())
 
     def new_ike_spi(self) -> bytes:
         while True:
@@ -252,10 +265,22 @@ class IkeResponder:
                 self._child_spis.add(spi)
                 return spi
 
+    def ike_rekeyed(self, old: IkeSA, new: IkeSA, now: float) -> None:
+        """Move the session from `old` to its rekeyed `new` IKE SA (RFC 7296 2.18)."""
+        new.profile, new.identity = old.profile, old.identity
+        new.inside_address, old.inside_address = old.inside_address, None
+        new.children, old.children = old.children, {}
+        old.superseded = True
+        new.set_state(IkeState.ESTABLISHED)
+        new.established_at = now
+        self._sas[new.spi_r] = new
+        self.counters["ike_rekeyed"] += 1
+        old.log.info("ike sa rekeyed, new spis %s/%s", new.spi_i.hex(), new.spi_r.hex())
+
     def drop_identity(self, identity: str, keep: IkeSA) -> None:
         """Forget other SAs of `identity` (INITIAL_CONTACT)."""
         for ike in list(self._sas.values()):
-            if ike is not keep and ike.identity == identity:
+            if ike is not keep and ike.identity == identity and not ike.superseded:
                 self._kill(ike, "replaced by initial contact")
 
     # -- receive path ---------------------------------------------------------------
@@ -623,7 +648,9 @@ class IkeResponder:
                 self.config.release_address(address)
             except Exception:
                 ike.log.exception("address release failed")
-        if was_up:
+        if ike.superseded:
+            ike.log.debug("rekeyed ike sa gone: %s", reason)
+        elif was_up:
             self.counters["ike_sa_down"] += 1
             ike.log.info("ike sa down: %s", reason)
             self._events.append(IkeSADown(ike.session_id, reason))
@@ -631,10 +658,14 @@ class IkeResponder:
             ike.log.debug("half-open sa gone: %s", reason)
 
     def _by_session(self, session_id: str) -> IkeSA | None:
-        try:
-            return self._sas.get(bytes.fromhex(session_id))
-        except ValueError:
-            return None
+        return next(
+            (
+                ike
+                for ike in self._sas.values()
+                if ike.session_id == session_id and not ike.superseded
+            ),
+            None,
+        )
 
     def _send(self, data: bytes, local: Address, remote: Address) -> None:
         self.counters["tx"] += 1

@@ -92,6 +92,9 @@ class IkeSA:
     cipher_out: SkCipher = field(repr=False)
     peer_behind_nat: bool = False
     self_behind_nat: bool = False
+    # RFC 7427 hashes the peer can verify; CA hashes from its CERTREQs
+    peer_sig_hashes: list[int] = field(default_factory=list)
+    peer_certreq: list[bytes] = field(default_factory=list, repr=False)
     state: IkeState = IkeState.HALF_OPEN
     half_open_deadline: float | None = None
     established_at: float | None = None
@@ -110,13 +113,17 @@ class IkeSA:
     identity: str | None = None
     inside_address: ipaddress.IPv4Address | None = None
     children: dict[int, ChildSA] = field(default_factory=dict)
+    # the session this SA serves: its first SA's SPIr, kept across IKE rekeys
+    session: str = ""
+    # replaced by a rekey (RFC 7296 2.18); waits for the peer's delete
+    superseded: bool = False
 
     def __post_init__(self) -> None:
         self.log = SessionLogger(logger, {"session": self.session_id})
 
     @property
     def session_id(self) -> str:
-        return self.spi_r.hex()
+        return self.session or self.spi_r.hex()
 
     @property
     def nat_detected(self) -> bool:

@@ -11,33 +11,53 @@ leave the CHILD SA out.
     IKE_SA_INIT      IkeInitTask (no SA exists yet; run on its own)
     IKE_AUTH         AuthTask -> ConfigTask -> ChildCreateTask
     INFORMATIONAL    DeleteTask -> LivenessTask
-    CREATE_CHILD_SA  ChildRekeyTask (new or rekeyed CHILD SA; IKE rekey refused)
+    CREATE_CHILD_SA  IkeRekeyTask (control.ike.rekey) -> ChildRekeyTask (new or
+                     rekeyed CHILD SA); each leaves the other's requests alone
 
 Which payloads each request may carry, and how many, is data: `REQUEST_RULES`.
 """
 
 from __future__ import annotations
 
+import datetime
 import hmac
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from control.ike import trafficsel
+from control.ike.certs import (
+    CERT_X509_SIGNATURE,
+    SIGNATURE_METHODS,
+    CertError,
+    certreq_data,
+    identity_in_cert,
+    parse_signature_hashes,
+    sign_auth,
+    signature_hash_data,
+    verify_auth,
+)
 from control.ike.crypto import (
+    KEY_PAD,
     derive_child_keys,
     derive_ike_keys,
     nat_detection_hash,
     new_key_exchange,
     new_sk_cipher,
-    psk_auth,
+    signed_octets,
 )
 from control.ike.events import Address, ChildSADown, ChildSAUp, Event
+from control.ike.matching import select_profile
 from control.ike.messages import (
     IKE_VERSION,
     AuthMethod,
     AuthPayload,
+    CertPayload,
+    CertReqPayload,
     CfgAttribute,
     CfgType,
     ConfigAttribute,
@@ -154,6 +174,24 @@ def notifies(payloads: list[Payload], ntype: int) -> list[NotifyPayload]:
     ]
 
 
+def peer_leaf(payloads: list[Payload]) -> x509.Certificate | None:
+    """Return the first X.509 CERT payload's certificate, None if none or junk."""
+    cert = next(
+        (
+            p
+            for p in payloads
+            if isinstance(p, CertPayload) and p.encoding == CERT_X509_SIGNATURE
+        ),
+        None,
+    )
+    if cert is None:
+        return None
+    try:
+        return x509.load_der_x509_certificate(cert.data)
+    except ValueError:
+        return None
+
+
 def address_bytes(address: Address) -> bytes:
     return ipaddress.ip_address(address[0]).packed
 
@@ -258,12 +296,16 @@ class IkeInitTask:
         cipher_in = new_sk_cipher(a.encr, a.integ, keys.sk_ei, keys.sk_ai, rng)
         cipher_out = new_sk_cipher(a.encr, a.integ, keys.sk_er, keys.sk_ar, rng)
 
-        # response: SA, KE, Nonce, and our NAT detection if the peer sent its own
+        # response: SA, KE, Nonce, CERTREQ for the CAs we trust, and our NAT
+        # detection if the peer sent its own
         payloads: list[Payload] = [
             SAPayload([choice.reply()]),
             KEPayload(choice.dh_group, kex.public),
             NoncePayload(nonce_r),
         ]
+        anchors = responder.trust_anchors()
+        if anchors:
+            payloads.append(CertReqPayload(CERT_X509_SIGNATURE, certreq_data(anchors)))
         if sources or dests:
             payloads += [
                 NotifyPayload(
@@ -283,6 +325,17 @@ class IkeInitTask:
                     ),
                 ),
             ]
+        # RFC 7427 4: answer the peer's hash list with ours
+        peer_hashes = notifies(message.payloads, NotifyType.SIGNATURE_HASH_ALGORITHMS)
+        if peer_hashes:
+            payloads.append(
+                NotifyPayload(
+                    ProtocolId.NONE,
+                    NotifyType.SIGNATURE_HASH_ALGORITHMS,
+                    b"",
+                    signature_hash_data(),
+                )
+            )
         reply = Message(
             Header(
                 header.spi_i,
@@ -315,6 +368,9 @@ class IkeInitTask:
             peer_behind_nat=peer_behind_nat,
             self_behind_nat=self_behind_nat,
             half_open_deadline=now + responder.config.half_open_timeout,
+            peer_sig_hashes=[
+                h for n in peer_hashes for h in parse_signature_hashes(n.data)
+            ],
         )
         return InitResult(ike, response)
 
@@ -349,7 +405,12 @@ class Task:
 
 
 class AuthTask(Task):
-    """Identities, profile lookup and PSK authentication both ways (RFC 7296 2.15)."""
+    """Identities, profile lookup and authentication both ways (RFC 7296 2.15).
+
+    The peer proves itself by PSK or by a signature with a certificate the
+    profile's trust store accepts (RFC 7427, or the older RSA/ECDSA methods);
+    we answer by our profile's own method, which may differ (asymmetric auth).
+    """
 
     profile: Profile
     local_id: Identity
@@ -366,34 +427,49 @@ class AuthTask(Task):
         )
         profiles = self.responder.config.profiles
 
-        # profile: the first that admits the remote identity (the daemon's
-        # address callbacks rely on that same rule)
-        profile = next((p for p in profiles if p.admits(identity)), None)
+        # profile: the first that admits the remote identity and, for a
+        # certificate map, the (not yet verified) end-entity certificate
+        leaf = peer_leaf(ex.request)
+        profile = select_profile(profiles, identity.type, identity.data, leaf)
         if profile is None:
-            return self._fail(ex, "unknown identity %s", identity)
+            subject = leaf.subject.rfc4514_string() if leaf else "no certificate"
+            return self._fail(
+                ex, "no profile matches identity %s", f"{identity} ({subject})"
+            )
+        ike.log.debug("identity %s selects profile %s", identity, profile.name)
         if ike.algorithms not in profile.ike_proposals or (
             ike.dh_group not in profile.dh_groups
         ):
             return self._fail(ex, "profile %s refuses the IKE algorithms", profile.name)
 
-        # RFC 7296 2.15: AUTH = prf(prf(PSK, "Key Pad for IKEv2"), RealMessage1 |
-        # NonceRData | prf(SK_pi, IDi'))
-        # TODO: EAP (an IKE_AUTH without AUTH) and certificates.
-        if (
-            not isinstance(auth, AuthPayload)
-            or auth.method != AuthMethod.SHARED_KEY_MIC
-        ):
-            return self._fail(ex, "%s offers no shared key auth", identity)
-        expected = psk_auth(
-            ike.prf,
-            profile.psk,
-            ike.init_request,
-            ike.nonce_r,
-            ike.keys.sk_pi,
-            idi.push_body(),
+        # RFC 7296 3.7: remember which CAs the peer asked our chain to lead to
+        for req in ex.request:
+            if isinstance(req, CertReqPayload) and req.encoding == CERT_X509_SIGNATURE:
+                data = req.data
+                ike.peer_certreq += [data[i : i + 20] for i in range(0, len(data), 20)]
+
+        # TODO: EAP (an IKE_AUTH without AUTH).
+        if not isinstance(auth, AuthPayload):
+            return self._fail(ex, "%s sends no AUTH payload", identity)
+        octets = signed_octets(
+            ike.prf, ike.init_request, ike.nonce_r, ike.keys.sk_pi, idi.push_body()
         )
-        if not hmac.compare_digest(expected, auth.data):
-            return self._fail(ex, "wrong PSK from %s", identity)
+        if profile.cert_map and auth.method not in SIGNATURE_METHODS:
+            # the map read an unverified certificate: only a signature by it counts
+            return self._fail(ex, "profile %s needs a certificate", profile.name)
+        if auth.method == AuthMethod.SHARED_KEY_MIC:
+            if "pre-share" not in profile.remote_auth:
+                return self._fail(ex, "profile %s refuses PSK auth", profile.name)
+            # RFC 7296 2.15: AUTH = prf(prf(PSK, "Key Pad for IKEv2"), octets)
+            expected = ike.prf(ike.prf(profile.psk, KEY_PAD), octets)
+            if not hmac.compare_digest(expected, auth.data):
+                return self._fail(ex, "wrong PSK from %s", identity)
+        elif auth.method in SIGNATURE_METHODS:
+            problem = self._check_signature(ex, profile, identity, auth, octets)
+            if problem is not None:
+                return self._fail(ex, "%s", f"{identity}: {problem}")
+        else:
+            return self._fail(ex, "auth method %d not supported", auth.method)
 
         # our identity: the one asked for if it is ours, else the profile's
         local_ids = {p.local_id for p in profiles}
@@ -410,6 +486,45 @@ class AuthTask(Task):
         if notifies(ex.request, NotifyType.INITIAL_CONTACT):
             self.responder.drop_identity(ike.identity, ike)
 
+    def _check_signature(
+        self,
+        ex: Exchange,
+        profile: Profile,
+        identity: Identity,
+        auth: AuthPayload,
+        octets: bytes,
+    ) -> str | None:
+        """Verify chain, identity binding and signature; return the problem."""
+        if profile.trust is None:
+            return f"profile {profile.name} accepts no certificates"
+        certs: list[x509.Certificate] = []
+        for payload in ex.request:
+            if not isinstance(payload, CertPayload):
+                continue
+            if payload.encoding != CERT_X509_SIGNATURE:
+                continue
+            try:
+                certs.append(x509.load_der_x509_certificate(payload.data))
+            except ValueError:
+                return "undecodable certificate"
+        # RFC 7296 3.6: the first CERT holds the key that signs AUTH
+        if not certs:
+            return "signature auth without a certificate"
+        clock = self.responder.config.wall_clock()
+        now = datetime.datetime.fromtimestamp(clock, datetime.UTC)
+        try:
+            profile.trust.verify(certs[0], certs[1:], now)
+            kind = verify_auth(certs[0], auth.method, auth.data, octets)
+        except CertError as exc:
+            return str(exc)
+        if not profile.accepts_signature(kind):
+            return f"profile {profile.name} refuses {kind} signatures"
+        # RFC 7296 3.5: the identity must be the certificate's
+        if not identity_in_cert(identity.type, identity.data, certs[0]):
+            return "identity is not in the certificate"
+        ex.ike.log.debug("certificate %s verified", certs[0].subject.rfc4514_string())
+        return None
+
     def _fail(self, ex: Exchange, what: str, arg: object) -> None:
         self.responder.counters["auth_failed"] += 1
         ex.ike.log.warning("authentication failed: " + what, arg)
@@ -417,17 +532,25 @@ class AuthTask(Task):
 
     def build(self, ex: Exchange) -> None:
         ike = ex.ike
+        profile = self.profile
         idr = IDrPayload(self.local_id.type, self.local_id.data)
         # RFC 7296 2.15: RealMessage2 | NonceIData | prf(SK_pr, IDr')
-        data = psk_auth(
-            ike.prf,
-            self.profile.psk,
-            ike.init_response,
-            ike.nonce_i,
-            ike.keys.sk_pr,
-            idr.push_body(),
+        octets = signed_octets(
+            ike.prf, ike.init_response, ike.nonce_i, ike.keys.sk_pr, idr.push_body()
         )
-        ex.response += [idr, AuthPayload(AuthMethod.SHARED_KEY_MIC, data)]
+        if profile.local_auth == "pre-share":
+            data = ike.prf(ike.prf(profile.psk, KEY_PAD), octets)
+            ex.response += [idr, AuthPayload(AuthMethod.SHARED_KEY_MIC, data)]
+            return
+        credential = profile.credential
+        assert credential is not None
+        # RFC 7296 3.6: our end-entity certificate first, then the chain
+        certs = [
+            CertPayload(CERT_X509_SIGNATURE, cert.public_bytes(Encoding.DER))
+            for cert in credential.certs_for(ike.peer_certreq)
+        ]
+        method, data = sign_auth(credential.key, octets, ike.peer_sig_hashes)
+        ex.response += [idr, *certs, AuthPayload(method, data)]
 
 
 class ConfigTask(Task):
@@ -440,11 +563,15 @@ class ConfigTask(Task):
             # RFC 7296 3.10.1: we require config mode, so say so
             ex.child_error = NotifyType.FAILED_CP_REQUIRED
             return
-        assert ike.identity is not None
+        assert ike.identity is not None and ike.profile is not None
+        config = self.responder.config
         try:
-            address = self.responder.config.allocate_address(
-                ike.identity, ike.session_id
-            )
+            if config.allocate_for_profile is not None:
+                address = config.allocate_for_profile(
+                    ike.profile.name, ike.identity, ike.session_id
+                )
+            else:
+                address = config.allocate_address(ike.identity, ike.session_id)
         except Exception:
             ike.log.exception("address allocator failed")
             address = None
@@ -598,9 +725,8 @@ class ChildRekeyTask(ChildCreateTask):
         tsi = first(ex.request, TSiPayload)
         tsr = first(ex.request, TSrPayload)
         assert isinstance(sa, SAPayload) and isinstance(nonce, NoncePayload)
-        # TODO: IKE SA rekey (RFC 7296 1.3.2); refused so the peer reauthenticates.
+        # an IKE SA rekey is IkeRekeyTask's (control.ike.rekey)
         if any(p.protocol == ProtocolId.IKE for p in sa.proposals):
-            ex.fatal = ProtocolError(NotifyType.NO_ADDITIONAL_SAS)
             return
         # RFC 7296 1.3.3: REKEY_SA names the SA by the initiator's inbound SPI
         for notify in notifies(ex.request, NotifyType.REKEY_SA):
@@ -629,7 +755,8 @@ class ChildRekeyTask(ChildCreateTask):
             ex.fatal = exc
 
     def build(self, ex: Exchange) -> None:
-        assert self.child is not None
+        if self.child is None:
+            return
         # RFC 7296 1.3.1: HDR, SK {SA, Nr, [KEr], TSi, TSr}
         ex.response += [
             SAPayload([self.choice.reply(self.child.spi_in.to_bytes(4, "big"))]),
@@ -679,8 +806,14 @@ class LivenessTask(Task):
     """Empty INFORMATIONAL requests are liveness checks: an empty answer (2.4)."""
 
 
+def _ike_rekey_task(responder: IkeResponder) -> Task:
+    from control.ike.rekey import IkeRekeyTask  # it builds on this module
+
+    return IkeRekeyTask(responder)
+
+
 EXCHANGE_TASKS: dict[int, tuple[Callable[[IkeResponder], Task], ...]] = {
     ExchangeType.IKE_AUTH: (AuthTask, ConfigTask, ChildCreateTask),
     ExchangeType.INFORMATIONAL: (DeleteTask, LivenessTask),
-    ExchangeType.CREATE_CHILD_SA: (ChildRekeyTask,),
+    ExchangeType.CREATE_CHILD_SA: (_ike_rekey_task, ChildRekeyTask),
 }

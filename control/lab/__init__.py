@@ -21,6 +21,7 @@ demo, `espgate selftest` and the interop tests::
 """
 
 from control.lab.capture import Capture
+from control.lab.pki import LabPki
 from control.lab.procs import ManagedProcess, ProcessSet
 from control.lab.strongswan import (
     StrongSwanClient,
@@ -33,6 +34,7 @@ from control.lab.traffic import TransferError, ping, tcp_transfer
 __all__ = [
     "Capture",
     "CommandError",
+    "LabPki",
     "ManagedProcess",
     "ProcessSet",
     "StrongSwanClient",

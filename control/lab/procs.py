@@ -14,15 +14,17 @@ harness (which then stops the set) rather than every child at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 log = logging.getLogger("espgate.lab")
 
@@ -173,3 +175,24 @@ def wait_for(
         if time.monotonic() >= deadline:
             raise TimeoutError(f"Timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def interrupt_once() -> Iterator[None]:
+    """Turn the first SIGINT/SIGTERM into KeyboardInterrupt, ignore the rest.
+
+    A second Ctrl-C must not cut the clean-up the first one started short,
+    or namespaces and daemons would outlive the run.
+    """
+
+    def first(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    saved = {s: signal.signal(s, first) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)

@@ -176,8 +176,10 @@ class _Charon:
         *,
         psk: bytes,
         charon_conf: Settings | None,
+        files: Mapping[str, bytes] | None = None,
     ) -> None:
         assert psk, "PSK must not be empty"
+        self._files = dict(files or {})
         self.topo = topo
         self.ns = ns
         self.workdir = Path(workdir).resolve()
@@ -206,6 +208,16 @@ class _Charon:
         for sub in ("conf.d", "x509", "x509ca", "private", "rsa", "ecdsa", "pkcs8"):
             (self.swanctl_dir / sub).mkdir(exist_ok=True)
         self.conf_path.write_text(render_settings(self._strongswan_conf()) + "\n")
+
+        # certificates and keys, by swanctl sub-path ("x509/a.pem", "private/a.key")
+        for name, data in self._files.items():
+            target = (self.swanctl_dir / name).resolve()
+            assert target.parent.parent == self.swanctl_dir.resolve(), (
+                f"File outside the swanctl directory: {name}"
+            )
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
 
         # the PSK exists only here, never on a command line or in a log
         fd = os.open(
@@ -245,7 +257,9 @@ class _Charon:
         }
         return {
             "charon": _merge(charon, self._charon_conf),
-            "swanctl": {"load": "pem pkcs1 pkcs8 x509 revocation constraints pubkey"},
+            "swanctl": {
+                "load": "pem pkcs1 pkcs8 x509 revocation constraints pubkey openssl"
+            },
         }
 
     def _swanctl_conf(self) -> dict[str, Any]:
@@ -369,7 +383,12 @@ class _Charon:
 
 
 class StrongSwanClient(_Charon):
-    """A strongSwan road-warrior client in the lab's cli namespace."""
+    """A strongSwan road-warrior client in one of the lab's client namespaces.
+
+    `client` picks the namespace: 1 is `cli`, n the n-th of `Topology(clients=N)`.
+    `files` are written under the swanctl directory (certificates, keys), and
+    `extra_conf` merges into the connection (e.g. local auth = pubkey).
+    """
 
     role = "client"
 
@@ -388,8 +407,18 @@ class StrongSwanClient(_Charon):
         remote_addr: str | None = None,
         extra_conf: Settings | None = None,
         charon_conf: Settings | None = None,
+        client: int = 1,
+        files: Mapping[str, bytes] | None = None,
     ) -> None:
-        super().__init__(topo, workdir, topo.cli, psk=psk, charon_conf=charon_conf)
+        self.link = topo.client_link(client)
+        super().__init__(
+            topo,
+            workdir,
+            self.link.ns,
+            psk=psk,
+            charon_conf=charon_conf,
+            files=files,
+        )
         self.remote_id = remote_id
         self.local_id = local_id
         self.esp = esp
@@ -402,7 +431,7 @@ class StrongSwanClient(_Charon):
     def _swanctl_conf(self) -> dict[str, Any]:
         conn: dict[str, Any] = {
             "version": 2,
-            "local_addrs": self.topo.cli_outer_ip,
+            "local_addrs": self.link.outer_ip,
             "remote_addrs": self.remote_addr,
             "proposals": self.ike,
             "encap": True,

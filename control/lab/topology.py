@@ -1,4 +1,4 @@
-"""Three network namespaces wired as client, headend and inside server.
+"""Network namespaces wired as one or more clients, headend and inside server.
 
 Theory of operation::
 
@@ -6,10 +6,18 @@ Theory of operation::
     198.18.1.2/24 --veth-- 198.18.1.1/24   198.19.1.1/24 --veth-- 198.19.1.2/24
      {prefix}o1             {prefix}o0       {prefix}i0            {prefix}i1
                            ip_forward=1                  route 198.18.128.0/24
-                                                          via 198.19.1.1
+    {prefix}-cliN                 |                       via 198.19.1.1
+    198.18.N.2/24 --veth-- 198.18.N.1/24
+     {prefix}cN             {prefix}hN
+     route 198.18.1.1/32 via 198.18.N.1
 
 The "outer" link carries IKE and ESP between the client and the headend; the
-"inside" link leads to the protected network. Each veth pair is created with
+"inside" link leads to the protected network. With `clients=N` the clients
+2..N each get their own namespace and /24 link to the hub, and a host route
+to the hub's first outer address, where the headend listens: two charons
+cannot share a namespace (ports 500/4500 and kernel-libipsec's ipsec0). The
+first client keeps the attributes `cli`, `cli_outer_if`, `cli_outer_ip`, ...;
+`client_links` describes all of them. Each veth pair is created with
 both ends placed straight into their namespaces, so no interface name ever
 exists in the host namespace. IPv6 is switched off and both links get
 permanent neighbour entries, so a capture on the outer link sees only the
@@ -21,10 +29,12 @@ happened inside the block.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -32,7 +42,9 @@ from control.lab.procs import netns_argv
 
 log = logging.getLogger("espgate.lab")
 
-__all__ = ["CommandError", "Topology", "TopologyError", "list_netns"]
+__all__ = ["ClientLink", "CommandError", "Topology", "TopologyError", "list_netns"]
+
+MAX_CLIENTS = 9
 
 
 class TopologyError(RuntimeError):
@@ -62,8 +74,20 @@ def _netns_pids(ns: str) -> list[int]:
     return [int(tok) for tok in out.split()]
 
 
+@dataclass(frozen=True)
+class ClientLink:
+    """One client namespace and its outer link to the hub."""
+
+    index: int
+    ns: str
+    outer_if: str
+    outer_ip: str
+    hub_if: str
+    hub_ip: str
+
+
 class Topology:
-    """Create the cli/hub/srv namespaces on enter and delete them on exit."""
+    """Create the cli(s)/hub/srv namespaces on enter and delete them on exit."""
 
     pool = "198.18.128.0/24"
     inside_net = "198.19.1.0/24"
@@ -79,9 +103,11 @@ class Topology:
         workdir: Path | None = None,
         *,
         reuse_stale: bool = False,
+        clients: int = 1,
     ) -> None:
         # interface names are {prefix}o0 etc.; Linux allows 15 characters
         assert 1 <= len(prefix) <= 12, f"Prefix too long for interface names: {prefix}"
+        assert 1 <= clients <= MAX_CLIENTS, f"Clients out of range 1..9: {clients}"
         self.prefix = prefix
         self.workdir = Path(workdir) if workdir is not None else None
         self.reuse_stale = reuse_stale
@@ -92,12 +118,39 @@ class Topology:
         self.cli_outer_if = f"{prefix}o1"
         self.hub_inside_if = f"{prefix}i0"
         self.srv_if = f"{prefix}i1"
+        self.client_links = [
+            ClientLink(
+                1,
+                self.cli,
+                self.cli_outer_if,
+                self.cli_outer_ip,
+                self.hub_outer_if,
+                self.hub_outer_ip,
+            )
+        ]
+        for n in range(2, clients + 1):
+            self.client_links.append(
+                ClientLink(
+                    n,
+                    f"{prefix}-cli{n}",
+                    f"{prefix}c{n}",
+                    f"198.18.{n}.2",
+                    f"{prefix}h{n}",
+                    f"198.18.{n}.1",
+                )
+            )
         self._created: list[str] = []
 
     @property
-    def namespaces(self) -> tuple[str, str, str]:
-        """Return the three namespace names (hub, cli, srv)."""
-        return (self.hub, self.cli, self.srv)
+    def namespaces(self) -> tuple[str, ...]:
+        """Return the namespace names (hub, cli, srv, then cli2 ...)."""
+        extra = tuple(link.ns for link in self.client_links[1:])
+        return (self.hub, self.cli, self.srv, *extra)
+
+    def client_link(self, index: int) -> ClientLink:
+        """Return the link of client `index` (1 is the first client)."""
+        assert 1 <= index <= len(self.client_links), f"No client {index}"
+        return self.client_links[index - 1]
 
     def __enter__(self) -> Topology:
         try:
@@ -172,13 +225,15 @@ class Topology:
                 ],
             )  # fmt: skip
 
-        # both veth links, each end created directly inside its namespace
+        # the veth links, each end created directly inside its namespace
         links = [
-            (self.hub, self.hub_outer_if, self.hub_outer_ip,
-             self.cli, self.cli_outer_if, self.cli_outer_ip),
+            (self.hub, link.hub_if, link.hub_ip, link.ns, link.outer_if, link.outer_ip)
+            for link in self.client_links
+        ]
+        links.append(
             (self.hub, self.hub_inside_if, self.hub_inside_ip,
-             self.srv, self.srv_if, self.srv_ip),
-        ]  # fmt: skip
+             self.srv, self.srv_if, self.srv_ip)
+        )  # fmt: skip
         for ns_a, if_a, ip_a, ns_b, if_b, ip_b in links:
             _run(
                 [
@@ -194,6 +249,11 @@ class Topology:
         # forwarding in the hub, and the way back to the pool from the server
         self.run(self.hub, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
         self.run(self.srv, ["ip", "route", "add", self.pool, "via", self.hub_inside_ip])
+        for link in self.client_links[1:]:
+            self.run(
+                link.ns,
+                ["ip", "route", "add", f"{self.hub_outer_ip}/32", "via", link.hub_ip],
+            )
         if self.workdir is not None:
             self.workdir.mkdir(parents=True, exist_ok=True)
             (self.workdir / "topology.json").write_text(
@@ -221,9 +281,10 @@ class Topology:
         out = self.run(ns, ["ip", "-j", "link", "show", "dev", ifname]).stdout
         return str(json.loads(out)[0]["address"])
 
-    def describe(self) -> dict[str, str]:
+    def describe(self) -> dict[str, object]:
         """Return names and addresses of the topology as a flat dict."""
         return {
+            "clients": [dataclasses.asdict(link) for link in self.client_links],
             "hub": self.hub,
             "cli": self.cli,
             "srv": self.srv,

@@ -1,0 +1,150 @@
+"""Smoke tests of the benchmarks: schemas and sanity, never speed.
+
+The crypto test runs `bench crypto --quick` (every backend, two sizes); the
+packets test runs `bench packets --quick` for plain, espgate and kernel with
+2-second iperf3 runs in namespaces of its own (root only).  The raw loops are
+also checked directly: a loop that does no work must not pass for a fast one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench import _rawloops
+from bench.cli import main
+from bench.crypto import BACKENDS, make_runner, openssl_speed
+from bench.packets import MODES, TRAFFIC, probe_kernel_esp, udp_payload
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+needs_iperf = pytest.mark.skipif(shutil.which("iperf3") is None, reason="needs iperf3")
+
+CRYPTO_KEYS = {"backend", "size", "key_bits", "op", "ns_per_packet", "gbytes_per_s"}
+PACKET_KEYS = {
+    "mode",
+    "traffic",
+    "gbit_per_s",
+    "pps",
+    "loss_pct",
+    "cpu_s_per_gb",
+    "available",
+    "reason",
+    "emulated",
+}
+
+
+def _is_pos(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def test_raw_loops_positive_time_each_backend() -> None:
+    for loop in (_rawloops.ipsec_mb_loop, _rawloops.openssl_evp_loop):
+        for decrypt in (False, True):
+            assert loop(bytes(16), 64, 1000, decrypt) > 0
+            assert loop(bytes(32), 1400, 100, decrypt) > 0
+
+
+def test_raw_loops_bad_arguments_rejected() -> None:
+    with pytest.raises(AssertionError):
+        _rawloops.ipsec_mb_loop(bytes(15), 64, 10, False)
+    with pytest.raises(AssertionError):
+        _rawloops.openssl_evp_loop(bytes(16), 0, 10, False)
+    with pytest.raises(AssertionError):
+        _rawloops.openssl_evp_loop(bytes(16), 64, 0, True)
+
+
+def test_versions_name_libraries() -> None:
+    assert _rawloops.ipsec_mb_version().count(".") >= 1
+    assert _rawloops.openssl_version().startswith("OpenSSL")
+
+
+def test_engine_runner_decrypt_verifies_every_row() -> None:
+    # the decrypt runner asserts that every row of its batch authenticated
+    for backend in ("espgate", "espgate-openssl"):
+        runner = make_runner(backend, 512, 256, "decrypt", batch=8)
+        assert runner(16) > 0
+
+
+def test_engine_runner_decrypt_tampered_row_fails() -> None:
+    for backend in ("espgate", "espgate-openssl"):
+        runner = make_runner(backend, 512, 128, "decrypt", batch=8)
+        template = getattr(runner, "template")  # noqa: B009
+        template[3, 40] ^= 0x01
+        with pytest.raises(AssertionError, match="only 7 rows verified"):
+            runner(16)
+
+
+def test_openssl_speed_parses_positive() -> None:
+    assert openssl_speed(64, 128, "encrypt") > 0
+
+
+def test_bench_crypto_quick_schema(tmp_path: Path) -> None:
+    out = tmp_path / "crypto.json"
+    assert main(["crypto", "--quick", "--no-progress", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    points = doc["points"]
+    assert {p["backend"] for p in points} == set(BACKENDS)
+    for p in points:
+        assert p.keys() >= CRYPTO_KEYS, p
+        assert p["op"] in ("encrypt", "decrypt")
+        assert p["key_bits"] in (128, 256)
+        assert _is_pos(p["ns_per_packet"]) and _is_pos(p["gbytes_per_s"]), p
+        assert p["ns_min"] <= p["ns_per_packet"] <= p["ns_max"]
+    assert set(doc["machine"]["cpu_flags"]) == {
+        "aes", "avx2", "avx512f", "vaes", "vpclmulqdq"
+    }  # fmt: skip
+    for lib in ("intel-ipsec-mb", "openssl-libcrypto", "cryptography", "numpy"):
+        assert doc["versions"][lib]
+    md = out.with_suffix(".md").read_text()
+    assert "espgate / ipsec-mb-raw" in md and "espgate / openssl-evp" in md
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_udp_payload_fits_ip_size() -> None:
+    assert udp_payload("udp-1400") == 1372
+    assert udp_payload("udp-64") == 36
+
+
+@needs_root
+def test_kernel_probe_reason_when_unavailable() -> None:
+    ok, reason = probe_kernel_esp()
+    assert ok or "rfc4106" in reason
+
+
+@needs_root
+@needs_iperf
+def test_bench_packets_quick_plain_espgate_schema(tmp_path: Path) -> None:
+    out = tmp_path / "packets.json"
+    argv = ["packets", "--quick", "--no-progress", "--duration", "2"]
+    argv += ["--modes", "plain", "espgate", "kernel", "--json", str(out)]
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    points = doc["points"]
+    assert {(p["mode"], p["traffic"]) for p in points} == {
+        (m, t) for m in ("plain", "espgate", "kernel") for t in TRAFFIC
+    }
+    for p in points:
+        assert p.keys() >= PACKET_KEYS, p
+        assert p["mode"] in MODES and p["emulated"] is False
+        if p["mode"] == "kernel":
+            continue
+        assert p["available"] is True, p
+        assert _is_pos(p["gbit_per_s"]) and _is_pos(p["cpu_s_per_gb"]), p
+        if p["traffic"].startswith("udp-"):
+            assert _is_pos(p["pps"]) and 0 <= p["loss_pct"] <= 100, p
+    kernel = [p for p in points if p["mode"] == "kernel"]
+    ok, _ = probe_kernel_esp()
+    if not ok:
+        # this host's kernel has no ESP/GCM: listed, not measured, with the reason
+        assert all(p["available"] is False and p["reason"] for p in kernel)
+    # the espgate peers really carried the traffic, in both directions
+    peers = doc["peers"]
+    assert peers["espgate-cli"]["sa_out"]["packets"] > 0
+    assert peers["espgate-hub"]["sa_in"]["drops"]["auth"] == 0
+    assert peers["espgate-hub"]["sa_out"]["packets"] > 0
+    assert out.with_suffix(".png").exists()
+    assert "espgate / plain" in out.with_suffix(".md").read_text()

@@ -1,0 +1,73 @@
+"""The daemon around the core: refusals at start, the control socket."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from control.daemon import StartupError, _claim_socket_path
+
+ESPGATE = str(Path(sys.executable).with_name("espgate"))
+
+
+def test_claim_socket_path_refuses_regular_file(tmp_path):
+    victim = tmp_path / "important.txt"
+    victim.write_text("keep me")
+    with pytest.raises(StartupError, match="not a socket"):
+        _claim_socket_path(victim)
+    assert victim.read_text() == "keep me"
+
+
+def test_claim_socket_path_refuses_live_socket(tmp_path):
+    path = tmp_path / "ctl.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+        live.bind(str(path))
+        live.listen()
+        with pytest.raises(StartupError, match="another daemon"):
+            _claim_socket_path(path)
+        assert path.exists()
+
+
+def test_claim_socket_path_removes_stale_socket(tmp_path):
+    path = tmp_path / "ctl.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:
+        gone.bind(str(path))
+    _claim_socket_path(path)
+    assert not path.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a namespace")
+def test_serve_refuses_port_in_use_without_traceback(tmp_path):
+    ns = f"egt-dmn{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    blocker = None
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        # hold UDP 500 on loopback inside the namespace
+        blocker = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-c",
+             "import socket,time; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+             "s.bind(('127.0.0.1',500)); print('ready',flush=True); time.sleep(60)"],
+            stdout=subprocess.PIPE, text=True)
+        assert blocker.stdout is not None and blocker.stdout.readline() == "ready\n"
+        sock = tmp_path / "ctl.sock"
+        proc = subprocess.run(
+            ["ip", "netns", "exec", ns, ESPGATE, "serve", "--listen", "127.0.0.1",
+             "--control-socket", str(sock)],
+            capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1
+        assert "cannot bind UDP 127.0.0.1:500" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not sock.exists()
+    finally:
+        if blocker is not None:
+            blocker.terminate()
+            blocker.wait(timeout=10)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        time.sleep(0.1)
