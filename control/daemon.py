@@ -198,6 +198,7 @@ class Headend:
                 f"cannot bind UDP {srv.listen}:{srv.natt_port}: {exc.strerror or exc}"
             ) from None
         sock.setblocking(False)
+        self._share_natt_port()
 
         # engine and responder
         eng = self.config.engine
@@ -324,7 +325,15 @@ class Headend:
             if not self.kernel_ok:
                 raise RuntimeError(f"kernel engine unavailable: {self.kernel_reason}")
             self.kernel = KernelEngine()
+            self._share_natt_port()
         return self.kernel
+
+    def _share_natt_port(self) -> None:
+        # the kernel path binds connected encap sockets to our port 4500: the
+        # kernel lets a second UDP bind through only when both sockets have
+        # SO_REUSEADDR, checked at that bind, so setting it late is enough
+        if self.kernel is not None and self._sock4500 is not None:
+            self._sock4500.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
     def _sync_encap_readers(self) -> None:
         # IKE from a kernel-mode peer arrives on its connected encap socket
