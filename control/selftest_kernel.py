@@ -446,23 +446,26 @@ def _sa_move_under_traffic(lab: HeadendLab) -> Verdict:
     def stream() -> None:
         try:
             transfer.update(tcp_transfer(topo, src_ns=topo.cli, dst_ns=topo.srv,
-                                         dst_addr=topo.srv_ip, nbytes=12 << 20,
+                                         dst_addr=topo.srv_ip, nbytes=16 << 20,
                                          timeout=300))  # fmt: skip
         except Exception as exc:  # reported as a failure below
             transfer["error"] = repr(exc)
 
     # a steady ping and a TCP stream while the SA goes there and back
-    with Capture(topo.hub, topo.hub_outer_if, cap_path) as cap:
+    # the stream first: its receiver must start within the lab's 10 s, which an
+    # emulated guest only manages when nothing else is starting
+    worker = threading.Thread(target=stream, name="move-stream")
+    worker.start()
+    _wait_packets(lab, 100, timeout=120)
+    with Capture(topo.hub, topo.hub_outer_if, cap_path):
         pinger = subprocess.Popen(
             ["ip", "netns", "exec", topo.cli, "ping", "-n", "-D", "-O", "-i",
              "0.1", "-c", "120", topo.srv_ip],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
-        worker = threading.Thread(target=stream, name="move-stream")
-        worker.start()
         try:
-            # move only while the stream is flowing, in each engine
-            _wait_packets(lab, 300)
+            # move while the stream and the ping flow, in each engine
+            _wait_packets(lab, 100)
             windows.append(time.time())
             moves.append(_move(lab, spi, "kernel"))
             windows.append(time.time())
@@ -472,13 +475,12 @@ def _sa_move_under_traffic(lab: HeadendLab) -> Verdict:
             moves.append(_move(lab, spi, "userspace"))
             windows.append(time.time())
             moves.append({"engines": _engines_of(lab)})
-            worker.join(timeout=320)
             ping_out, _ = pinger.communicate(timeout=60)
         finally:
             if pinger.poll() is None:
                 pinger.kill()
                 pinger.wait()
-        del cap
+    worker.join(timeout=320)
     detail["moves"] = moves
     detail["transfer"] = transfer
     m = re.search(r"(\d+) packets transmitted, (\d+) received", ping_out)
