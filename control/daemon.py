@@ -67,6 +67,10 @@ Address = tuple[str, int]
 
 # lowest sequence-number gap left between the source and destination engine
 MIN_MARGIN = 256
+# a moved SA's source engine counts as drained after DRAIN_QUIET s without a
+# packet; the event loop waits at most DRAIN_MAX s for that
+DRAIN_QUIET = 0.05
+DRAIN_MAX = 1.0
 
 
 @dataclass
@@ -732,14 +736,23 @@ class Headend:
         # here on; everything up to the userspace top counts as seen
         top = int(self.engine.sa_counters(sa_in.spi, True)["highest_seq"])
         n = int(self.engine.sa_counters(sa_out.spi, False)["next_seq"])
+        if hasattr(self.engine, "set_seq_limit"):
+            # RFC 4303 section 3.3.3: the engine may not reach the kernel's range
+            self.engine.set_seq_limit(sa_out.spi, n + margin - 1)
         self._kernel_install(
             session, sa_in, sa_out, top_in=top, next_out=n + margin, dirs=("out",)
         )
 
-        # the out policy is already the switch; the source may have sealed a few
-        # more packets meanwhile: check they stayed below the margin
+        # the out policy is the switch: the engine's out SA goes at once, since
+        # what it sent from here on would reach the peer behind the kernel's
+        # higher numbers and die in its replay window (packets still queued in
+        # the TUN are dropped instead)
         last = int(self.engine.sa_counters(sa_out.spi, False)["next_seq"])
         self.engine.remove_sa(sa_out.spi, False)
+
+        # inbound ESP now reaches the kernel; what port 4500 still holds goes
+        # through the engine before its SA goes
+        self._drain_engine(sa_in.spi)
         self.engine.remove_sa(sa_in.spi, True)
         if last > n + margin:
             log.error("move overran the sequence margin: %d > %d", last, n + margin)
@@ -747,6 +760,22 @@ class Headend:
         # in and fwd last: they drop what the userspace engine decrypted before
         self._kernel_policies(session, sa_in, ("in", "fwd"))
         return {"source_next_seq": last, "dest_next_seq": n + margin, "top_in": top}
+
+    def _drain_engine(self, spi_in: int) -> None:
+        """Wait (at most DRAIN_MAX s) until the engine's inbound SA stops counting."""
+
+        def reading() -> object:
+            return self.engine.sa_counters(spi_in, True)["packets"]
+
+        deadline = time.monotonic() + DRAIN_MAX
+        before = reading()
+        while time.monotonic() < deadline:
+            time.sleep(DRAIN_QUIET)
+            now = reading()
+            if now == before:
+                return
+            before = now
+        log.debug("engine sa %08x still receiving after the move", spi_in)
 
     def _move_to_userspace(
         self, session: Session, sa_in: SAParams, sa_out: SAParams, margin: int
