@@ -3,9 +3,11 @@
 espgate serve [--config FILE]          run the headend (embedded default
                                        without --config)
 espgate check-config [FILE]            parse and check, print a summary
-espgate show sessions|counters         ask a running daemon
-espgate clear session ID               delete a session (the client is told)
+espgate show sessions|counters|engines ask a running daemon
 espgate show ipsec sa                  per SA: next seq, reserved mark, counters
+espgate clear session ID               delete a session (the client is told)
+espgate sa move SPI kernel|userspace   move a live CHILD SA to the other
+                                       ESP engine (SPI in or out, hex)
 espgate demo [--json PATH]             the main job: a real strongSwan
                                        client through the headend in a lab
 espgate selftest [--json PATH] [--cases A,B]
@@ -78,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("show", help="ask a running daemon")
-    p.add_argument("what", choices=["sessions", "counters", "ipsec"])
+    p.add_argument("what", choices=["sessions", "counters", "engines", "ipsec"])
     p.add_argument("sub", nargs="?", choices=["sa"], help="with ipsec: sa")
     p.add_argument("--socket", default=DEFAULT_SOCKET)
     p.add_argument("--json", action="store_true", help="print raw JSON")
@@ -89,6 +91,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("id", help="session id as `espgate show sessions` prints it")
     p.add_argument("--socket", default=DEFAULT_SOCKET)
     p.set_defaults(func=_cmd_clear)
+
+    p = sub.add_parser("sa", help="act on a running daemon's CHILD SAs")
+    sa_sub = p.add_subparsers(metavar="ACTION")
+    p = sa_sub.add_parser("move", help="move a live CHILD SA to another engine")
+    p.add_argument("spi", help="inbound or outbound SPI, hex (as in show)")
+    p.add_argument("to", choices=["kernel", "userspace"])
+    p.add_argument("--socket", default=DEFAULT_SOCKET)
+    p.set_defaults(func=_cmd_sa_move)
 
     p = sub.add_parser("demo", help="run the main job in a lab of namespaces")
     p.add_argument("--json", default="results/run.json", help="results file")
@@ -164,8 +174,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def request(path: str, cmd: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
-    """Send one command (and its fields) to a daemon's control socket."""
+def request(
+    path: str, cmd: str, timeout: float = 5.0, **fields: Any
+) -> dict[str, Any]:
+    """Send one command to a daemon's control socket and return its answer."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
@@ -230,6 +242,33 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sa_move(args: argparse.Namespace) -> int:
+    try:
+        int(args.spi, 16)
+    except ValueError:
+        print(f"espgate: not a hex SPI: {args.spi!r}", file=sys.stderr)
+        return 2
+    try:
+        answer = request(args.socket, "sa-move", timeout=30, spi=args.spi, to=args.to)
+    except OSError as exc:
+        print(
+            f"espgate: cannot reach the daemon at {args.socket}: {exc}", file=sys.stderr
+        )
+        return 1
+    if "error" in answer:
+        print(f"espgate: sa move failed: {answer['error']}", file=sys.stderr)
+        return 1
+    if not answer.get("moved"):
+        print(f"sa {answer['spi_in']} already in the {answer['engine']} engine")
+        return 0
+    print(
+        f"sa {answer['spi_in']}/{answer['spi_out']} moved to the {answer['engine']} "
+        f"engine in {answer['ms']} ms, out seq {answer['source_next_seq']} -> "
+        f"{answer['dest_next_seq']}"
+    )
+    return 0
+
+
 def format_counters(answer: dict[str, Any], prefix: str = "") -> str:
     """Render nested counters as ``area.name  value`` lines."""
     lines = []
@@ -248,6 +287,7 @@ def format_sessions(sessions: list[dict[str, Any]]) -> str:
         "outside",
         "inside",
         "spi in/out",
+        "engine",
         "pkts in/out",
         "bytes in/out",
     )
@@ -256,7 +296,10 @@ def format_sessions(sessions: list[dict[str, Any]]) -> str:
         for c in s["children"] or [None]:
             if c is None:
                 inside = str(s["inside"] or "-")
-                rows.append((s["identity"], s["outside"], inside, "-", "-", "-"))
+                rows.append(
+                    (s["identity"], s["outside"], inside, "-",
+                     s.get("engine", "-"), "-", "-")  # fmt: skip
+                )
                 continue
             rows.append(
                 (
@@ -264,6 +307,7 @@ def format_sessions(sessions: list[dict[str, Any]]) -> str:
                     s["outside"],
                     str(s["inside"] or "-"),
                     f"{c['spi_in']}/{c['spi_out']}",
+                    str(c.get("engine", "userspace")),
                     f"{c['packets_in']}/{c['packets_out']}",
                     f"{c['bytes_in']}/{c['bytes_out']}",
                 )
@@ -317,7 +361,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_selftest(args: argparse.Namespace) -> int:
-    from control import selftest
+    from control import selftest, selftest_kernel
 
     if args.list:
         for name, case in selftest.CASES.items():
@@ -328,6 +372,8 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     if args.cases is not None and names is None:
         print("espgate: --cases names no case", file=sys.stderr)
         return 2
+    # the guest cases share one qemu boot
+    selftest_kernel.prefetch(names)
     results = selftest.run(names, Path(args.json), keep_logs=args.keep_logs)
     return 0 if all(r["passed"] for r in results) else 1
 

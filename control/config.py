@@ -9,7 +9,7 @@ for example ``espgate.toml:21: profiles[0].pool: unknown pool 'office'``.
 Layout::
 
     [server]            listen address, ports, control socket, log level
-    [engine]            crypto backend, batch size, TUN MTU
+    [engine]            crypto backend, batch size, TUN MTU, ESP engine mode
     [pools.NAME]        range = "first-last" or a prefix
     [[profiles]]        identities matched, certificate map, local identity,
                         PSK, pool,
@@ -70,6 +70,7 @@ FLOW_LIMIT = (0, 50_000)
 DPD_DELAY = (1, 86_400)
 # RFC 7383 fragment size, a whole IP datagram: the IPv4 minimum .. IP's maximum
 FRAGMENT_SIZE = (576, 65535)
+ENGINE_MODES = ("userspace", "kernel", "auto")
 
 PathKey = tuple[str | int, ...]
 
@@ -142,6 +143,7 @@ class EngineConfig:
     batch: int = 64
     tun_mtu: int = 1400
     dataplane: str = "process"
+    mode: str = "userspace"
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,7 @@ class ProfileConfig:
     dhcp_timeout: int = 5
     # "request" (CFG_REQUEST/CFG_REPLY), "set" (CFG_SET/CFG_ACK) or "both"
     config_mode: str = "request"
+    engine: str | None = None  # None: [engine] mode
 
 
 @dataclass(frozen=True)
@@ -660,8 +663,9 @@ class _Reader:
             raise self.error((*p, "tun_mtu"), f"{mtu} out of range 576..9000")
         crypto = self.choice(data, (*p, "crypto"), CRYPTO_BACKENDS, d.crypto)
         dataplane = self.choice(data, (*p, "dataplane"), DATAPLANES, d.dataplane)
+        mode = self.choice(data, (*p, "mode"), ENGINE_MODES, d.mode)
         return EngineConfig(
-            crypto=crypto, batch=batch, tun_mtu=mtu, dataplane=dataplane
+            crypto=crypto, batch=batch, tun_mtu=mtu, dataplane=dataplane, mode=mode
         )
 
     def pool(self, name: str, data: dict[str, Any]) -> PoolConfig:
@@ -806,6 +810,9 @@ class _Reader:
                     (*p, "esp"),
                     f"{item!r} is not one of {', '.join(ESP_PROPOSALS)}",
                 )
+        engine = None
+        if "engine" in data:
+            engine = self.choice(data, (*p, "engine"), ENGINE_MODES, None)
         match = self.strings(data, (*p, "match_identity"), ["*"])
         if not match:
             raise self.error((*p, "match_identity"), "empty")
@@ -901,6 +908,7 @@ class _Reader:
             ipv6_pool=pool6,
             config_mode=self.choice(data, (*p, "config_mode"), CONFIG_MODES, "request"),
             **dhcp,
+            engine=engine,
         )
 
     def liveness(self, data: dict[str, Any], p: PathKey) -> dict[str, int]:

@@ -551,3 +551,5 @@ import control.selftest_aaa  # noqa: E402,F401
 from control.selftest_reload import RELOAD_CASES  # noqa: E402
 
 CASES.update({name: Case(*spec) for name, spec in RELOAD_CASES.items()})
+
+from control import selftest_kernel  # noqa: E402,F401  (registers the kernel cases)

@@ -36,8 +36,11 @@ Live migration of one CHILD SA pair (the daemon drives it)::
     2 n = Engine.sa_counters(out)            4 Engine.install_sa(out,
           ["next_seq"]                         next_seq=n + MARGIN)
     3 k.install_sa(out, next_seq=n+MARGIN)   5 k.remove_sa(in/out); close_encap
-    4 k.install_policies(s, ...)  # switch   6 reserve n + MARGIN in the store
+    4 k.install_policies(s, ("out",))        6 reserve n + MARGIN in the store
+      (the switch)
     5 Engine.remove_sa(out), (in) last
+    6 k.install_policies(s, ("in", "fwd"))
+      (after 5: they drop what the userspace engine decrypted)
 
 MARGIN covers packets the source may still send between the read and the
 switch (a batch in flight); the sequence store must reserve above it first.
