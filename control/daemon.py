@@ -581,8 +581,11 @@ class Headend:
             assert session.tun_name is not None
             add_route(session.tun_name, str(six.network))
         # RFC 3948: ESP in UDP only when NAT was detected, raw ESP otherwise
+        # RFC 4301 section 4.4.1: both directions carry the negotiated selectors
+        # (ours = TSr, the client's = TSi); the engine picks the outbound SA
         common = {"session": session.index, "peer": tuple(ev.remote), "esn": ev.esn,
-                  "encap": ev.udp_encap}
+                  "encap": ev.udp_encap, "local_ts": tuple(ev.local_ts),
+                  "remote_ts": tuple(ev.remote_ts)}
         first_in = 1
         if resume:
             top = self.engine.inbound_top(ev.spi_in)
@@ -597,7 +600,6 @@ class Headend:
                 inbound=True,
                 key=ev.key_in,
                 salt=ev.salt_in,
-                remote_ts=tuple(ev.remote_ts),
                 next_seq=first_in,
                 **common,
             )
