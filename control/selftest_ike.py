@@ -464,8 +464,7 @@ def _case_multi_sa(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
     elif any(c["packets_in"] == 0 for c in children):
         failures.append("a CHILD SA carried no inbound traffic")
     elif any(c["packets_out"] == 0 for c in children):
-        # FIXME: the engine sends all of a session's traffic on its newest
-        # outbound SA; choosing the SA by traffic selector needs fastpath work
+        # the engine picks the outbound SA by the packet's protocol
         failures.append("a CHILD SA carried no outbound traffic")
     return detail, failures
 

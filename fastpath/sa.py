@@ -67,7 +67,7 @@ def parse_ts(text: str) -> Selector:
         raise ValueError(f"Bad traffic selector {text!r}") from None
     port_lo, port_hi = (int(lo), int(hi)) if lo is not None else (0, 65535)
     # RFC 7296 section 3.13.1: ranges run from start to end inclusive
-    if first.version != last.version or first > last:
+    if first.version != last.version or first.packed > last.packed:
         raise ValueError(f"Bad traffic selector {text!r}")
     if int(proto or 0) > 255 or port_hi > 65535 or port_lo > port_hi:
         raise ValueError(f"Bad traffic selector {text!r}")
