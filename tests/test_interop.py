@@ -42,7 +42,8 @@ def verdicts(tmp_path_factory):
          "asymmetric-cert-psk", "unknown-identity-rejected", "profile-match-identity",
          "profile-match-certmap", "child-rekey-pfs", "ike-rekey",
          "rekey-under-traffic-no-loss", "headend-child-rekey", "delete-by-server",
-         "initial-contact", "fragmentation-small-mtu", "multi-sa"]
+         "initial-contact", "fragmentation-small-mtu", "multi-sa",
+         "child-lifetime-bytes"]
     )
     env = dict(os.environ, ESPGATE_LAB_PREFIX=LAB)
     proc = subprocess.run([ESPGATE, "selftest", "--cases", cases, "--json", str(out)],
@@ -96,6 +97,14 @@ def test_multi_sa_each_child_carries_both_directions(verdicts):
     children = r["detail"]["headend_children"]
     assert len(children) == 2
     assert all(c["packets_in"] > 0 and c["packets_out"] > 0 for c in children)
+
+
+def test_child_lifetime_bytes_rekeys_and_traffic_goes_on(verdicts):
+    results, _ = verdicts
+    r = results["child-lifetime-bytes"]
+    assert r["passed"], r["detail"]["failures"]
+    assert r["detail"]["child_bytes_rekeys"] >= 1
+    assert r["detail"]["after"]["transfer"]["match"]
 
 
 def test_selftest_leaves_no_namespaces(verdicts):
