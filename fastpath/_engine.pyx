@@ -35,9 +35,13 @@ functions that work in place on buffers with headroom:
   Python callback once the lock is released, with the GIL.
 * TUN to UDP: read until EAGAIN or ``batch`` reads.  A TUN opened with a vnet
   header hands over TCP/UDP super-packets; ``gso_split`` cuts them into MTU-sized
-  packets in the tx slots (headers fixed up, checksums completed).  The slots are
-  sealed in place and runs of equal-size ESP packets (the last may be shorter)
-  leave as one ``sendmmsg`` entry with ``UDP_SEGMENT``.  A kernel that refuses
+  packets in the tx slots (headers fixed up, checksums completed).  Each slot
+  is classified first: the session's newest outbound SA whose selectors take
+  the packet's addresses, protocol and ports (none: counted ``no_policy``); an
+  SA whose selectors cover everything skips the parse.  Then, per SA present
+  in the batch, one sequence reservation; its slots are sealed in place and
+  runs of equal-size ESP packets (the last may be shorter) leave as one
+  ``sendmmsg`` entry with ``UDP_SEGMENT``.  A kernel that refuses
   (EIO/EINVAL) switches the engine to one datagram per entry for good.
 * UDP to TUN: ``recvmmsg`` into 64 KB slots with ``UDP_GRO``; each coalesced
   datagram is split by its gso_size cmsg, every ESP packet opened in place and
