@@ -449,8 +449,8 @@ class Headend:
         from control.ike import responder as ike
 
         if isinstance(event, ike.IkeSAUp):
-            session = self._session(event.session_id, event.identity, event.remote)
-            session.rekey_bytes = self._rekey_bytes_of.get(event.profile, 0)
+            up = self._session(event.session_id, event.identity, event.remote)
+            up.rekey_bytes = self._rekey_bytes_of.get(event.profile, 0)
             log.info(
                 "ike sa %s up: %s from %s:%d (profile %s)",
                 event.session_id,
