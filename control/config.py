@@ -61,6 +61,9 @@ REMOTE_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig", "pubkey", "eap")
 IDENTITY_TYPES = ("fqdn", "email", "ipv4", "ipv6", "dn", "keyid")
 # seconds; short values are for tests, the upper bound is 300 days
 REKEY_TIME = (5, 25_920_000)
+# octets through a CHILD SA (either direction) before the headend rekeys it:
+# 64 KiB .. 1 PiB (0 = off); small values are for tests
+CHILD_REKEY_BYTES = (65_536, 1 << 50)
 # seconds a session may live: 2 minutes .. 300 days (0 = no limit)
 SESSION_LIFETIME = (120, 25_920_000)
 # upper bound of the half-open limits in [server]
@@ -187,6 +190,9 @@ class ProfileConfig:
     # seconds until the headend rekeys an SA itself; 0 = never
     ike_rekey_time: int = 86400
     child_rekey_time: int = 28800
+    # octets through a CHILD SA in one direction until the headend rekeys it;
+    # 0 = never (RFC 4301 section 4.4.2.1, byte lifetime)
+    child_rekey_bytes: int = 0
     # seconds until the headend deletes the session, across rekeys; 0 = never
     session_lifetime: int = 0
     # add the Windows client's IKE proposals (AES-CBC-256, SHA1/SHA2, DH 2/14)
@@ -828,6 +834,13 @@ class _Reader:
                 low, high = REKEY_TIME
                 raise self.error((*p, key), f"{value} is not 0 or {low}..{high}")
             rekey[key] = value
+        child_bytes = int(self.get(data, (*p, "child_rekey_bytes"), int, 0))
+        low, high = CHILD_REKEY_BYTES
+        if child_bytes != 0 and not low <= child_bytes <= high:
+            raise self.error(
+                (*p, "child_rekey_bytes"), f"{child_bytes} is not 0 or {low}..{high}"
+            )
+        rekey["child_rekey_bytes"] = child_bytes
         liveness = self.liveness(data, p)
         lifetime = int(self.get(data, (*p, "session_lifetime"), int, 0))
         low, high = SESSION_LIFETIME

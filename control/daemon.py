@@ -100,6 +100,10 @@ class Session:
     engine: str = "userspace"
     params: dict[tuple[int, bool], SAParams] = field(default_factory=dict, repr=False)
     policies: bool = False
+    # the profile's child_rekey_bytes (0 = off) and the inbound SPIs whose
+    # rekey the byte count already started
+    rekey_bytes: int = 0
+    bytes_rekeyed: set[int] = field(default_factory=set, repr=False)
 
 
 class _IkeProtocol(asyncio.DatagramProtocol):
@@ -160,6 +164,7 @@ class Headend:
         }
         self._aaa_tasks: set[asyncio.Task[None]] = set()
         self._cached_of = {p.name: p.authorization_cached for p in config.profiles}
+        self._rekey_bytes_of = {p.name: p.child_rekey_bytes for p in config.profiles}
         self._relays: dict[tuple[str, str], Any] = {}
         self._leases: dict[str, tuple[Any, Any, asyncio.Future[None]]] = {}
         self.kernel: Any = None
@@ -524,15 +529,47 @@ class Headend:
         self._guard(self.responder.handle_timer, time.monotonic())
         self._after_step()
 
+    def _poll_child_bytes(self, now: float) -> None:
+        # RFC 4301 section 4.4.2.1: a byte lifetime per SA; at the soft limit
+        # (the profile's child_rekey_bytes, either direction) rekey the CHILD SA
+        for session in list(self.sessions.values()):
+            if not session.rekey_bytes:
+                continue
+            for spi_in, spi_out in list(session.children):
+                if spi_in in session.bytes_rekeyed:
+                    continue
+                try:
+                    used = max(
+                        int(self.engine.sa_counters(spi_in, True)["bytes"]),
+                        int(self.engine.sa_counters(spi_out, False)["bytes"]),
+                    )
+                except KeyError:
+                    continue
+                if used < session.rekey_bytes:
+                    continue
+                sid = session.session_id
+                if not self._guard(self.responder.rekey_child_soon, sid, spi_in, now):
+                    continue
+                session.bytes_rekeyed.add(spi_in)
+                self.counters["child_bytes_rekeys"] = (
+                    self.counters.get("child_bytes_rekeys", 0) + 1
+                )
+                log.info(
+                    "child sa %08x/%08x carried %d bytes (limit %d): rekeying",
+                    spi_in, spi_out, used, session.rekey_bytes,
+                )  # fmt: skip
+
     def _poll_seq_events(self) -> None:
         # SeqExhausting from the reserver: rekey the CHILD SA now (RFC 4303
         # 3.3.3: the counter never cycles); delete it if no rekey can start
         assert self._loop is not None
         self._seq_timer = self._loop.call_later(SEQ_POLL, self._poll_seq_events)
+        now = time.monotonic()
+        self._poll_child_bytes(now)
         reserver = getattr(self.engine, "reserver", None)
         if reserver is None:
+            self._after_step()
             return
-        now = time.monotonic()
         for event in reserver.events():
             for session in list(self.sessions.values()):
                 pair = next((c for c in session.children if c[1] == event.spi), None)
@@ -571,6 +608,7 @@ class Headend:
             up = self._session(event.session_id, event.identity, event.remote)
             up.profile = event.profile
             up.engine = self.profile_engine.get(event.profile, "userspace")
+            up.rekey_bytes = self._rekey_bytes_of.get(event.profile, 0)
             log.info(
                 "ike sa %s up: %s from %s:%d (profile %s)",
                 event.session_id,
@@ -767,6 +805,10 @@ class Headend:
             "local": local,
             "esn": ev.esn,
             "remote_ts": tuple(ev.remote_ts),
+            # RFC 4301 section 4.4.1: both directions carry the negotiated
+            # selectors (ours = TSr, the client's = TSi); the engine picks the
+            # outbound SA by them
+            "local_ts": tuple(ev.local_ts),
             "encap": ev.udp_encap,
         }
         sa_in = SAParams(
@@ -900,6 +942,7 @@ class Headend:
             return
         session.children.remove((spi_in, spi_out))
         session.child_state.pop(spi_in, None)
+        session.bytes_rekeyed.discard(spi_in)
         if session.engine == "kernel":
             self._kernel_remove_pair(session, spi_in, spi_out)
         else:
@@ -1000,6 +1043,8 @@ class Headend:
 
         index = int(daemon["index"])
         session = Session(ike.session_id, index, ike.identity, tuple(ike.remote))
+        if ike.profile is not None:
+            session.rekey_bytes = self._rekey_bytes_of.get(ike.profile.name, 0)
         self.sessions[ike.session_id] = session
         self._next_index = max(self._next_index, index + 1)
         for child in daemon["children"]:

@@ -35,9 +35,13 @@ functions that work in place on buffers with headroom:
   Python callback once the lock is released, with the GIL.
 * TUN to UDP: read until EAGAIN or ``batch`` reads.  A TUN opened with a vnet
   header hands over TCP/UDP super-packets; ``gso_split`` cuts them into MTU-sized
-  packets in the tx slots (headers fixed up, checksums completed).  The slots are
-  sealed in place and runs of equal-size ESP packets (the last may be shorter)
-  leave as one ``sendmmsg`` entry with ``UDP_SEGMENT``.  A kernel that refuses
+  packets in the tx slots (headers fixed up, checksums completed).  Each slot
+  is classified first: the session's newest outbound SA whose selectors take
+  the packet's addresses, protocol and ports (none: counted ``no_policy``); an
+  SA whose selectors cover everything skips the parse.  Then, per SA present
+  in the batch, one sequence reservation; its slots are sealed in place and
+  runs of equal-size ESP packets (the last may be shorter) leave as one
+  ``sendmmsg`` entry with ``UDP_SEGMENT``.  A kernel that refuses
   (EIO/EINVAL) switches the engine to one datagram per entry for good.
 * UDP to TUN: ``recvmmsg`` into 64 KB slots with ``UDP_GRO``; each coalesced
   datagram is split by its gso_size cmsg, every ESP packet opened in place and
@@ -151,7 +155,7 @@ from fastpath._sys cimport (
     writev,
 )
 
-from fastpath.sa import SAParams
+from fastpath.sa import SAParams, parse_ts
 from fastpath.tun import tun_vnet_hdr
 
 log = logging.getLogger("espgate.fastpath")
@@ -495,9 +499,25 @@ cdef class ReplayWindow:
 
 
 cdef struct ts_t:
+    # one traffic selector (RFC 7296 section 3.13.1): inclusive address range
+    # (4 or 16 octets used), IP protocol (0 = any) and inclusive port range
     int family
-    int plen
-    uint8_t addr[16]
+    int proto
+    int port_lo
+    int port_hi
+    uint8_t start[16]
+    uint8_t end[16]
+
+
+cdef struct flow_t:
+    # what selectors look at in one inner packet
+    int family
+    int proto
+    int has_ports          # ports (or ICMP type/code) were readable
+    int sport              # ICMP: type << 8 | code, in both
+    int dport
+    const uint8_t *src
+    const uint8_t *dst
 
 
 cdef struct sa_t:
@@ -517,8 +537,11 @@ cdef struct sa_t:
     sockaddr_storage raw_peer
     socklen_t raw_peer_len
     pthread_spinlock_t lock  # guards next_seq, the replay window, rx counters
-    int n_ts
-    ts_t ts[16]
+    int n_rts              # remote side: the client's TSi
+    int n_lts              # local side: our TSr
+    int match_all          # both sides cover every address, protocol and port
+    ts_t rts[16]
+    ts_t lts[16]
     uint64_t packets
     uint64_t bytes
     uint64_t drop_replay
@@ -603,6 +626,43 @@ cdef object sockaddr_tuple(const sockaddr_storage *ss):
     return (host, ntohs(sin6.sin6_port))
 
 
+cdef int ts_fill(ts_t *out, object texts) except -1:
+    """Copy parsed selectors into out; return how many."""
+    cdef int i
+    for i, text in enumerate(texts):
+        sel = parse_ts(text)
+        out[i].family = sel.version
+        out[i].proto = sel.protocol
+        out[i].port_lo = sel.port_lo
+        out[i].port_hi = sel.port_hi
+        memcpy(out[i].start, PyBytes_AS_STRING(sel.start), len(sel.start))
+        memcpy(out[i].end, PyBytes_AS_STRING(sel.end), len(sel.end))
+    return len(texts)
+
+
+cdef int ts_all(const ts_t *ts, int n) noexcept:
+    """1 when the selectors cover all of IPv4 and IPv6, every protocol and port."""
+    cdef int i, v4 = 0, v6 = 0, full
+    for i in range(n):
+        if ts[i].proto != 0 or ts[i].port_lo != 0 or ts[i].port_hi != 65535:
+            continue
+        full = 4 if ts[i].family == 4 else 16
+        if any_range(ts[i].start, ts[i].end, full):
+            if full == 4:
+                v4 = 1
+            else:
+                v6 = 1
+    return v4 and v6
+
+
+cdef int any_range(const uint8_t *start, const uint8_t *end, int alen) noexcept:
+    cdef int i
+    for i in range(alen):
+        if start[i] != 0 or end[i] != 0xFF:
+            return 0
+    return 1
+
+
 cdef sa_t *sa_from_params(object params, int backend, int family) except NULL:
     cdef sa_t *sa
     cdef bytes key = params.key
@@ -610,8 +670,8 @@ cdef sa_t *sa_from_params(object params, int backend, int family) except NULL:
     cdef int i
     if not isinstance(params, SAParams):
         raise TypeError(f"Expected SAParams, got {type(params).__name__}")
-    if len(params.remote_ts) > MAX_TS:
-        raise ValueError(f"Too many traffic selectors {len(params.remote_ts)}")
+    if len(params.remote_ts) > MAX_TS or len(params.local_ts) > MAX_TS:
+        raise ValueError("Too many traffic selectors")
     sa = <sa_t *>calloc(1, sizeof(sa_t))
     if sa == NULL:
         raise MemoryError()
@@ -636,13 +696,9 @@ cdef sa_t *sa_from_params(object params, int backend, int family) except NULL:
         fill_sockaddr(&sa.peer, &sa.peer_len, params.peer, family)
         sa.encap = bool(params.encap)
         sa.raw_family = fill_raw_peer(&sa.raw_peer, &sa.raw_peer_len, params.peer)
-        for i, ts in enumerate(params.remote_ts):
-            net = ipaddress.ip_network(ts, strict=False)
-            packed = net.network_address.packed
-            sa.ts[i].family = net.version
-            sa.ts[i].plen = net.prefixlen
-            memcpy(sa.ts[i].addr, PyBytes_AS_STRING(packed), len(packed))
-        sa.n_ts = len(params.remote_ts)
+        sa.n_rts = ts_fill(sa.rts, params.remote_ts)
+        sa.n_lts = ts_fill(sa.lts, params.local_ts)
+        sa.match_all = ts_all(sa.rts, sa.n_rts) and ts_all(sa.lts, sa.n_lts)
         if cipher_init(&sa.cipher, backend, <const uint8_t *>PyBytes_AS_STRING(key),
                        len(key)) != 0:
             raise MemoryError("Cannot set up AES-GCM key")
@@ -757,27 +813,81 @@ cdef int esp_open(sa_t *sa, uint8_t *pkt, size_t n, uint64_t seq,
     return <int>plen
 
 
-cdef inline int prefix_match(const uint8_t *net, const uint8_t *a,
-                             int plen) noexcept nogil:
-    cdef int full = plen >> 3
-    cdef int rem = plen & 7
-    cdef int i
-    cdef uint8_t mask
-    for i in range(full):
-        if net[i] != a[i]:
+cdef int flow_parse(const uint8_t *p, int total, int family,
+                    flow_t *f) noexcept nogil:
+    """Fill f from an inner packet whose header length checks passed."""
+    cdef int hl, more
+    cdef const uint8_t *l4
+    f.has_ports = 0
+    f.sport = 0
+    f.dport = 0
+    f.family = family
+    if family == 4:
+        hl = (p[0] & 15) * 4
+        f.proto = p[9]
+        f.src = p + 12
+        f.dst = p + 16
+        # a fragment other than the first carries no ports
+        more = ((p[6] & 0x1F) << 8) | p[7]
+        if hl < 20 or more != 0:
             return 0
-    if rem:
-        mask = <uint8_t>(0xFF << (8 - rem))
-        if (net[full] ^ a[full]) & mask:
-            return 0
-    return 1
+    else:
+        # FIXME: IPv6 extension headers are not walked; their type is the protocol
+        hl = 40
+        f.proto = p[6]
+        f.src = p + 8
+        f.dst = p + 24
+    l4 = p + hl
+    if f.proto == 6 or f.proto == 17 or f.proto == 132:
+        if total >= hl + 4:
+            f.sport = (l4[0] << 8) | l4[1]
+            f.dport = (l4[2] << 8) | l4[3]
+            f.has_ports = 1
+    # RFC 7296 section 3.13.1: ICMP type and code form one 16-bit "port"
+    elif f.proto == 1 or f.proto == 58:
+        if total >= hl + 2:
+            f.sport = (l4[0] << 8) | l4[1]
+            f.dport = f.sport
+            f.has_ports = 1
+    return 0
+
+
+cdef inline int ts_match(const ts_t *ts, int n, const flow_t *f, const uint8_t *addr,
+                         int port) noexcept nogil:
+    """1 when addr/port of the flow lies in one of the n selectors."""
+    cdef int i, alen = 4 if f.family == 4 else 16
+    for i in range(n):
+        if ts[i].family != f.family:
+            continue
+        if ts[i].proto != 0 and ts[i].proto != f.proto:
+            continue
+        if memcmp(ts[i].start, addr, alen) > 0 or memcmp(addr, ts[i].end, alen) > 0:
+            continue
+        # RFC 7296 section 3.13.1: 0-65535 means any port, even none
+        if ts[i].port_lo == 0 and ts[i].port_hi == 65535:
+            return 1
+        if f.has_ports and ts[i].port_lo <= port <= ts[i].port_hi:
+            return 1
+    return 0
+
+
+cdef inline int flow_inbound(const sa_t *sa, const flow_t *f) noexcept nogil:
+    # RFC 4301 section 5.2: from the client's selectors to ours
+    return (ts_match(sa.rts, sa.n_rts, f, f.src, f.sport)
+            and ts_match(sa.lts, sa.n_lts, f, f.dst, f.dport))
+
+
+cdef inline int flow_outbound(const sa_t *sa, const flow_t *f) noexcept nogil:
+    # RFC 4301 section 5.1: from our selectors to the client's
+    return (ts_match(sa.lts, sa.n_lts, f, f.src, f.sport)
+            and ts_match(sa.rts, sa.n_rts, f, f.dst, f.dport))
 
 
 cdef int inner_check(const sa_t *sa, const uint8_t *p, int plen,
                      int nh) noexcept nogil:
     """Return the inner packet length to deliver, or ERR_*."""
-    cdef int total, family, i
-    cdef const uint8_t *src
+    cdef int total, family
+    cdef flow_t f
     # RFC 4303 section 2.6: next header 59 marks a dummy packet, discarded
     if nh == 59:
         return ERR_DUMMY
@@ -789,7 +899,6 @@ cdef int inner_check(const sa_t *sa, const uint8_t *p, int plen,
         if total < 20 or total > plen:
             return ERR_MALFORMED
         family = 4
-        src = p + 12
     elif nh == 41:
         if plen < 40 or p[0] >> 4 != 6:
             return ERR_MALFORMED
@@ -797,15 +906,36 @@ cdef int inner_check(const sa_t *sa, const uint8_t *p, int plen,
         if total > plen:
             return ERR_MALFORMED
         family = 6
-        src = p + 8
     else:
         return ERR_MALFORMED
-    # RFC 4301 section 5.2: the inner source must match the SA's selectors
-    for i in range(sa.n_ts):
-        if sa.ts[i].family == family and prefix_match(sa.ts[i].addr, src,
-                                                      sa.ts[i].plen):
-            return total
+    if sa.match_all:
+        return total
+    flow_parse(p, total, family, &f)
+    # RFC 4301 section 5.2: the inner packet must match the SA's selectors
+    if flow_inbound(sa, &f):
+        return total
     return ERR_POLICY
+
+
+def flow_selects(sa, bytes packet) -> bool:
+    """Return whether an outbound SA's selectors take this inner IP packet."""
+    cdef sa_t *s
+    cdef flow_t f
+    cdef int family, n = len(packet)
+    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(packet)
+    if n >= 20 and p[0] >> 4 == 4 and (p[0] & 15) * 4 <= n:
+        family = 4
+    elif n >= 40 and p[0] >> 4 == 6:
+        family = 6
+    else:
+        raise ValueError("Inner packet is neither IPv4 nor IPv6")
+    s = sa_from_params(sa, BACKEND_OPENSSL, AF_INET6)
+    try:
+        flow_parse(p, n, family, &f)
+        return bool(s.match_all or (flow_outbound(s, &f) if not sa.inbound
+                                    else flow_inbound(s, &f)))
+    finally:
+        sa_free(s)
 
 
 cdef int _nh_for(bytes inner) except -1:
@@ -1411,7 +1541,6 @@ cdef struct session_t:
     int tun_fd
     int vnet               # reads and writes carry a virtio_net_hdr
     int worker             # the worker that reads this TUN
-    sa_t *out_sa           # newest outbound SA, used for TUN traffic
     sa_t *sas              # every SA of the session, newest first (snext)
     session_t *hnext
 
@@ -1449,6 +1578,7 @@ cdef struct counters_t:
     uint64_t raw_rx            # raw ESP packets received (IP protocol 50)
     uint64_t raw_tx            # raw ESP packets sent
     uint64_t wrong_encap       # ESP for an SA that uses the other transport
+    uint64_t no_policy         # TUN packets no outbound SA's selectors take
 
 
 cdef struct worker_t:
@@ -1472,6 +1602,7 @@ cdef struct worker_t:
     uint8_t *rx_ctrl
     uint8_t *tx_ctrl
     int *tx_first
+    sa_t **tx_sa           # the outbound SA chosen for each tx slot
     session_t **in_sess
     uint8_t **in_ptr
     int *in_len
@@ -1511,6 +1642,7 @@ cdef void worker_free(worker_t *w) noexcept nogil:
     free(w.rx_ctrl)
     free(w.tx_ctrl)
     free(w.tx_first)
+    free(w.tx_sa)
     free(w.in_sess)
     free(w.in_ptr)
     free(w.in_len)
@@ -1541,6 +1673,7 @@ cdef int worker_init(worker_t *w, int index, int batch, size_t rx_slot) noexcept
     w.tx_ctrl = <uint8_t *>calloc(TX_SLOTS, CTRL_LEN)
     w.tx_len = <int *>calloc(TX_SLOTS, sizeof(int))
     w.tx_first = <int *>calloc(TX_SLOTS + 1, sizeof(int))
+    w.tx_sa = <sa_t **>calloc(TX_SLOTS, sizeof(sa_t *))
     w.in_sess = <session_t **>calloc(PENDING, sizeof(session_t *))
     w.in_ptr = <uint8_t **>calloc(PENDING, sizeof(uint8_t *))
     w.in_len = <int *>calloc(PENDING, sizeof(int))
@@ -1552,7 +1685,7 @@ cdef int worker_init(worker_t *w, int index, int batch, size_t rx_slot) noexcept
             or w.rx_iov == NULL or w.tx_iov == NULL
             or w.rx_addr == NULL or w.rx_ctrl == NULL
             or w.tx_ctrl == NULL or w.tx_len == NULL
-            or w.tx_first == NULL or w.in_sess == NULL
+            or w.tx_first == NULL or w.tx_sa == NULL or w.in_sess == NULL
             or w.in_ptr == NULL or w.in_len == NULL
             or w.ike_ptr == NULL or w.ike_len == NULL
             or w.ike_src == NULL):
@@ -1824,11 +1957,6 @@ cdef class Engine:
             pp = &pp[0].snext
         if pp[0] == sa:
             pp[0] = sa.snext
-        if s.out_sa == sa:
-            # make before break: fall back to the newest remaining outbound SA
-            s.out_sa = s.sas
-            while s.out_sa != NULL and s.out_sa.inbound:
-                s.out_sa = s.out_sa.snext
 
     cdef inline void _lock(self) noexcept:
         with nogil:
@@ -1920,7 +2048,11 @@ cdef class Engine:
             doomed = nxt
 
     def install_sa(self, params) -> None:
-        """Install one SA; a new outbound SA takes over its session's traffic.
+        """Install one SA; a new outbound SA takes over the traffic it selects.
+
+        A session's TUN packets go out on its newest outbound SA whose
+        selectors take them (make before break across a rekey); a packet no
+        outbound SA takes is dropped and counted as ``no_policy``.
 
         An SA with ``encap=False`` sends and receives raw ESP; the engine opens
         the raw socket for the peer's family on first use (needs CAP_NET_RAW).
@@ -1950,15 +2082,13 @@ cdef class Engine:
             bucket[0] = sa
             sa.snext = s.sas
             s.sas = sa
-            if not sa.inbound:
-                s.out_sa = sa
         self._unlock()
         if err is not None:
             sa_free(sa)
             raise ValueError(err)
 
     def remove_sa(self, uint32_t spi, bint inbound) -> None:
-        """Remove one SA; outbound traffic falls back to the newest remaining."""
+        """Remove one SA; its traffic falls back to the newest remaining match."""
         cdef sa_t *sa
         self._lock()
         sa = self._sa(spi, inbound)
@@ -2351,7 +2481,6 @@ cdef class Engine:
 
     cdef void _tx(self, worker_t *w, uint32_t sid) noexcept nogil:
         cdef session_t *s = self._session(sid)
-        cdef sa_t *sa
         cdef int n = 0, reads = 0, k
         cdef long r
         cdef int cap = SLOT - HEADROOM - ESP_TAIL_MAX
@@ -2359,12 +2488,11 @@ cdef class Engine:
         cdef uint8_t *pkt
         if s == NULL:
             return
-        sa = s.out_sa
 
         # read the TUN until EAGAIN or batch reads; a super-packet fills many slots
         while reads < self.batch:
             if n == TX_SLOTS:
-                self._seal_send(w, sa, n)
+                self._seal_send(w, s, n)
                 n = 0
             if not s.vnet:
                 r = read(s.tun_fd, self._slot(w, n), cap)
@@ -2400,7 +2528,7 @@ cdef class Engine:
             k = gso_split(&h, pkt, <int>r, self._slot(w, n), SLOT, cap, &w.tx_len[n],
                           TX_SLOTS - n)
             if k == ERR_ROOM and n > 0:
-                self._seal_send(w, sa, n)
+                self._seal_send(w, s, n)
                 n = 0
                 k = gso_split(&h, pkt, <int>r, self._slot(w, 0), SLOT, cap, w.tx_len,
                               TX_SLOTS)
@@ -2412,28 +2540,70 @@ cdef class Engine:
             n += k
         w.c.tun_rx += reads
         if n:
-            self._seal_send(w, sa, n)
+            self._seal_send(w, s, n)
 
-    cdef void _seal_send(self, worker_t *w, sa_t *sa, int n) noexcept nogil:
-        cdef int m = 0, i, ln, nh, valid = 0, got = 0
-        cdef uint64_t seq
-        cdef uint8_t *p
-        if sa == NULL:
+    cdef void _seal_send(self, worker_t *w, session_t *s, int n) noexcept nogil:
+        cdef int i, j
+        cdef sa_t *sa
+        cdef sa_t *first = s.sas
+        cdef flow_t f
+        while first != NULL and first.inbound:
+            first = first.snext
+        if first == NULL:
             w.c.no_sa_tx += n
             return
 
-        # inner version to next header, kept in the octet before the slot's
-        # packet (headroom the ESP header overwrites); 0 marks a non-IP slot
+        # classify: each slot's outbound SA, newest first so that a rekeyed SA
+        # wins; NULL marks a slot that is not IP or that no SA takes
         for i in range(n):
-            p = self._slot(w, i)
-            nh = 4 if p[0] >> 4 == 4 else (41 if p[0] >> 4 == 6 else 0)
-            (p - 1)[0] = nh
-            if nh == 0:
-                w.c.tun_malformed += 1
-            else:
+            w.tx_sa[i] = self._classify(w, first, self._slot(w, i), w.tx_len[i], &f)
+
+        # one sequence reservation and one send per SA present in the batch
+        for i in range(n):
+            sa = w.tx_sa[i]
+            if sa == NULL:
+                continue
+            self._seal_run(w, sa, i, n)
+            for j in range(i, n):
+                if w.tx_sa[j] == sa:
+                    w.tx_sa[j] = NULL
+
+    cdef sa_t *_classify(self, worker_t *w, sa_t *first, uint8_t *p, int ln,
+                         flow_t *f) noexcept nogil:
+        cdef sa_t *sa
+        cdef int family
+        # inner version to next header, kept in the octet before the slot's
+        # packet (headroom the ESP header overwrites)
+        if ln >= 20 and p[0] >> 4 == 4 and (p[0] & 15) >= 5:
+            family = 4
+            (p - 1)[0] = 4
+        elif ln >= 40 and p[0] >> 4 == 6:
+            family = 6
+            (p - 1)[0] = 41
+        else:
+            w.c.tun_malformed += 1
+            return NULL
+        if first.match_all:
+            return first
+        flow_parse(p, ln, family, f)
+        sa = first
+        while sa != NULL:
+            if not sa.inbound and flow_outbound(sa, f):
+                return sa
+            sa = sa.snext
+        w.c.no_policy += 1
+        return NULL
+
+    cdef void _seal_run(self, worker_t *w, sa_t *sa, int start, int n) noexcept nogil:
+        """Seal and send the slots in start..n-1 whose chosen SA is sa."""
+        cdef int m = 0, i, ln, nh, valid = 0, got = 0
+        cdef uint64_t seq
+        cdef uint8_t *p
+        for i in range(start, n):
+            if w.tx_sa[i] == sa:
                 valid += 1
 
-        # one reservation of sequence numbers for the batch, then seal in place
+        # one reservation of sequence numbers for the run, then seal in place
         seq = sa_take_seq(sa, valid, &got)
         if got < valid:
             # below the hard maximum the limit is the durably reserved mark
@@ -2442,13 +2612,13 @@ cdef class Engine:
                 sa.seq_blocked += valid - got
             else:
                 sa.seq_exhausted += valid - got
-        for i in range(n):
-            p = self._slot(w, i)
-            nh = (p - 1)[0]
-            if nh == 0:
+        for i in range(start, n):
+            if w.tx_sa[i] != sa:
                 continue
             if got == 0:
                 break
+            p = self._slot(w, i)
+            nh = (p - 1)[0]
             ln = esp_seal(sa, p, w.tx_len[i], seq, nh, NULL)
             seq += 1
             got -= 1

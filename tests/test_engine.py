@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from fastpath import Engine, SAParams, crypto_backends, esp_encrypt
+from fastpath.sa import ANY_TS
 
 PID = os.getpid()
 NS_A = f"egt-fp{PID}a"
@@ -314,9 +315,15 @@ class Helper:
 
 
 def _sa_cfg(
-    spi: int, inbound: bool, key: bytes, salt: bytes, peer: str, ts: str | list[str]
+    spi: int,
+    inbound: bool,
+    key: bytes,
+    salt: bytes,
+    peer: str,
+    ts: str | list[str],
+    local_ts: list[str] | None = None,
 ) -> dict:
-    return {
+    cfg = {
         "spi": spi,
         "inbound": inbound,
         "key": key.hex(),
@@ -324,6 +331,9 @@ def _sa_cfg(
         "peer": [peer, 4500],
         "remote_ts": [ts] if isinstance(ts, str) else ts,
     }
+    if local_ts is not None:
+        cfg["local_ts"] = local_ts
+    return cfg
 
 
 def _run(*argv: str) -> None:
@@ -737,6 +747,97 @@ def test_ipv6_outer_carries_both_inner_families(
 # ---------------------------------------------------------------- helper side
 
 
+SPI_ICMP, SPI_TCP = 0x0A0B0101, 0x0A0B0102
+KEY_ICMP, SALT_ICMP = bytes(range(64, 80)), b"\x0a\x0b\x0c\x0d"
+KEY_TCP, SALT_TCP = bytes(range(80, 112)), b"\x0e\x0f\x10\x11"
+
+
+@pytest.fixture(scope="module")
+def multisa_tunnel() -> Iterator[tuple[Helper, Helper]]:
+    """A sends ICMP on one SA and TCP on another, chosen by selector; B checks both."""
+    names = (f"egt-fp{PID}ma", f"egt-fp{PID}mb", f"egfma{PID}"[:15], f"egfmb{PID}"[:15])
+    for a, b in _tunnel(names, {}):
+        for spi, key, salt, proto in (
+            (SPI_ICMP, KEY_ICMP, SALT_ICMP, 1),
+            (SPI_TCP, KEY_TCP, SALT_TCP, 6),
+        ):
+            sel = f"{NET_B}[{proto}/0-65535]"
+            inbound = _sa_cfg(spi, True, key, salt, OUTER_A, NET_A, [sel])
+            b.call(cmd="install", sa=inbound)
+            a.call(cmd="install", sa=_sa_cfg(spi, False, key, salt, OUTER_B, sel))
+        # the catch-all SA goes: what neither selector takes has no SA now
+        a.call(cmd="remove", spi=SPI_AB, inbound=False)
+        yield a, b
+
+
+def _in_packets(h: Helper, spi: int) -> int:
+    return int(h.call(cmd="sa_counters", spi=spi, inbound=True)["packets"])
+
+
+def test_multisa_ping_rides_icmp_sa(multisa_tunnel: tuple[Helper, Helper]) -> None:
+    a, b = multisa_tunnel
+    tcp_before = _in_packets(b, SPI_TCP)
+    _ping_in(a.ns, INNER_B, 3)
+    assert _in_packets(b, SPI_ICMP) >= 3
+    assert _in_packets(b, SPI_TCP) == tcp_before
+    assert _in_drops(b, SPI_ICMP, "policy") == 0
+
+
+def test_multisa_tcp_round_trip_byte_exact_on_tcp_sa(
+    multisa_tunnel: tuple[Helper, Helper],
+) -> None:
+    a, b = multisa_tunnel
+    icmp_before = _in_packets(b, SPI_ICMP)
+    port = b.call(cmd="tcp_echo", host=INNER_B)
+    sent, received = a.call(cmd="tcp_rt", host=INNER_B, port=port, size=1_000_000)
+    assert sent == received
+    assert _in_packets(b, SPI_TCP) > 100
+    assert _in_packets(b, SPI_ICMP) == icmp_before
+    assert _in_drops(b, SPI_TCP, "policy") == 0
+
+
+def test_multisa_udp_without_selector_counted_no_policy(
+    multisa_tunnel: tuple[Helper, Helper],
+) -> None:
+    a, b = multisa_tunnel
+    before = a.call(cmd="counters")["no_policy"]
+    sent = a.call(cmd="counters")["udp_tx"]
+    a.call(cmd="udp_send", host=INNER_B, port=9, payload="00" * 32)
+    assert _wait_for(lambda: a.call(cmd="counters")["no_policy"] == before + 1)
+    assert a.call(cmd="counters")["udp_tx"] == sent
+
+
+def _esp_for(spi: int, key: bytes, salt: bytes, seq: int, inner: bytes) -> bytes:
+    sa = SAParams(spi=spi, inbound=False, key=key, salt=salt, session=1,
+                  peer=(OUTER_B, 4500))  # fmt: skip
+    return esp_encrypt(sa, seq, inner)
+
+
+def test_multisa_inbound_protocol_checked(
+    multisa_tunnel: tuple[Helper, Helper],
+) -> None:
+    a, b = multisa_tunnel
+    # 198.19.1.1 -> 198.19.2.1 UDP 9 -> 9: a protocol neither SA selects
+    udp = bytes.fromhex("4500001c0000000040110000c6130101c6130201") + bytes.fromhex(
+        "0009000900080000"
+    )
+    # the same addresses as ICMP echo (type 8): what the ICMP SA selects
+    icmp = bytes.fromhex("4500001c0000000040010000c6130101c6130201") + bytes.fromhex(
+        "0800f7ff00000000"
+    )
+    highest = int(b.call(cmd="sa_counters", spi=SPI_ICMP, inbound=True)["highest_seq"])
+    before = _in_drops(b, SPI_ICMP, "policy")
+    packets = _in_packets(b, SPI_ICMP)
+    b.call(cmd="inject", payload=_esp_for(SPI_ICMP, KEY_ICMP, SALT_ICMP,
+                                          highest + 50, udp).hex())  # fmt: skip
+    assert _wait_for(lambda: _in_drops(b, SPI_ICMP, "policy") == before + 1)
+    # the twin that fits the selectors is delivered
+    b.call(cmd="inject", payload=_esp_for(SPI_ICMP, KEY_ICMP, SALT_ICMP,
+                                          highest + 51, icmp).hex())  # fmt: skip
+    assert _wait_for(lambda: _in_packets(b, SPI_ICMP) == packets + 1)
+    assert _in_drops(b, SPI_ICMP, "policy") == before + 1
+
+
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
@@ -839,6 +940,7 @@ def _helper() -> None:
             session=1,
             peer=(d["peer"][0], d["peer"][1]),
             remote_ts=tuple(d["remote_ts"]),
+            local_ts=tuple(d.get("local_ts", ANY_TS)),
             esn=d.get("esn", False),
             next_seq=d.get("next_seq", 1),
             encap=d.get("encap", True),
@@ -959,6 +1061,9 @@ def _helper() -> None:
                     s.settimeout(WAIT)
                     s.sendto(bytes.fromhex(cmd["payload"]), (cmd["host"], cmd["port"]))
                     result = s.recv(65535).hex()
+            elif op == "udp_send":
+                with socket.socket(_family(cmd["host"]), socket.SOCK_DGRAM) as s:
+                    s.sendto(bytes.fromhex(cmd["payload"]), (cmd["host"], cmd["port"]))
             elif op == "tcp_rt":
                 result = _tcp_round_trip(cmd["host"], cmd["port"], cmd["size"])
             elif op == "captured":

@@ -228,7 +228,8 @@ def _params(inbound: bool, peer: tuple[str, int]) -> SAParams:
         salt=SALT,
         session=1,
         peer=peer,
-        remote_ts=("198.19.1.0/24",),
+        # the client's side: where inbound packets come from, outbound ones go
+        remote_ts=("198.19.1.0/24",) if inbound else ("198.19.2.0/24",),
     )
 
 

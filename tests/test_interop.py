@@ -42,7 +42,8 @@ def verdicts(tmp_path_factory):
          "asymmetric-cert-psk", "unknown-identity-rejected", "profile-match-identity",
          "profile-match-certmap", "child-rekey-pfs", "ike-rekey",
          "rekey-under-traffic-no-loss", "headend-child-rekey", "delete-by-server",
-         "initial-contact", "fragmentation-small-mtu"]
+         "initial-contact", "fragmentation-small-mtu", "multi-sa",
+         "child-lifetime-bytes"]
     )
     env = dict(os.environ, ESPGATE_LAB_PREFIX=LAB)
     proc = subprocess.run([ESPGATE, "selftest", "--cases", cases, "--json", str(out)],
@@ -86,6 +87,24 @@ def test_session_case_passes(verdicts, case):
         "first", "second")
     for label in (before, after):
         assert r["detail"][label]["transfer"]["match"]
+
+
+def test_multi_sa_each_child_carries_both_directions(verdicts):
+    results, _ = verdicts
+    r = results["multi-sa"]
+    assert r["passed"], r["detail"]["failures"]
+    assert r["detail"]["traffic"]["transfer"]["match"]
+    children = r["detail"]["headend_children"]
+    assert len(children) == 2
+    assert all(c["packets_in"] > 0 and c["packets_out"] > 0 for c in children)
+
+
+def test_child_lifetime_bytes_rekeys_and_traffic_goes_on(verdicts):
+    results, _ = verdicts
+    r = results["child-lifetime-bytes"]
+    assert r["passed"], r["detail"]["failures"]
+    assert r["detail"]["child_bytes_rekeys"] >= 1
+    assert r["detail"]["after"]["transfer"]["match"]
 
 
 def test_selftest_leaves_no_namespaces(verdicts):
