@@ -75,7 +75,7 @@ def restart_headend(
         pass
     Path(lab.socket).unlink(missing_ok=True)
     config = lab.workdir / "espgate.toml"
-    text = re.sub(r'(?m)^(mode|engine) = "\w+"\n', "", config.read_text())
+    text = re.sub(r'(?m)^(mode|engine|dataplane) = "\w+"\n', "", config.read_text())
     # FIXME: moves are proven with the inline engine; the process dataplane's
     # reservation ticker may lift the cap a move puts on the outbound counter
     text = text.replace(
