@@ -147,6 +147,8 @@ class EngineConfig:
     tun_mtu: int = 1400
     dataplane: str = "process"
     mode: str = "userspace"
+    # RFC 4303 3.4.3 anti-replay window of inbound SAs, packets
+    replay_window: int = 1024
 
 
 @dataclass(frozen=True)
@@ -670,9 +672,15 @@ class _Reader:
         crypto = self.choice(data, (*p, "crypto"), CRYPTO_BACKENDS, d.crypto)
         dataplane = self.choice(data, (*p, "dataplane"), DATAPLANES, d.dataplane)
         mode = self.choice(data, (*p, "mode"), ENGINE_MODES, d.mode)
+        window = self.get(data, (*p, "replay_window"), int, d.replay_window)
+        if not 64 <= window <= 4096 or window & (window - 1):
+            raise self.error(
+                (*p, "replay_window"), f"{window} is not a power of two in 64..4096"
+            )
         return EngineConfig(
-            crypto=crypto, batch=batch, tun_mtu=mtu, dataplane=dataplane, mode=mode
-        )
+            crypto=crypto, batch=batch, tun_mtu=mtu, dataplane=dataplane, mode=mode,
+            replay_window=window,
+        )  # fmt: skip
 
     def pool(self, name: str, data: dict[str, Any]) -> PoolConfig:
         p: PathKey = ("pools", name)

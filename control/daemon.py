@@ -810,6 +810,7 @@ class Headend:
             # outbound SA by them
             "local_ts": tuple(ev.local_ts),
             "encap": ev.udp_encap,
+            "replay_window": self.config.engine.replay_window,
         }
         sa_in = SAParams(
             spi=ev.spi_in, inbound=True, key=ev.key_in, salt=ev.salt_in,

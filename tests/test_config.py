@@ -411,3 +411,18 @@ def test_parse_session_lifetime_default_and_bounds() -> None:
 def test_parse_session_lifetime_out_of_range_rejected(value: int) -> None:
     with pytest.raises(ConfigError, match="session_lifetime: .* is not 0 or 120"):
         _rekey_config(f"session_lifetime = {value}\n")
+
+
+@pytest.mark.parametrize("window", [32, 1000, 8192])
+def test_parse_replay_window_must_be_power_of_two_in_range(window):
+    text = GOOD.replace('[pools.office]', f'[engine]\nreplay_window = {window}\n\n'
+                        '[pools.office]')
+    with pytest.raises(ConfigError) as info:
+        config.parse(text, "t.toml")
+    assert info.value.fieldname == "engine.replay_window" and info.value.line == 5
+
+
+def test_parse_replay_window_accepted():
+    text = GOOD.replace('[pools.office]', '[engine]\nreplay_window = 4096\n\n'
+                        '[pools.office]')
+    assert config.parse(text, "t.toml").engine.replay_window == 4096
