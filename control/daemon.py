@@ -67,6 +67,9 @@ from fastpath.sa import SAParams
 
 log = logging.getLogger("espgate.daemon")
 
+# seconds a rekey's new outbound SA waits at most for the old pair's delete
+DEFER_OUT_MAX = 2.0
+
 Address = tuple[str, int]
 SEQ_POLL = 1.0
 POWER_CUT_ENV = "ESPGATE_POWER_CUT_MODEL"
@@ -104,6 +107,9 @@ class Session:
     # rekey the byte count already started
     rekey_bytes: int = 0
     bytes_rekeyed: set[int] = field(default_factory=set, repr=False)
+    # a rekey's new outbound SA, held back until the old pair goes (by the old
+    # inbound SPI), so we never send on an SA the client has not installed yet
+    deferred_out: dict[int, SAParams] = field(default_factory=dict, repr=False)
 
 
 class _IkeProtocol(asyncio.DatagramProtocol):
@@ -833,9 +839,11 @@ class Headend:
             session.engine = "userspace"
         session.params[(ev.spi_in, True)] = sa_in
         session.params[(ev.spi_out, False)] = sa_out
+        replaces = None if resume else _rekeyed(session, ev)
         if session.engine == "kernel":
             try:
-                self._kernel_install(session, sa_in, sa_out)
+                self._kernel_install(session, sa_in, sa_out,
+                                     outbound=replaces is None)  # fmt: skip
             except OSError as exc:
                 if session.children:
                     raise  # a rekey: the older pair keeps the session in the kernel
@@ -850,7 +858,9 @@ class Headend:
                 session.engine = "userspace"
         if session.engine != "kernel":
             self.engine.install_sa(sa_in)
-            if resume:
+            if replaces is not None:
+                pass  # the outbound SA waits below
+            elif resume:
                 try:
                     self.engine.install_sa(sa_out, resume=True)
                 except UntrustedState:
@@ -858,6 +868,14 @@ class Headend:
                     raise
             else:
                 self.engine.install_sa(sa_out)
+        if replaces is not None:
+            # the client installs its inbound SA only when our answer reaches
+            # it: keep sending on the old SA until it deletes that (or briefly)
+            session.deferred_out[replaces] = sa_out
+            assert self._loop is not None
+            self._loop.call_later(
+                DEFER_OUT_MAX, self._release_out, session.session_id, replaces
+            )
         session.children.append((ev.spi_in, ev.spi_out))
         session.child_state[ev.spi_in] = {
             "spi_in": ev.spi_in,
@@ -891,6 +909,7 @@ class Headend:
         top_in: int = 0,
         next_out: int | None = None,
         dirs: tuple[str, ...] = ("out", "in", "fwd"),
+        outbound: bool = True,
     ) -> None:
         """Install a CHILD SA pair in the kernel, and the session's policies once."""
         from fastpath.xfrm import ReplayState
@@ -900,7 +919,8 @@ class Headend:
         kernel.install_sa(sa_in, replay=replay if top_in else None)
         if next_out is not None:
             sa_out = dataclasses.replace(sa_out, next_seq=next_out)
-        kernel.install_sa(sa_out)
+        if outbound:
+            kernel.install_sa(sa_out)
         if not session.policies:
             self._kernel_policies(session, sa_in, dirs)
         self._sync_encap_readers()
@@ -937,10 +957,30 @@ class Headend:
         self.kernel.close_encap(local, tuple(session.remote))
         self._sync_encap_readers()
 
+    def _release_out(self, session_id: str, old_spi_in: int) -> None:
+        """Install a rekey's held-back outbound SA (make before break)."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            return
+        sa_out = session.deferred_out.pop(old_spi_in, None)
+        if sa_out is None:
+            return
+        if session.engine == "kernel":
+            self._kernel().install_sa(sa_out)
+        else:
+            self.engine.install_sa(sa_out)
+        log.debug("child sa out %08x now sends for %s", sa_out.spi, session.identity)
+
     def _child_down(self, session_id: str, spi_in: int, spi_out: int) -> None:
         session = self.sessions.get(session_id)
         if session is None or (spi_in, spi_out) not in session.children:
             return
+        # the old pair goes: its successor's outbound SA takes over first
+        self._release_out(session_id, spi_in)
+        held = [k for k, sa in session.deferred_out.items() if sa.spi == spi_out]
+        for key in held:
+            # a new pair deleted before it ever sent: nothing installed outbound
+            del session.deferred_out[key]
         session.children.remove((spi_in, spi_out))
         session.child_state.pop(spi_in, None)
         session.bytes_rekeyed.discard(spi_in)
@@ -948,7 +988,8 @@ class Headend:
             self._kernel_remove_pair(session, spi_in, spi_out)
         else:
             self.engine.remove_sa(spi_in, True)
-            self.engine.remove_sa(spi_out, False)
+            if not held:
+                self.engine.remove_sa(spi_out, False)
         session.params.pop((spi_in, True), None)
         session.params.pop((spi_out, False), None)
         log.info("child sa %08x/%08x down for %s", spi_in, spi_out, session.identity)
@@ -1371,6 +1412,22 @@ def _record_spis(body: bytes) -> set[int]:
         return {int(c[k]) for c in children for k in ("spi_in", "spi_out")}
     except (ValueError, KeyError, TypeError):
         return set()
+
+
+def _rekeyed(session: Session, ev: Any) -> int | None:
+    """Return the inbound SPI of the CHILD SA ``ev`` rekeys, if it is one.
+
+    A new pair with the same traffic selectors as a live one replaces it
+    (several CHILD SAs of one session differ in their selectors).
+    """
+    for spi_in, _ in session.children:
+        state = session.child_state.get(spi_in)
+        if state is None or spi_in in session.deferred_out:
+            continue
+        if (list(state["local_ts"]) == list(ev.local_ts)
+                and list(state["remote_ts"]) == list(ev.remote_ts)):
+            return spi_in
+    return None
 
 
 class StartupError(RuntimeError):
