@@ -43,7 +43,9 @@ def verdicts(tmp_path_factory):
          "profile-match-certmap", "child-rekey-pfs", "ike-rekey",
          "rekey-under-traffic-no-loss", "headend-child-rekey", "delete-by-server",
          "initial-contact", "fragmentation-small-mtu", "multi-sa",
-         "child-lifetime-bytes"]
+         "child-lifetime-bytes", "flow-limit", "liveness-dead-peer",
+         "delete-by-client", "cookie-under-flood", "invalid-ke-retry",
+         "windows-proposals", "child-rekey"]
     )
     env = dict(os.environ, ESPGATE_LAB_PREFIX=LAB)
     proc = subprocess.run([ESPGATE, "selftest", "--cases", cases, "--json", str(out)],
@@ -195,3 +197,37 @@ def test_fragmentation_both_ways_over_small_mtu(verdicts):
     assert d["ike_counters"]["reassembled"] >= 1 and d["ike_counters"]["fragmented"]
     assert d["handshake_capture"]["by_proto"].get("other", 0) == 0
     assert d["transfer"]["match"]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["flow-limit", "cookie-under-flood", "invalid-ke-retry", "windows-proposals",
+     "child-rekey"],
+)
+def test_ike_case_carries_checked_traffic(verdicts, case):
+    results, _ = verdicts
+    r = results[case]
+    assert r["passed"], r["detail"]["failures"]
+    assert r["detail"]["traffic" if case == "flow-limit" else "transfer"]
+
+
+def test_cookie_flood_client_connects_after_cookie(verdicts):
+    results, _ = verdicts
+    d = results["cookie-under-flood"]["detail"]
+    assert d["client_got_cookie"] and d["transfer"]["match"]
+    assert d["ike_counters"]["cookie_sent"] > 0
+
+
+def test_dead_peer_torn_down_and_address_freed(verdicts):
+    results, _ = verdicts
+    r = results["liveness-dead-peer"]
+    assert r["passed"], r["detail"]["failures"]
+    assert r["detail"]["liveness_dead_peer"]
+
+
+def test_delete_by_client_frees_session(verdicts):
+    results, _ = verdicts
+    r = results["delete-by-client"]
+    assert r["passed"], r["detail"]["failures"]
+    for label in ("before", "after"):
+        assert r["detail"][label]["transfer"]["match"]
