@@ -471,6 +471,8 @@ class _Reader:
         seen: list[PoolConfig] = []
         for pool in pools.values():
             for other in seen:
+                if pool.first.version != other.first.version:
+                    continue
                 if pool.first <= other.last and other.first <= pool.last:
                     raise self.error(
                         ("pools", pool.name, "range"), f"overlaps pool {other.name!r}"

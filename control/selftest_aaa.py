@@ -896,7 +896,8 @@ CASES.update(
         "local-policy-attributes": Case(
             "a local group policy: its pool, DNS servers and route set",
             _case_local_policy,
-            _lab(),
+            # the profile's pool stops below the policy's "staff" pool
+            {**_lab(), "pool_range": "198.18.128.10-198.18.128.199"},
         ),
         "pool-exhausted": Case(
             "one-address pool, two clients: INTERNAL_ADDRESS_FAILURE, then reuse",

@@ -426,3 +426,10 @@ def test_parse_replay_window_accepted():
     text = GOOD.replace('[pools.office]', '[engine]\nreplay_window = 4096\n\n'
                         '[pools.office]')
     assert config.parse(text, "t.toml").engine.replay_window == 4096
+
+
+def test_parse_ipv4_and_ipv6_pools_side_by_side():
+    text = GOOD.replace('[[profiles]]', '[pools.v6]\nrange = "2001:db8:18:1::/64"\n'
+                        'client_prefix = 128\n\n[[profiles]]')
+    cfg = config.parse(text, "t.toml")
+    assert set(cfg.pools) == {"office", "v6"}

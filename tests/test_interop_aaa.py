@@ -23,7 +23,8 @@ pytestmark = [
 
 ESPGATE = str(Path(sys.executable).with_name("espgate"))
 LAB = os.environ.get("ESPGATE_LAB_PREFIX", f"egaa{os.getpid() % 100000}")
-CASES = ["eap-mschapv2", "eap-wrong-password", "radius-failover"]
+CASES = ["eap-mschapv2", "eap-wrong-password", "radius-failover",
+         "local-policy-attributes", "dual-stack"]
 
 
 def namespaces() -> set[str]:
@@ -69,3 +70,9 @@ def test_radius_failover_reaches_second_server(verdicts: dict[str, Any]) -> None
 
 def test_aaa_selftest_leaves_no_namespaces(verdicts: dict[str, Any]) -> None:
     assert not {ns for ns in namespaces() if ns.startswith(LAB + "-")}
+
+
+@pytest.mark.parametrize("case", ["local-policy-attributes", "dual-stack"])
+def test_config_mode_case_passes(verdicts: dict[str, Any], case: str) -> None:
+    # the client's view (addresses, DNS, routes) and traffic are checked inside
+    assert verdicts[case]["passed"], verdicts[case]["detail"]["failures"]
