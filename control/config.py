@@ -473,7 +473,8 @@ class _Reader:
             for other in seen:
                 if pool.first.version != other.first.version:
                     continue
-                if pool.first <= other.last and other.first <= pool.last:
+                lo, hi = int(pool.first), int(pool.last)
+                if lo <= int(other.last) and int(other.first) <= hi:
                     raise self.error(
                         ("pools", pool.name, "range"), f"overlaps pool {other.name!r}"
                     )
@@ -837,7 +838,7 @@ class _Reader:
                 IdentityPattern.parse(item)
             except ValueError as exc:
                 raise self.error((*p, "match_identity"), f"{item!r}: {exc}") from None
-        rekey = {}
+        rekey: dict[str, Any] = {}
         for key, default in (("ike_rekey_time", 86400), ("child_rekey_time", 28800)):
             value = int(self.get(data, (*p, key), int, default))
             if value != 0 and not REKEY_TIME[0] <= value <= REKEY_TIME[1]:
@@ -934,7 +935,7 @@ class _Reader:
             engine=engine,
         )
 
-    def liveness(self, data: dict[str, Any], p: PathKey) -> dict[str, int]:
+    def liveness(self, data: dict[str, Any], p: PathKey) -> dict[str, Any]:
         """Read flow_limit, dpd_delay and dpd_timeout of one profile."""
         flow_limit = int(self.get(data, (*p, "flow_limit"), int, 0))
         if not FLOW_LIMIT[0] <= flow_limit <= FLOW_LIMIT[1]:
@@ -1006,20 +1007,19 @@ class _Reader:
         except (OSError, ValueError) as exc:
             raise self.error((*p, "certificate"), f"{cert_path}: {exc}") from None
         try:
-            key = certs.load_private_key(key_path)
+            private = certs.load_private_key(key_path)
         except (OSError, ValueError, TypeError) as exc:
             raise self.error((*p, "private_key"), f"{key_path}: {exc}") from None
-        if key.public_key().public_numbers() != chain[0].public_key().public_numbers():
+        if private.public_key() != chain[0].public_key():
             raise self.error((*p, "private_key"), "does not match the certificate")
-        kind = "rsa-sig" if isinstance(key, rsa.RSAPrivateKey) else "ecdsa-sig"
+        kind = "rsa-sig" if isinstance(private, rsa.RSAPrivateKey) else "ecdsa-sig"
         if kind != local_auth:
             raise self.error((*p, "local_auth"), f"{local_auth} with a {kind} key")
-        if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name not in (
-            "secp256r1",
-            "secp384r1",
-            "secp521r1",
-        ):
-            raise self.error((*p, "private_key"), f"curve {key.curve.name} unsupported")
+        curves = ("secp256r1", "secp384r1", "secp521r1")
+        if isinstance(private, ec.EllipticCurvePrivateKey):
+            if private.curve.name not in curves:
+                curve = private.curve.name
+                raise self.error((*p, "private_key"), f"curve {curve} unsupported")
         ident = Identity.from_string(local_identity)
         if not certs.identity_in_cert(ident.type, ident.data, chain[0]):
             raise self.error(

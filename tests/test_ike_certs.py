@@ -166,6 +166,14 @@ def test_credential_certs_for_cuts_at_requested_ca(rsa_pki: LabPki) -> None:
     assert len(cred.certs_for([spki_sha1(rsa_pki.intermediate.cert)])) == 1
 
 
+def test_credential_rejects_key_of_another_certificate(rsa_pki: LabPki) -> None:
+    Credential(rsa_pki.server.key, [rsa_pki.server.cert])
+    with pytest.raises(ValueError, match="does not match"):
+        Credential(rsa_pki.server.key, [rsa_pki.root.cert])
+    with pytest.raises(ValueError, match="needs its certificate"):
+        Credential(rsa_pki.server.key, [])
+
+
 def test_signature_hash_and_certreq_data_round_trip(rsa_pki: LabPki) -> None:
     data = signature_hash_data()
     assert data == bytes.fromhex("000200030004")

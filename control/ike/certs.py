@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -187,11 +188,10 @@ class Credential:
     chain: list[x509.Certificate]
 
     def __post_init__(self) -> None:
-        assert self.chain, "a credential needs its certificate"
-        ours = self.chain[0].public_key().public_numbers()
-        assert ours == self.key.public_key().public_numbers(), (
-            "private key does not match the certificate"
-        )
+        if not self.chain:
+            raise ValueError("a credential needs its certificate")
+        if self.chain[0].public_key() != self.key.public_key():
+            raise ValueError("private key does not match the certificate")
 
     @property
     def kind(self) -> str:
@@ -229,7 +229,7 @@ def _is_ca(cert: x509.Certificate) -> bool:
         bc = cert.extensions.get_extension_for_oid(ExtensionOID.BASIC_CONSTRAINTS)
     except x509.ExtensionNotFound:
         return False
-    return bool(bc.value.ca)
+    return isinstance(bc.value, x509.BasicConstraints) and bc.value.ca
 
 
 @dataclass
@@ -284,7 +284,7 @@ class TrustStore:
         for crl in self.crls:
             if crl.issuer != issuer.subject:
                 continue
-            if not crl.is_signature_valid(_public_key(issuer)):  # type: ignore[arg-type]
+            if not crl.is_signature_valid(_public_key(issuer)):
                 raise CertError(f"bad signature on the CRL of {crl.issuer}")
             if crl.get_revoked_certificate_by_serial_number(cert.serial_number):
                 raise CertError(
@@ -319,7 +319,11 @@ def identity_in_cert(id_type: int, data: bytes, cert: x509.Certificate) -> bool:
         text = data.decode("ascii", "replace").lower()
         return any(n.lower() == text for n in san.get_values_for_type(x509.RFC822Name))
     if id_type in (IDType.ID_IPV4_ADDR, IDType.ID_IPV6_ADDR):
-        return any(a.packed == data for a in san.get_values_for_type(x509.IPAddress))
+        return any(
+            isinstance(a, (ipaddress.IPv4Address, ipaddress.IPv6Address))
+            and a.packed == data
+            for a in san.get_values_for_type(x509.IPAddress)
+        )
     return False
 
 
@@ -344,7 +348,7 @@ def sign_auth(
     common = [h for h in OUR_HASHES if h in peer_hashes]
     kind = "rsa" if isinstance(key, rsa.RSAPrivateKey) else "ecdsa"
     if common:
-        hash_id = common[0]
+        hash_id = int(common[0])
         if isinstance(key, ec.EllipticCurvePrivateKey):
             # match the hash to the curve where the peer allows it
             wanted = {"secp384r1": 3, "secp521r1": 4}.get(key.curve.name, 2)
