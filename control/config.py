@@ -1015,11 +1015,11 @@ class _Reader:
         kind = "rsa-sig" if isinstance(private, rsa.RSAPrivateKey) else "ecdsa-sig"
         if kind != local_auth:
             raise self.error((*p, "local_auth"), f"{local_auth} with a {kind} key")
-        curves = ("secp256r1", "secp384r1", "secp521r1")
-        if isinstance(private, ec.EllipticCurvePrivateKey):
-            if private.curve.name not in curves:
-                curve = private.curve.name
-                raise self.error((*p, "private_key"), f"curve {curve} unsupported")
+        if isinstance(private, ec.EllipticCurvePrivateKey) and (
+            private.curve.name not in ("secp256r1", "secp384r1", "secp521r1")
+        ):
+            curve = private.curve.name
+            raise self.error((*p, "private_key"), f"curve {curve} unsupported")
         ident = Identity.from_string(local_identity)
         if not certs.identity_in_cert(ident.type, ident.data, chain[0]):
             raise self.error(
