@@ -30,6 +30,7 @@ cdef extern from "<intel-ipsec-mb.h>" nogil:
     void init_mb_mgr_avx2(IMB_MGR *mgr)
     void init_mb_mgr_sse(IMB_MGR *mgr)
     int imb_get_errno(IMB_MGR *mgr)
+    const char *imb_get_version_str()
 
     void IMB_AES128_GCM_PRE(IMB_MGR *mgr, const void *key, gcm_key_data *kd)
     void IMB_AES256_GCM_PRE(IMB_MGR *mgr, const void *key, gcm_key_data *kd)

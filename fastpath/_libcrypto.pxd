@@ -24,4 +24,6 @@ cdef extern from "<openssl/evp.h>" nogil:
 
 
 cdef extern from "<openssl/crypto.h>" nogil:
+    int OPENSSL_VERSION
+    const char *OpenSSL_version(int t)
     int CRYPTO_memcmp(const void *a, const void *b, size_t n)
