@@ -5,18 +5,8 @@ from __future__ import annotations
 from control.ike.cookies import COOKIE_LENGTH, GuardConfig
 from control.ike.messages import NotifyPayload, NotifyType, pull_message
 from control.ike.responder import IkeResponder
-
-try:
-    from tests.ikeclient import IkeClient
-    from tests.test_ike_responder import CLIENT, connect, exchange, make_responder
-except ImportError:  # pytest's rootdir-relative import without tests/__init__.py
-    from ikeclient import IkeClient  # type: ignore[no-redef]
-    from test_ike_responder import (  # type: ignore[no-redef]
-        CLIENT,
-        connect,
-        exchange,
-        make_responder,
-    )
+from tests.ikeclient import IkeClient
+from tests.test_ike_responder import CLIENT, connect, exchange, make_responder
 
 
 def guarded(

@@ -5,27 +5,15 @@ from __future__ import annotations
 import pytest
 
 from control.ike.messages import NotifyType
-
-try:
-    from tests.ikeclient import IkeClient, ServerRefused, network_ts
-    from tests.test_ike_responder import (
-        CLIENT_NATT,
-        SERVER_NATT,
-        connect,
-        events,
-        exchange,
-        make_responder,
-    )
-except ImportError:  # pytest's rootdir-relative import without tests/__init__.py
-    from ikeclient import IkeClient, ServerRefused, network_ts  # type: ignore[no-redef]
-    from test_ike_responder import (  # type: ignore[no-redef]
-        CLIENT_NATT,
-        SERVER_NATT,
-        connect,
-        events,
-        exchange,
-        make_responder,
-    )
+from tests.ikeclient import IkeClient, ServerRefused, network_ts
+from tests.test_ike_responder import (
+    CLIENT_NATT,
+    SERVER_NATT,
+    connect,
+    events,
+    exchange,
+    make_responder,
+)
 
 
 def _create(r: object, client: IkeClient, tsr: str) -> object:

@@ -29,25 +29,14 @@ from control.ike.messages import (
     pull_message,
 )
 from control.ike.responder import IkeResponder
-
-try:
-    from tests.ikeclient import IkeClient
-    from tests.test_ike_responder import (
-        CLIENT_NATT,
-        SERVER_NATT,
-        events,
-        exchange,
-        make_responder,
-    )
-except ImportError:  # pytest's rootdir-relative import without tests/__init__.py
-    from ikeclient import IkeClient  # type: ignore[no-redef]
-    from test_ike_responder import (  # type: ignore[no-redef]
-        CLIENT_NATT,
-        SERVER_NATT,
-        events,
-        exchange,
-        make_responder,
-    )
+from tests.ikeclient import IkeClient
+from tests.test_ike_responder import (
+    CLIENT_NATT,
+    SERVER_NATT,
+    events,
+    exchange,
+    make_responder,
+)
 
 # UDP payload of a Windows client's fragment: 576-byte IPv4 datagrams
 # (MS-IKEE), less 20 IP, 8 UDP and the 4-byte non-ESP marker

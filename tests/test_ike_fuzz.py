@@ -29,13 +29,8 @@ from control.ike.messages import (
     pull_message,
     pull_payloads,
 )
-
-try:
-    from tests.ikeclient import IkeClient
-    from tests.test_ike_responder import exchange, make_responder
-except ImportError:  # pytest's rootdir-relative import without tests/__init__.py
-    from ikeclient import IkeClient  # type: ignore[no-redef]
-    from test_ike_responder import exchange, make_responder  # type: ignore[no-redef]
+from tests.ikeclient import IkeClient
+from tests.test_ike_responder import exchange, make_responder
 
 CORPUS = Path(__file__).with_name("corpus") / "ike_decoder"
 PAYLOAD_TYPES = sorted(PAYLOAD_CLASSES) + [PayloadType.SK, PayloadType.SKF, 1, 255]

@@ -8,27 +8,15 @@ from __future__ import annotations
 
 from control.ike.messages import DeletePayload, ProtocolId
 from control.ike.responder import ChildSADown, IkeSADown
-
-try:
-    from tests.ikeclient import IkeClient
-    from tests.test_ike_responder import (
-        CLIENT_NATT,
-        SERVER_NATT,
-        connect,
-        events,
-        exchange,
-        make_responder,
-    )
-except ImportError:  # pytest's rootdir-relative import without tests/__init__.py
-    from ikeclient import IkeClient  # type: ignore[no-redef]
-    from test_ike_responder import (  # type: ignore[no-redef]
-        CLIENT_NATT,
-        SERVER_NATT,
-        connect,
-        events,
-        exchange,
-        make_responder,
-    )
+from tests.ikeclient import IkeClient
+from tests.test_ike_responder import (
+    CLIENT_NATT,
+    SERVER_NATT,
+    connect,
+    events,
+    exchange,
+    make_responder,
+)
 
 NO_REKEYS = {"ike_rekey_time": None, "child_rekey_time": None}
 

@@ -5,27 +5,15 @@ from __future__ import annotations
 from control.ike.events import ChildSADown, IkeSADown
 from control.ike.messages import ExchangeType, pull_message
 from control.ike.responder import IkeResponder
-
-try:
-    from tests.ikeclient import IkeClient
-    from tests.test_ike_responder import (
-        CLIENT_NATT,
-        SERVER_NATT,
-        connect,
-        events,
-        exchange,
-        make_responder,
-    )
-except ImportError:  # pytest's rootdir-relative import without tests/__init__.py
-    from ikeclient import IkeClient  # type: ignore[no-redef]
-    from test_ike_responder import (  # type: ignore[no-redef]
-        CLIENT_NATT,
-        SERVER_NATT,
-        connect,
-        events,
-        exchange,
-        make_responder,
-    )
+from tests.ikeclient import IkeClient
+from tests.test_ike_responder import (
+    CLIENT_NATT,
+    SERVER_NATT,
+    connect,
+    events,
+    exchange,
+    make_responder,
+)
 
 
 def _live(**kwargs: object) -> tuple[IkeResponder, IkeClient]:

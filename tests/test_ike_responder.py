@@ -42,23 +42,13 @@ from control.ike.responder import (
     Profile,
     ResponderConfig,
 )
-
-try:
-    from tests.ikeclient import (
-        DER,
-        AuthResult,
-        ChildResult,
-        IkeClient,
-        ServerRefused,
-    )
-except ImportError:  # pytest's rootdir-relative import without tests/__init__.py
-    from ikeclient import (  # type: ignore[no-redef]
-        DER,
-        AuthResult,
-        ChildResult,
-        IkeClient,
-        ServerRefused,
-    )
+from tests.ikeclient import (
+    DER,
+    AuthResult,
+    ChildResult,
+    IkeClient,
+    ServerRefused,
+)
 
 SERVER = ("198.18.0.1", 500)
 SERVER_NATT = ("198.18.0.1", 4500)
