@@ -218,7 +218,9 @@ def half_open_headend(state: Any, relay: DhcpRelay) -> Any:
     from control.config import parse
     from control.daemon import Headend
 
-    text = HALF_OPEN_CONFIG.format(state=state, server=relay.server, giaddr=relay.giaddr)
+    text = HALF_OPEN_CONFIG.format(
+        state=state, server=relay.server, giaddr=relay.giaddr
+    )
     h = Headend(parse(text, "t.toml"))
     h.responder = FakeResponder()
     h._loop = asyncio.get_running_loop()
