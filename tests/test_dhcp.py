@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
+import shutil
 import struct
+import subprocess
+import sys
+import time
 from typing import Any
 
 import pytest
@@ -375,3 +380,88 @@ def test_lease_request_unanswered_releases_requested_address() -> None:
 
     assert run(server, steps) is None
     assert released(server) == [IPv4("198.18.130.11")]
+
+
+# -- the same against dnsmasq, in namespaces of our own ---------------------
+
+HUB_GIADDR = "198.18.130.1"
+
+
+async def _hub_half_open(server: str, state: str) -> None:
+    """In the hub namespace: lease for a session, then let it die half-open."""
+    # dnsmasq pings an address (about 3 s) before it offers it
+    relay = DhcpRelay(server, HUB_GIADDR, timeout=4.0, retries=2)
+    await relay.start()
+    h = half_open_headend(state, relay)
+    h._aaa_start(dhcp_request())
+    await h._dhcp_pending["s1"]
+    print(h._leases["s1"][1].address, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    h.responder.sa.die()
+    h._after_step()
+    await asyncio.sleep(0.2)
+    print("released" if not h._leases else "kept", flush=True)
+    relay.close()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("dnsmasq") is None,
+    reason="needs root for namespaces, and dnsmasq",
+)
+def test_half_open_lease_gone_from_dnsmasq(tmp_path) -> None:
+    from control.lab.dhcp import Dnsmasq
+    from control.lab.procs import ProcessSet
+
+    tag = f"egt-sa{os.getpid()}"
+    hub, srv = f"{tag}h", f"{tag}s"
+    hub_if, srv_if = f"egtsa{os.getpid()}a"[:15], f"egtsa{os.getpid()}b"[:15]
+
+    def ip(*argv: str) -> None:
+        subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=10)
+
+    hub_proc = None
+    try:
+        # hub --veth-- srv; giaddr on the hub's lo, routed back from srv
+        ip("netns", "add", hub)
+        ip("netns", "add", srv)
+        ip("link", "add", hub_if, "netns", hub, "type", "veth", "peer", "name",
+           srv_if, "netns", srv)  # fmt: skip
+        ip("-n", hub, "addr", "add", "198.18.131.1/24", "dev", hub_if)
+        ip("-n", hub, "addr", "add", f"{HUB_GIADDR}/32", "dev", "lo")
+        ip("-n", srv, "addr", "add", "198.18.131.2/24", "dev", srv_if)
+        for ns, dev in ((hub, hub_if), (hub, "lo"), (srv, srv_if), (srv, "lo")):
+            ip("-n", ns, "link", "set", dev, "up")
+        ip("-n", srv, "route", "add", "198.18.130.0/24", "via", "198.18.131.1")
+        with ProcessSet(tmp_path / "logs") as procs:
+            server = Dnsmasq(tmp_path / "dnsmasq", srv, srv_if, "198.18.130.10",
+                             "198.18.130.50")  # fmt: skip
+            server.start(procs)
+            hub_proc = subprocess.Popen(
+                ["ip", "netns", "exec", hub, sys.executable, __file__, "hub",
+                 "198.18.131.2", str(tmp_path / "state")],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            assert hub_proc.stdin is not None and hub_proc.stdout is not None
+            address = hub_proc.stdout.readline().strip()
+            assert address.startswith("198.18.130.")
+            assert address in server.leases()
+            hub_proc.stdin.write("die\n")
+            hub_proc.stdin.flush()
+            assert hub_proc.stdout.readline().strip() == "released"
+            assert hub_proc.wait(timeout=30) == 0
+            for _ in range(50):
+                if address not in server.leases():
+                    break
+                time.sleep(0.1)
+            assert address not in server.leases()
+            assert "DHCPRELEASE" in server.log_text()
+    finally:
+        if hub_proc is not None and hub_proc.poll() is None:
+            hub_proc.kill()
+            hub_proc.wait(timeout=10)
+        for ns in (hub, srv):
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["hub"]:
+    asyncio.run(_hub_half_open(sys.argv[2], sys.argv[3]))
