@@ -243,3 +243,15 @@ def test_persisted_session_resumes_with_its_mtu(
     again = headend(tmp_path, None)
     again._rebuild(again.responder.sa, record["daemon"])
     assert tuns[-1] == ("egs1", 1380) and again.sessions["s1"].mtu == 1380
+
+
+def test_parse_session_timeout_sets_session_lifetime() -> None:
+    auth = parse_authorization({"Session-Timeout": [3600]})
+    assert auth.policy().session_lifetime == 3600 and auth.malformed == 0
+
+
+@pytest.mark.parametrize("value", [0, 119, 25_920_001, "soon"])
+def test_parse_session_timeout_out_of_range_ignored(value: Any) -> None:
+    # 0 would end the session the moment it is up
+    auth = parse_authorization({"Session-Timeout": [value]})
+    assert auth.policy().session_lifetime is None and auth.malformed == 1

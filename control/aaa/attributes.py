@@ -38,6 +38,8 @@ SECRET_FIELDS = ("ikev2_password_local", "ikev2_password_remote", "tunnel_passwo
 MTU_MIN_IPV4 = 576
 MTU_MIN_IPV6 = 1280
 MTU_MAX = 9000
+# seconds a session may live, as a profile's session_lifetime allows
+SESSION_TIMEOUT = (120, 25_920_000)
 # distinct ignored interface-config lines logged so far (bounded)
 _IGNORED_LOGGED: set[str] = set()
 _IGNORED_LOG_MAX = 64
@@ -268,7 +270,7 @@ def parse_authorization(
     for value in attributes.get("Tunnel-Password", [])[:1]:
         auth.tunnel_password = value if isinstance(value, bytes) else None
     for value in attributes.get("Session-Timeout", [])[:1]:
-        auth.session_lifetime = int(value)
+        _session_timeout(auth, value)
     for pair in attributes.get("Cisco-AVPair", []):
         _avpair(auth, str(pair))
     if stats is not None:
@@ -350,3 +352,18 @@ def _interface_config(auth: Authorization, line: str) -> None:
     if line not in _IGNORED_LOGGED and len(_IGNORED_LOGGED) < _IGNORED_LOG_MAX:
         _IGNORED_LOGGED.add(line)
         log.info("ip:interface-config %.60r not applied: only 'ip mtu N' is", line)
+
+
+def _session_timeout(auth: Authorization, value: Any) -> None:
+    # RFC 2865 5.27: the most seconds of service before the session ends
+    low, high = SESSION_TIMEOUT
+    try:
+        seconds = int(value)
+    except (TypeError, ValueError):
+        seconds = -1
+    if not low <= seconds <= high:
+        auth.malformed += 1
+        log.warning("Session-Timeout %.20s ignored: out of range %d..%d",
+                    value, low, high)  # fmt: skip
+        return
+    auth.session_lifetime = seconds
