@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from control.aaa.attributes import session_mtu
 from control.aaa.authorize import Authorizer
 from control.config import Config
 from control.ikebind import build_radius_clients, build_responder_config
@@ -92,6 +93,8 @@ class Session:
     remote: Address
     tun_fd: int | None = None
     tun_name: str | None = None
+    # the TUN's MTU: authorization's interface mtu, else engine.tun_mtu
+    mtu: int | None = None
     inside_address: str | None = None
     inside_address6: str | None = None
     children: list[tuple[int, int]] = field(default_factory=list)
@@ -173,6 +176,10 @@ class Headend:
         self._rekey_bytes_of = {p.name: p.child_rekey_bytes for p in config.profiles}
         self._relays: dict[tuple[str, str], Any] = {}
         self._leases: dict[str, tuple[Any, Any, asyncio.Future[None]]] = {}
+        # DHCP for sessions not yet up: the lease task in flight, and the IKE
+        # SA each was asked for (until its ChildSAUp); see _reap_half_open
+        self._dhcp_pending: dict[str, asyncio.Task[None]] = {}
+        self._dhcp_open: dict[str, Any] = {}
         self.kernel: Any = None
         self.kernel_ok: bool | None = None
         self.kernel_reason = "not probed"
@@ -313,6 +320,13 @@ class Headend:
             await asyncio.sleep(0.3)
         for session in list(self.sessions.values()):
             self._teardown(session, "daemon stopping")
+        # lease requests still in flight: cancelled, they release what the
+        # server may have bound before the relay closes
+        pending = list(self._dhcp_pending.values())
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
         for session_id in list(self._leases):
             self._guard(self._dhcp_release, session_id)
         for relay in self._relays.values():
@@ -499,6 +513,8 @@ class Headend:
         # SAs and routes go in before the response that lets the client send
         while (event := self._guard(self.responder.next_event)) is not None:
             self._guard(self._apply, event)
+        if self._dhcp_open:
+            self._guard(self._reap_half_open)
         # stored before the datagrams leave: a stored message ID is never
         # behind a response the peer may have seen
         self._guard(self._persist)
@@ -623,6 +639,10 @@ class Headend:
                 event.profile,
             )
         elif isinstance(event, ike.ChildSAUp):
+            # the IKE SA is up with its addresses: a DHCP lease is the session's
+            self._dhcp_open.pop(event.session_id, None)
+            if event.mtu is None:
+                event = dataclasses.replace(event, mtu=self._policy_mtu(event))
             self._child_up(event)
         elif isinstance(event, ike.ChildSADown):
             self._child_down(event.session_id, event.spi_in, event.spi_out)
@@ -649,7 +669,7 @@ class Headend:
         elif isinstance(event, ike.IkeSADown):
             for client in self.radius.values():
                 client.forget(event.session_id)
-            self._guard(self._dhcp_release, event.session_id)
+            self._guard(self._dhcp_abandon, event.session_id)
             session = self.sessions.get(event.session_id)
             if session is not None:
                 self._teardown(session, event.reason)
@@ -660,6 +680,11 @@ class Headend:
         task = asyncio.ensure_future(self._aaa_run(event))
         self._aaa_tasks.add(task)
         task.add_done_callback(self._aaa_tasks.discard)
+        if event.kind == "dhcp":
+            sid = event.session_id
+            self._dhcp_pending[sid] = task
+            self._dhcp_open[sid] = self.responder.session_sa(sid)
+            task.add_done_callback(lambda t: self._dhcp_task_done(sid, t))
 
     async def _aaa_run(self, event: Any) -> None:
         from control.ike.responder import AaaResult
@@ -740,6 +765,11 @@ class Headend:
                  lease.address, lease.lease_time)  # fmt: skip
         renewal = asyncio.ensure_future(self._dhcp_renew(relay, lease))
         self._leases[event.session_id] = (relay, lease, renewal)
+        if event.session_id in self._dhcp_open and self._dhcp_dead(event.session_id):
+            # the session died while the server was answering
+            self._dhcp_pending.pop(event.session_id, None)
+            self._dhcp_abandon(event.session_id)
+            return AaaResult("error")
         dns = [str(a) for a in lease.dns]
         return AaaResult("accept", policy=SessionPolicy(address=lease.address, dns=dns))
 
@@ -766,6 +796,50 @@ class Headend:
         relay.release(lease)
         log.info("session %s: dhcp lease %s released", session_id, lease.address)
 
+    def _dhcp_task_done(self, session_id: str, task: asyncio.Task[None]) -> None:
+        if self._dhcp_pending.get(session_id) is task:
+            del self._dhcp_pending[session_id]
+
+    def _dhcp_abandon(self, session_id: str) -> None:
+        """Drop a session's DHCP state: cancel its request, release its lease."""
+        self._dhcp_open.pop(session_id, None)
+        task = self._dhcp_pending.pop(session_id, None)
+        if task is not None and not task.done():
+            # DhcpRelay.lease releases what the server may have bound
+            task.cancel()
+            self.counters["dhcp_cancelled"] = self.counters.get("dhcp_cancelled", 0) + 1
+        self._dhcp_release(session_id)
+
+    def _dhcp_dead(self, session_id: str) -> bool:
+        # the IKE SA a lease was asked for is gone (killed, or never rekeyed
+        # into a successor that serves the session)
+        from control.ike.sa import IkeState
+
+        ike = self._dhcp_open.get(session_id)
+        if ike is not None and ike.state != IkeState.DEAD and not ike.superseded:
+            return False
+        current = self.responder.session_sa(session_id)
+        if current is not None:
+            self._dhcp_open[session_id] = current
+            return False
+        return True
+
+    def _reap_half_open(self) -> None:
+        """Release the DHCP leases of sessions that died before their CHILD SA.
+
+        A half-open IKE SA dies without an IkeSADown (IKE_AUTH timeout, the
+        client gone, authentication or authorization failing after the
+        lease): its lease, or its request in flight, would leak.
+        """
+        for session_id in list(self._dhcp_open):
+            if self._dhcp_dead(session_id):
+                log.info("session %s: died before its child sa, dropping its "
+                         "dhcp lease", session_id)  # fmt: skip
+                self.counters["dhcp_half_open"] = (
+                    self.counters.get("dhcp_half_open", 0) + 1
+                )
+                self._dhcp_abandon(session_id)
+
     def _session(self, session_id: str, identity: str, remote: Address) -> Session:
         session = self.sessions.get(session_id)
         if session is None:
@@ -776,14 +850,22 @@ class Headend:
             self.counters["sessions_up"] += 1
         return session
 
+    def _policy_mtu(self, ev: Any) -> int | None:
+        # the interface mtu of the session's merged authorization, if any
+        ike = self.responder.session_sa(ev.session_id) if self.responder else None
+        return getattr(getattr(ike, "policy", None), "mtu", None)
+
     def _child_up(self, ev: Any, *, resume: bool = False) -> None:
         from fastpath import open_tun
 
         session = self._session(ev.session_id, ev.identity, ev.remote)
         session.remote = tuple(ev.remote)
         if session.tun_fd is None:
-            fd, name = open_tun(f"egs{session.index}", self.config.engine.tun_mtu)
-            session.tun_fd, session.tun_name = fd, name
+            six = getattr(ev, "inside_address6", None)
+            mtu = session_mtu(getattr(ev, "mtu", None), self.config.engine.tun_mtu,
+                              ipv6=six is not None)  # fmt: skip
+            fd, name = open_tun(f"egs{session.index}", mtu)
+            session.tun_fd, session.tun_name, session.mtu = fd, name, mtu
             self.engine.add_session(session.index, fd)
         if ev.inside_address and session.inside_address != str(ev.inside_address):
             session.inside_address = str(ev.inside_address)
@@ -1028,6 +1110,7 @@ class Headend:
                 "index": session.index,
                 "identity": session.identity,
                 "remote": list(session.remote),
+                "mtu": session.mtu,
                 "children": [session.child_state[i] for i, _ in session.children
                              if i in session.child_state],
             }  # fmt: skip
@@ -1105,6 +1188,7 @@ class Headend:
                 local_ts=list(child["local_ts"]),
                 remote_ts=list(child["remote_ts"]),
                 udp_encap=bool(child["udp_encap"]),
+                mtu=daemon.get("mtu"),
             )
             self._child_up(event, resume=True)
         log.info(
@@ -1398,6 +1482,7 @@ class Headend:
             "inside": session.inside_address,
             "inside6": session.inside_address6,
             "tun": session.tun_name,
+            "mtu": session.mtu,
             "profile": session.profile,
             "engine": session.engine,
             "up_seconds": round(time.time() - session.created, 1),

@@ -15,6 +15,12 @@ keeps one binding per session:
 `pull_message` / `push_message` are the codec (RFC 2131 2, options RFC
 2132); `DhcpRelay` owns the asyncio socket and matches answers by xid, with
 a timeout and retransmissions; nothing here raises into the loop.
+
+A lease must never outlive its session. Once our REQUEST has left, the
+server may have bound the address even if we never see its ACK: when
+`lease()` is cancelled at that point (the session died meanwhile), or the
+ACK does not come, we send a RELEASE for the requested address, which costs
+nothing if the server never bound it.
 """
 
 from __future__ import annotations
@@ -201,9 +207,21 @@ class DhcpRelay:
         request = self._message(REQUEST, chaddr, client_id)
         request.options[OPT_SERVER_ID] = server_id
         request.options[OPT_REQUESTED] = offer.yiaddr.packed
-        ack = await self._exchange(request, (ACK, NAK))
-        if ack is None or ack.kind != ACK:
-            self._count("nak" if ack is not None else "no_ack")
+        # what the server may bind from the REQUEST on, ACK seen or not
+        requested = Lease(session_id, offer.yiaddr, IPv4(server_id), 0,
+                          chaddr=chaddr, client_id=client_id)  # fmt: skip
+        try:
+            ack = await self._exchange(request, (ACK, NAK))
+        except asyncio.CancelledError:
+            self._count("cancelled")
+            self._release_quietly(requested)
+            raise
+        if ack is None:
+            self._count("no_ack")
+            self._release_quietly(requested)
+            return None
+        if ack.kind != ACK:
+            self._count("nak")
             return None
         self._count("leases")
         return self._lease(session_id, ack, chaddr, client_id)
@@ -228,6 +246,14 @@ class DhcpRelay:
         self._count("releases")
 
     # -- helpers ------------------------------------------------------------
+
+    def _release_quietly(self, lease: Lease) -> None:
+        if self._transport is None:
+            return
+        try:
+            self.release(lease)
+        except OSError as exc:
+            log.error("dhcp release of %s failed: %s", lease.address, exc)
 
     def _message(self, kind: int, chaddr: bytes, client_id: bytes) -> DhcpMessage:
         xid = int.from_bytes(os.urandom(4), "big")

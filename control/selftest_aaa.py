@@ -540,6 +540,20 @@ interface_mtu = 1380
         failures.append(f"address {vip!r} is not from the policy's pool")
     failures += _expect(detail, "client_dns", ["198.19.1.91", "198.19.1.92"])
     failures += _expect(detail, "client_remote_ts", [srv])
+    # interface_mtu: the session's TUN in the hub, as the kernel sees it
+    tuns = [s.get("tun") for s in detail.get("sessions", []) if s.get("tun")]
+    detail["tun_mtus"] = {}
+    for tun in tuns:
+        shown = subprocess.run(
+            ["ip", "-n", lab.topo.hub, "-j", "link", "show", "dev", tun],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+        links = json.loads(shown.stdout or "[]") if shown.returncode == 0 else []
+        detail["tun_mtus"][tun] = links[0].get("mtu") if links else None
+    if not tuns or set(detail["tun_mtus"].values()) != {1380}:
+        failures.append(f"session tun mtu {detail['tun_mtus']}, wanted 1380")
+    if [s.get("mtu") for s in detail.get("sessions", [])] != [1380] * len(tuns):
+        failures.append("show sessions does not report mtu 1380")
     return detail, failures
 
 

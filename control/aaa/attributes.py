@@ -10,6 +10,12 @@ field. Each `ipsec:` pair has a parser in `AVPAIRS`: pairs we do not know are
 counted and ignored, malformed ones are dropped with a warning naming the
 pair (never its secret value). `Authorization.policy()` turns the result into
 the core's `SessionPolicy` (what config mode and the CHILD SA use).
+
+Per-session interface settings come as ``ip:interface-config`` lines (the
+local policy key `interface_mtu` becomes the same line). We act on one,
+``ip mtu N``: the MTU of the session's TUN, which `session_mtu` checks
+against the session's address families when the TUN is opened. Any other
+line is kept, counted as ignored and logged once per distinct text.
 """
 
 from __future__ import annotations
@@ -27,6 +33,16 @@ log = logging.getLogger("espgate.aaa")
 
 IPv4 = ipaddress.IPv4Address
 SECRET_FIELDS = ("ikev2_password_local", "ikev2_password_remote", "tunnel_password")
+# session TUN MTU: RFC 791 (every IPv4 host takes 576-octet datagrams), RFC
+# 8200 5 (IPv6 links carry at least 1280); 9000 fits the engine's buffers
+MTU_MIN_IPV4 = 576
+MTU_MIN_IPV6 = 1280
+MTU_MAX = 9000
+# seconds a session may live, as a profile's session_lifetime allows
+SESSION_TIMEOUT = (120, 25_920_000)
+# distinct ignored interface-config lines logged so far (bounded)
+_IGNORED_LOGGED: set[str] = set()
+_IGNORED_LOG_MAX = 64
 
 
 @dataclass
@@ -70,6 +86,7 @@ class Authorization:
     ikev2_password_remote: bytes | None = field(default=None, repr=False)
     unknown: int = 0
     malformed: int = 0
+    ignored: int = 0
 
     def is_empty(self) -> bool:
         """Tell whether no attribute at all was set."""
@@ -77,7 +94,7 @@ class Authorization:
         return all(
             getattr(self, f.name) == getattr(blank, f.name)
             for f in fields(self)
-            if f.name not in ("unknown", "malformed")
+            if f.name not in COUNTERS
         )
 
     def policy(self) -> SessionPolicy:
@@ -110,10 +127,36 @@ class Authorization:
     def mtu(self) -> int | None:
         """Return the MTU an "ip mtu N" interface-config line sets, if any."""
         for line in self.interface_config:
-            words = line.split()
-            if words[:2] == ["ip", "mtu"] and len(words) == 3 and words[2].isdigit():
-                return int(words[2])
+            mtu = _mtu_line(line)
+            if mtu is not None:
+                return mtu
         return None
+
+
+COUNTERS = ("unknown", "malformed", "ignored")
+
+
+def _mtu_line(line: str) -> int | None:
+    # "ip mtu N", the one interface-config line we act on
+    words = line.split()
+    if words[:2] == ["ip", "mtu"] and len(words) == 3 and words[2].isdigit():
+        return int(words[2])
+    return None
+
+
+def session_mtu(requested: int | None, default: int, ipv6: bool) -> int:
+    """Return the MTU for a session's TUN: `requested` if in bounds, else `default`.
+
+    The lower bound is IPv6's when the session has an IPv6 inside address.
+    """
+    if requested is None:
+        return default
+    low = MTU_MIN_IPV6 if ipv6 else MTU_MIN_IPV4
+    if not low <= requested <= MTU_MAX:
+        log.warning("interface mtu %d out of range %d..%d, using %d",
+                    requested, low, MTU_MAX, default)  # fmt: skip
+        return default
+    return requested
 
 
 def _ipv4(value: str) -> IPv4:
@@ -227,12 +270,13 @@ def parse_authorization(
     for value in attributes.get("Tunnel-Password", [])[:1]:
         auth.tunnel_password = value if isinstance(value, bytes) else None
     for value in attributes.get("Session-Timeout", [])[:1]:
-        auth.session_lifetime = int(value)
+        _session_timeout(auth, value)
     for pair in attributes.get("Cisco-AVPair", []):
         _avpair(auth, str(pair))
     if stats is not None:
         stats["avpair_unknown"] += auth.unknown
         stats["avpair_malformed"] += auth.malformed
+        stats["interface_config_ignored"] += auth.ignored
     return auth
 
 
@@ -259,7 +303,7 @@ def merge(high: Authorization, low: Authorization) -> Authorization:
     out = Authorization()
     blank = Authorization()
     for f in fields(Authorization):
-        if f.name in ("unknown", "malformed"):
+        if f.name in COUNTERS:
             continue
         value = getattr(high, f.name)
         if value == getattr(blank, f.name):
@@ -276,7 +320,7 @@ def _avpair(auth: Authorization, pair: str) -> None:
         log.warning("malformed cisco-avpair without '=': %.40s", key)
         return
     if key == "ip:interface-config":
-        auth.interface_config.append(value)
+        _interface_config(auth, value.strip())
         return
     family, _, name = key.partition(":")
     if family != "ipsec" or (name != "route-set" and name not in AVPAIRS):
@@ -289,3 +333,37 @@ def _avpair(auth: Authorization, pair: str) -> None:
         # the value of a password pair is a secret: name the pair only
         shown = "" if "password" in name else f": {exc}"
         log.warning("malformed cisco-avpair %s ignored%s", key, shown)
+
+
+def _interface_config(auth: Authorization, line: str) -> None:
+    """Keep one ip:interface-config line; check an MTU, count the others."""
+    mtu = _mtu_line(line)
+    if mtu is not None:
+        # the IPv6 bound needs the session: session_mtu checks it at the TUN
+        if not MTU_MIN_IPV4 <= mtu <= MTU_MAX:
+            auth.malformed += 1
+            log.warning("malformed ip:interface-config ignored: mtu %d out of "
+                        "range %d..%d", mtu, MTU_MIN_IPV4, MTU_MAX)  # fmt: skip
+            return
+        auth.interface_config.append(line)
+        return
+    auth.interface_config.append(line)
+    auth.ignored += 1
+    if line not in _IGNORED_LOGGED and len(_IGNORED_LOGGED) < _IGNORED_LOG_MAX:
+        _IGNORED_LOGGED.add(line)
+        log.info("ip:interface-config %.60r not applied: only 'ip mtu N' is", line)
+
+
+def _session_timeout(auth: Authorization, value: Any) -> None:
+    # RFC 2865 5.27: the most seconds of service before the session ends
+    low, high = SESSION_TIMEOUT
+    try:
+        seconds = int(value)
+    except (TypeError, ValueError):
+        seconds = -1
+    if not low <= seconds <= high:
+        auth.malformed += 1
+        log.warning("Session-Timeout %.20s ignored: out of range %d..%d",
+                    value, low, high)  # fmt: skip
+        return
+    auth.session_lifetime = seconds

@@ -5,6 +5,8 @@ the daemon must do (install or remove ESP state, track sessions) comes out of
 `IkeResponder.next_event()` as one of these dataclasses, in order: an
 `IkeSAUp` before the first `ChildSAUp` of that SA, and every `ChildSADown`
 of an SA before its `IkeSADown`. Key material is kept out of `repr()`.
+A `ChildSAUp` may carry the session's TUN MTU from authorization; the daemon
+fills it from the session's policy when the core leaves it unset.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class ChildSAUp:
     udp_encap: bool
     # IPv6 inside address and the prefix routed to the client, if any
     inside_address6: ipaddress.IPv6Interface | None = None
+    # MTU of the session's TUN from authorization (ip:interface-config);
+    # None: the engine's default
+    mtu: int | None = None
 
 
 @dataclass(frozen=True)
