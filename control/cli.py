@@ -286,6 +286,7 @@ def format_sessions(sessions: list[dict[str, Any]]) -> str:
         "identity",
         "outside",
         "inside",
+        "mtu",
         "spi in/out",
         "engine",
         "pkts in/out",
@@ -293,11 +294,12 @@ def format_sessions(sessions: list[dict[str, Any]]) -> str:
     )
     rows = [header]
     for s in sessions:
+        mtu = str(s.get("mtu") or "-")
         for c in s["children"] or [None]:
             if c is None:
                 inside = str(s["inside"] or "-")
                 rows.append(
-                    (s["identity"], s["outside"], inside, "-",
+                    (s["identity"], s["outside"], inside, mtu, "-",
                      s.get("engine", "-"), "-", "-")  # fmt: skip
                 )
                 continue
@@ -306,6 +308,7 @@ def format_sessions(sessions: list[dict[str, Any]]) -> str:
                     s["identity"],
                     s["outside"],
                     str(s["inside"] or "-"),
+                    mtu,
                     f"{c['spi_in']}/{c['spi_out']}",
                     str(c.get("engine", "userspace")),
                     f"{c['packets_in']}/{c['packets_out']}",

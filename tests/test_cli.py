@@ -68,3 +68,13 @@ def test_format_sessions_without_inside_address_shows_dash():
     sessions = [{"identity": "bob", "outside": "198.18.1.2:4500", "inside": None,
                  "children": []}]
     assert "None" not in format_sessions(sessions)
+
+
+def test_format_sessions_shows_session_mtu():
+    sessions = [{"identity": "carol", "outside": "198.18.1.2:4500",
+                 "inside": "198.18.128.12", "mtu": 1380,
+                 "children": [{"spi_in": "c0000002", "spi_out": "00abcdee",
+                               "packets_in": 0, "packets_out": 0, "bytes_in": 0,
+                               "bytes_out": 0}]}]  # fmt: skip
+    header, row = format_sessions(sessions).splitlines()[:2]
+    assert header.split()[3] == "mtu" and row.split()[3] == "1380"
