@@ -122,7 +122,15 @@ class Authorization:
             dhcp_server=self.group_dhcp_server,
             dhcp_giaddr=self.dhcp_giaddr,
             dhcp_timeout=self.dhcp_timeout,
+            flow_limit=self.ipsec_flow_limit,
+            address6=self.address6(),
         )
+
+    def address6(self) -> ipaddress.IPv6Interface | None:
+        """Return addrv6 with prefix-len (128 when none is given), if any."""
+        if self.addrv6 is None:
+            return None
+        return ipaddress.IPv6Interface(f"{self.addrv6}/{self.prefix_len or 128}")
 
     def mtu(self) -> int | None:
         """Return the MTU an "ip mtu N" interface-config line sets, if any."""

@@ -5,7 +5,8 @@ CREATE_CHILD_SA (RFC 7296 1.3.1), one per traffic selector pair. Before the
 responder negotiates such a new SA (a rekey is not a new flow), it asks
 `check_new_child`, which refuses with NO_ADDITIONAL_SAS when:
 
-- the profile's `flow_limit` (0 = no limit) is reached, counting the SAs
+- the session's limit is reached (authorization's `ipsec_flow_limit`, else the
+  profile's `flow_limit`; 0 = no limit), counting the SAs
   not yet replaced by a rekey; or
 - an any-to-any pair is involved: a CHILD SA already covers all traffic, or
   the new one would. For a remote-access client TSi is always its inside
@@ -32,7 +33,9 @@ def check_new_child(ike: IkeSA, tsr: list[TrafficSelector]) -> None:
     """Raise NO_ADDITIONAL_SAS when `ike` may not get another CHILD SA."""
     assert ike.profile is not None, "only authenticated SAs create CHILD SAs"
     active = [c for c in ike.children.values() if not c.replaced]
-    limit = ike.profile.flow_limit
+    # a per-session limit from authorization (ipsec-flow-limit) beats the profile's
+    policy_limit = ike.policy.flow_limit if ike.policy is not None else None
+    limit = ike.profile.flow_limit if policy_limit is None else policy_limit
 
     # RFC 7296 1.3: a responder unwilling to add SAs says NO_ADDITIONAL_SAS
     if limit and len(active) >= limit:

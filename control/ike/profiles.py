@@ -264,6 +264,11 @@ class SessionPolicy:
     dhcp_server: ipaddress.IPv4Address | None = None
     dhcp_giaddr: ipaddress.IPv4Address | None = None
     dhcp_timeout: int | None = None
+    # IPsec SAs this session may hold (0 = no limit); overrides Profile.flow_limit
+    flow_limit: int | None = None
+    # the client's IPv6 address and prefix (ipsec:addrv6 / prefix-len), before any
+    # IPv6 pool, as Framed-IP-Address is for IPv4
+    address6: ipaddress.IPv6Interface | None = None
 
 
 AllocateAddress = Callable[[str, str], ipaddress.IPv4Address | None]

@@ -793,6 +793,9 @@ class ConfigTask(Task):
     def _allocate6(self, ike: IkeSA) -> ipaddress.IPv6Interface | None:
         config = self.responder.config
         assert ike.identity is not None and ike.profile is not None
+        if ike.policy is not None and ike.policy.address6 is not None:
+            # the address from authorization (ipsec:addrv6) comes before any pool
+            return ike.policy.address6
         if config.allocate_address6 is None:
             return None
         pool = ike.policy.pool6 if ike.policy is not None else None
