@@ -868,7 +868,10 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += [
             "",
             "## UDP (packets/s received at the highest offered rate with loss "
-            f"<= {LOSS_TARGET_PCT:g} %; loss %)",
+            f"<= {LOSS_TARGET_PCT:g} %; loss %)"
+            if doc["config"].get("udp_rate_search", True)
+            else "## UDP (packets/s received, offered without a limit: no rate "
+            "search; loss %)",
             "",
             "| mode | " + " | ".join(f"{t} pps | {t} loss %" for t in udp) + " |",
             "| --- |" + " --- | --- |" * len(udp),

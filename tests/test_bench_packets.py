@@ -171,3 +171,13 @@ def test_command_guest_writes_guest_files_only(monkeypatch, tmp_path: Path) -> N
     assert "EMULATED" in (tmp_path / GUEST_JSON).with_suffix(".md").read_text()
     assert (tmp_path / GUEST_JSON).with_suffix(".png").exists()
     assert not (tmp_path / NATIVE_JSON).exists()
+
+
+def test_markdown_udp_heading_no_search_says_unlimited() -> None:
+    doc = _doc(emulated=True)
+    doc["points"].append({**_point("plain", "udp-1400", True), "pps": 10.0,
+                          "loss_pct": 0.0})  # fmt: skip
+    doc["config"]["udp_rate_search"] = False
+    assert "offered without a limit" in markdown(doc)
+    doc["config"]["udp_rate_search"] = True
+    assert "highest offered rate" in markdown(doc)
