@@ -168,6 +168,13 @@ def test_bench_packets_quick_plain_espgate_schema(tmp_path: Path) -> None:
     if not ok:
         # this host's kernel has no ESP/GCM: listed, not measured, with the reason
         assert all(p["available"] is False and p["reason"] for p in kernel)
+        assert "kernel-cli" not in doc["peers"]
+    else:
+        # measured through XFRM, and nothing of ours left in the namespaces
+        assert all(p["available"] and _is_pos(p["gbit_per_s"]) for p in kernel)
+        assert doc["peers"]["kernel-hub"]["sa_in"]["packets"] > 0
+        for listing in doc["peers"]["kernel-cleanup"].values():
+            assert listing == {"state": "", "policy": ""}
     # the espgate peers really carried the traffic, in both directions
     peers = doc["peers"]
     assert peers["espgate-cli"]["sa_out"]["packets"] > 0
