@@ -1140,7 +1140,7 @@ def run_guest(
     reports no document.
     """
     from control.guest import GuestError, run_in_guest
-    from control.guest.runner import _accel
+    from control.guest import accelerator
 
     repo = Path(__file__).resolve().parents[1]
     started = time.monotonic()
@@ -1160,7 +1160,7 @@ def run_guest(
         tail = (out[-800:] + err[-1500:]).strip()
         raise GuestError(f"bench packets in the guest failed (rc {rc}): {tail}")
     doc = json.loads(docs[-1])
-    doc["guest"] = {"accel": _accel().split(",")[0], "run_seconds": seconds}
+    doc["guest"] = {"accel": accelerator().split(",")[0], "run_seconds": seconds}
     return doc, seconds
 
 

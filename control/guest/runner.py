@@ -283,7 +283,7 @@ def _cmd_script(argv: list[str], cwd: str, env: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _accel() -> str:
+def accelerator() -> str:
     """Use KVM only where the CPU shows real VMX/SVM; otherwise TCG."""
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
@@ -371,7 +371,7 @@ def run_in_guest(
         console = work / "console.log"
         cmd = [
             QEMU,
-            "-accel", _accel(),
+            "-accel", accelerator(),
             "-cpu", "max",
             "-smp", str(cpus),
             "-m", str(memory_mb),
