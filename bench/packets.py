@@ -1139,8 +1139,7 @@ def run_guest(
     Raises GuestError (or GuestUnavailable) when the guest cannot run it or
     reports no document.
     """
-    from control.guest import GuestError, run_in_guest
-    from control.guest import accelerator
+    from control.guest import GuestError, accelerator, run_in_guest
 
     repo = Path(__file__).resolve().parents[1]
     started = time.monotonic()
