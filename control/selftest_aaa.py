@@ -933,6 +933,37 @@ configuration_version = 7
     return detail, failures
 
 
+def _case_config_set(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    """What strongSwan 5.9.8 does with our CFG_SET, and that we warn about it.
+
+    Its ike_config task takes CFG_REPLY only: it logs "ignoring CFG_SET config
+    payload", installs no virtual IP, finds our TSi (the pushed address) apart
+    from its own address and deletes the CHILD SA, keeping the IKE SA. The
+    case fails if that ever changes (the README would then be wrong).
+    """
+    AaaSetup(lab, mode="psk", extra_profile='config_mode = "set"').start()
+    client = lab.client()
+    up = client.initiate(timeout=15)
+    counters = lab.show("counters")["ike"]
+    detail: dict[str, Any] = {
+        "initiated": up,
+        "ignored": client.ignored_cp_types(),
+        "received_attributes": client.received_attributes(),
+        "client_log": _client_lines(
+            client, "config payload", "traffic selectors found", "CHILD_SA"
+        ),
+        "cfg_set_to_requester": counters.get("cfg_set_to_requester", 0),
+    }
+    failures = ["strongSwan came up on a CFG_SET"] if up else []
+    if detail["ignored"] != ["CFG_SET"]:
+        failures.append(f"strongSwan did not log ignoring CFG_SET: {detail['ignored']}")
+    if detail["received_attributes"]:
+        failures.append("strongSwan processed attributes of a CFG_SET")
+    if not detail["cfg_set_to_requester"]:
+        failures.append("headend did not count its CFG_SET to a requesting client")
+    return detail, failures
+
+
 def _lab() -> dict[str, Any]:
     return {"pki": dict(PKI), "auth": LAB_AUTH}
 
@@ -1004,6 +1035,11 @@ CASES.update(
             "Unity/FlexVPN attributes to a FLEXVPN-SUPPORTED client only: traffic",
             _case_unity_attributes,
             {**_lab(), "clients": 2},
+        ),
+        "config-set-strongswan": Case(
+            "config_mode set: strongSwan ignores our CFG_SET, the headend warns",
+            _case_config_set,
+            _lab(),
         ),
         "pool-exhausted": Case(
             "one-address pool, two clients: INTERNAL_ADDRESS_FAILURE, then reuse",

@@ -25,8 +25,15 @@ pytestmark = [
 
 ESPGATE = str(Path(sys.executable).with_name("espgate"))
 LAB = os.environ.get("ESPGATE_LAB_PREFIX", f"egaa{os.getpid() % 100000}")
-CASES = ["eap-mschapv2", "eap-wrong-password", "radius-failover",
-         "local-policy-attributes", "dual-stack", "unity-attributes"]
+CASES = [
+    "eap-mschapv2",
+    "eap-wrong-password",
+    "radius-failover",
+    "config-set-strongswan",
+    "local-policy-attributes",
+    "dual-stack",
+    "unity-attributes",
+]
 
 
 def namespaces() -> set[str]:
@@ -88,3 +95,10 @@ def test_unity_attributes_reach_flexvpn_client_only(verdicts: dict[str, Any]) ->
     assert "UNITY_SPLIT_INCLUDE" in flex["received_attributes"]
     assert not any(a.startswith("UNITY_") for a in plain["received_attributes"])
     assert flex["transfer"]["match"] and plain["transfer"]["match"]
+
+
+def test_config_set_ignored_by_strongswan(verdicts: dict[str, Any]) -> None:
+    # strongSwan 5.9.8 takes CFG_REPLY only; the headend warns and counts
+    r = verdicts["config-set-strongswan"]
+    assert r["passed"], r["detail"]["failures"]
+    assert r["detail"]["ignored"] == ["CFG_SET"]
