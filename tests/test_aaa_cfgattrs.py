@@ -342,3 +342,28 @@ def connect_client(mode: str) -> tuple[IkeResponder, IkeClient, list[object]]:
     r.datagram_received(client.auth_request(), SERVER, CLIENT, 0.0)
     _, payloads = client.open(r.datagrams_to_send()[0].data)
     return r, client, payloads  # type: ignore[return-value]
+
+
+def test_attributes_cisco_private_numbers_from_profile() -> None:
+    policy = SessionPolicy(
+        configuration_url="https://cfg.example.net/a.xml",
+        configuration_version=3,
+        smartcard_removal_disconnect=True,
+    )
+    numbers = {
+        "configuration_url": 16400,
+        "configuration_version": 16401,
+        "smartcard_removal_disconnect": 16402,
+    }
+    moved = profile(cisco_attributes=numbers)
+    got = values(config_attributes(ADDRESS, None, policy, moved, {"unity", "flexvpn"}))
+    assert got[16400] == [b"https://cfg.example.net/a.xml"]
+    assert got[16401] == [bytes.fromhex("00000003")]
+    assert got[16402] == [bytes.fromhex("0001")]
+    assert not FLEXVPN & set(got)
+    assert CfgAttribute.CISCO_SMARTCARD_REMOVAL_DISCONNECT not in got
+    # the defaults (unverified, 28683..28685) without an override
+    plain = values(config_attributes(ADDRESS, None, policy, profile(), {"flexvpn"}))
+    assert plain[CfgAttribute.CISCO_CONFIGURATION_URL] == [
+        b"https://cfg.example.net/a.xml"
+    ]

@@ -924,21 +924,28 @@ def config_attributes(
 
     # Cisco Unity, to clients that identified as Unity or FlexVPN only
     if "unity" in kinds:
-        attrs.extend(unity_attributes(policy, routed))
+        attrs.extend(unity_attributes(policy, routed, profile))
     if "flexvpn" in kinds:
         if policy.configuration_url:
-            add(CfgAttribute.CISCO_CONFIGURATION_URL, policy.configuration_url.encode())
+            url = policy.configuration_url.encode()
+            add(profile.cisco_attribute("configuration_url"), url)
         if policy.configuration_version is not None:
             version = policy.configuration_version.to_bytes(4, "big")
-            add(CfgAttribute.CISCO_CONFIGURATION_VERSION, version)
+            add(profile.cisco_attribute("configuration_version"), version)
     return attrs
 
 
 def unity_attributes(
     policy: SessionPolicy,
     routed: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    profile: Profile | None = None,
 ) -> list[ConfigAttribute]:
     """Return the Cisco Unity attributes the policy sets."""
+    smartcard = (
+        profile.cisco_attribute("smartcard_removal_disconnect")
+        if profile is not None
+        else CfgAttribute.CISCO_SMARTCARD_REMOVAL_DISCONNECT
+    )
     attrs: list[ConfigAttribute] = []
     strings = (
         (CfgAttribute.UNITY_BANNER, policy.banner),
@@ -951,8 +958,7 @@ def unity_attributes(
             attrs.append(ConfigAttribute(kind, text.encode()))
     flags = (
         (CfgAttribute.UNITY_PFS, policy.pfs),
-        (CfgAttribute.CISCO_SMARTCARD_REMOVAL_DISCONNECT,
-         policy.smartcard_removal_disconnect),
+        (smartcard, policy.smartcard_removal_disconnect),
     )  # fmt: skip
     for kind, flag in flags:
         if flag is not None:
