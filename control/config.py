@@ -47,6 +47,11 @@ from control.aaa.attributes import Authorization, apply_pair
 from control.aaa.mangle import parse_mangler
 from control.ike import certs
 from control.ike.matching import ATTRIBUTE_OIDS, CERT_FIELDS, CERT_OPS, IdentityPattern
+from control.ike.messages import (
+    CISCO_PRIVATE_DEFAULTS,
+    PRIVATE_ATTRIBUTES,
+    CfgAttribute,
+)
 from control.ike.profiles import Identity
 
 DEFAULT_NAME = "default.toml"
@@ -226,6 +231,9 @@ class ProfileConfig:
     # "request" (CFG_REQUEST/CFG_REPLY), "set" (CFG_SET/CFG_ACK) or "both"
     config_mode: str = "request"
     engine: str | None = None  # None: [engine] mode
+    # numbers of the unverified Cisco private attributes (name, number),
+    # overriding the defaults 28683..28685; 16384..32767 (RFC 7296 3.15.1)
+    cisco_attributes: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -933,7 +941,34 @@ class _Reader:
             config_mode=self.choice(data, (*p, "config_mode"), CONFIG_MODES, "request"),
             **dhcp,
             engine=engine,
+            cisco_attributes=self.cisco_attributes(data, p),
         )
+
+    def cisco_attributes(
+        self, data: dict[str, Any], p: PathKey
+    ) -> tuple[tuple[str, int], ...]:
+        """Read a profile's [cisco_attributes] table: private attribute numbers."""
+        path = (*p, "cisco_attributes")
+        table = self.get(data, path, dict, {})
+        self.table(table, path, set(CISCO_PRIVATE_DEFAULTS))
+        out = []
+        for name in CISCO_PRIVATE_DEFAULTS:
+            if name not in table:
+                continue
+            number = int(self.get(table, (*path, name), int, None))
+            # RFC 7296 3.15.1: 16384..32767 are reserved for private use
+            low, high = PRIVATE_ATTRIBUTES
+            if not low <= number <= high:
+                raise self.error((*path, name), f"{number} is not {low}..{high}")
+            out.append((name, number))
+        # the three stay apart from each other and from every other attribute
+        effective = {**CISCO_PRIVATE_DEFAULTS, **dict(out)}
+        taken = set(CfgAttribute) - set(CISCO_PRIVATE_DEFAULTS.values())
+        for name, number in out:
+            others = [v for k, v in effective.items() if k != name]
+            if number in others or number in taken:
+                raise self.error((*path, name), f"{number} is already in use")
+        return tuple(out)
 
     def liveness(self, data: dict[str, Any], p: PathKey) -> dict[str, Any]:
         """Read flow_limit, dpd_delay and dpd_timeout of one profile."""
@@ -1032,7 +1067,12 @@ _REQUIRED = object()
 MAX_POOL_SIZE = 1 << 20
 _UNUSABLE = [
     ipaddress.IPv4Network(n)
-    for n in ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4",
-              "240.0.0.0/4")
+    for n in (
+        "0.0.0.0/8",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+    )
 ]
 SECRET_FIELDS = {"psk", "password", "secret", "private_key_password"}

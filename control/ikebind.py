@@ -66,6 +66,7 @@ def build_responder_config(
             aaa_psk=p.aaa_psk is not None,
             authorize=bool(p.authorization_user or p.authorization_group),
             dhcp=p.pool is None and p.dhcp_server is not None,
+            cisco_attributes=dict(p.cisco_attributes),
         )
         for p in config.profiles
     ]

@@ -846,6 +846,138 @@ def _case_dhcp_lease(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
     return detail, failures
 
 
+# what strongSwan 5.9.8 logs for the Unity attributes of a CFG_REPLY; the three
+# Cisco private numbers have no name there and appear as "(28684)"
+UNITY_NAMES = {
+    "UNITY_BANNER",
+    "UNITY_DEF_DOMAIN",
+    "UNITY_SPLITDNS_NAME",
+    "UNITY_SPLIT_INCLUDE",
+    "UNITY_BACKUP_SERVERS",
+    "UNITY_PFS",
+}
+
+
+def _cisco_attributes(names: list[str]) -> list[str]:
+    return [n for n in names if n.startswith("UNITY_") or n.startswith("(28")]
+
+
+def _case_unity_attributes(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    """A FlexVPN-VID client gets the Unity/FlexVPN attributes; one without does not.
+
+    strongSwan 5.9.8 sends FLEXVPN-SUPPORTED in IKEv2 with
+    charon.cisco_flexvpn; charon.cisco_unity only adds the Unity VID to IKEv1,
+    so the second client (unity plugin, cisco_unity = yes) is the one without
+    a Cisco VID. Its unity plugin narrows CHILD SAs to split includes in IKEv1
+    only: in IKEv2 it takes UNITY_SPLIT_INCLUDE (no "handling failed" line) and
+    the narrowing to the route set is ours (TSr).
+    """
+    assert lab.topo is not None
+    srv = f"{lab.topo.srv_ip}/32"
+    policy = f"""\
+[policies.unity]
+route_set_prefix = ["{srv}"]
+banner = "lab unity banner"
+default_domain = "lab.espgate.example"
+split_dns = ["lab.espgate.example", "corp.espgate.example"]
+backup_gateways = ["vpn2.espgate.example", "vpn3.espgate.example"]
+pfs = true
+configuration_url = "https://cfg.espgate.example/flexvpn.xml"
+configuration_version = 7
+"""
+    AaaSetup(
+        lab,
+        mode="psk",
+        extra_profile='authorization_group = "local:unity"',
+        extra_config=policy,
+    ).start()
+    unity = f"{PLUGINS} unity"
+    flex = lab.client(
+        "flexvpn",
+        client=1,
+        local_id="client1@espgate.example",
+        charon_conf={"load": unity, "cisco_flexvpn": True, "cisco_unity": True},
+    )
+    plain = lab.client(
+        "plain",
+        client=2,
+        local_id="client2@espgate.example",
+        charon_conf={"load": unity, "cisco_unity": True},
+    )
+    detail: dict[str, Any] = {}
+    failures: list[str] = []
+    for name, client in (("flexvpn", flex), ("plain", plain)):
+        if not client.initiate():
+            return {"client_log": str(client.log_path)}, [f"{name} did not come up"]
+        summary = client.sa_summary() or {}
+        received = client.received_attributes()
+        detail[name] = {
+            "inside_address": summary.get("virtual_ip"),
+            "remote_ts": summary.get("remote_ts"),
+            "received_attributes": received,
+            "unhandled": _client_lines(client, "attribute failed"),
+        }
+        if "INTERNAL_IP4_ADDRESS" not in received:
+            failures.append(f"{name}: no INTERNAL_IP4_ADDRESS received")
+        failures += [f"{name}: {f}" for f in _expect(detail[name], "remote_ts", [srv])]
+        traffic, more = check_traffic(lab, client, 1024 * 1024)
+        detail[name].update(traffic)
+        failures += [f"{name}: {f}" for f in more]
+
+    # the FlexVPN client got every Unity attribute and the private ones
+    got = set(detail["flexvpn"]["received_attributes"])
+    missing = sorted(UNITY_NAMES - got)
+    if missing:
+        failures.append(f"flexvpn client lacks {missing}")
+    if not {"(28684)", "(28685)"} <= got:
+        failures.append("flexvpn client lacks configuration URL/version (28684/5)")
+    if any("UNITY_SPLIT_INCLUDE" in x for x in detail["flexvpn"]["unhandled"]):
+        failures.append("the unity plugin did not take UNITY_SPLIT_INCLUDE")
+    for name, client in (("flexvpn", flex), ("plain", plain)):
+        detail[name]["vendor_ids_sent"] = client.vendor_ids_sent()
+    if "Cisco FlexVPN Supported" not in detail["flexvpn"]["vendor_ids_sent"]:
+        failures.append("flexvpn client did not send FLEXVPN-SUPPORTED")
+    if detail["plain"]["vendor_ids_sent"]:
+        failures.append(f"plain client sent {detail['plain']['vendor_ids_sent']}")
+
+    # and the client without a Cisco vendor ID got none of them
+    leaked = _cisco_attributes(detail["plain"]["received_attributes"])
+    if leaked:
+        failures.append(f"client without a Cisco VID received {leaked}")
+    return detail, failures
+
+
+def _case_config_set(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
+    """What strongSwan 5.9.8 does with our CFG_SET, and that we warn about it.
+
+    Its ike_config task takes CFG_REPLY only: it logs "ignoring CFG_SET config
+    payload", installs no virtual IP, finds our TSi (the pushed address) apart
+    from its own address and deletes the CHILD SA, keeping the IKE SA. The
+    case fails if that ever changes (the README would then be wrong).
+    """
+    AaaSetup(lab, mode="psk", extra_profile='config_mode = "set"').start()
+    client = lab.client()
+    up = client.initiate(timeout=15)
+    counters = lab.show("counters")["ike"]
+    detail: dict[str, Any] = {
+        "initiated": up,
+        "ignored": client.ignored_cp_types(),
+        "received_attributes": client.received_attributes(),
+        "client_log": _client_lines(
+            client, "config payload", "traffic selectors found", "CHILD_SA"
+        ),
+        "cfg_set_to_requester": counters.get("cfg_set_to_requester", 0),
+    }
+    failures = ["strongSwan came up on a CFG_SET"] if up else []
+    if detail["ignored"] != ["CFG_SET"]:
+        failures.append(f"strongSwan did not log ignoring CFG_SET: {detail['ignored']}")
+    if detail["received_attributes"]:
+        failures.append("strongSwan processed attributes of a CFG_SET")
+    if not detail["cfg_set_to_requester"]:
+        failures.append("headend did not count its CFG_SET to a requesting client")
+    return detail, failures
+
+
 def _lab() -> dict[str, Any]:
     return {"pki": dict(PKI), "auth": LAB_AUTH}
 
@@ -912,6 +1044,16 @@ CASES.update(
             _case_local_policy,
             # the profile's pool stops below the policy's "staff" pool
             {**_lab(), "pool_range": "198.18.128.10-198.18.128.199"},
+        ),
+        "unity-attributes": Case(
+            "Unity/FlexVPN attributes to a FLEXVPN-SUPPORTED client only: traffic",
+            _case_unity_attributes,
+            {**_lab(), "clients": 2},
+        ),
+        "config-set-strongswan": Case(
+            "config_mode set: strongSwan ignores our CFG_SET, the headend warns",
+            _case_config_set,
+            _lab(),
         ),
         "pool-exhausted": Case(
             "one-address pool, two clients: INTERNAL_ADDRESS_FAILURE, then reuse",

@@ -254,3 +254,116 @@ def test_dhcp_server_from_authorization_switches_session_to_dhcp(
         events.append(e)
     kinds = [e.kind for e in events if isinstance(e, AaaRequest)]
     assert kinds == (["dhcp"] if server else [])
+
+
+def set_and_connect(
+    mode: str, cfg_set: list[ConfigAttribute]
+) -> tuple[IkeResponder, IkeClient, list[object]]:
+    r = make_responder(mode)
+    client = IkeClient(psk=PSK, tsi=["0.0.0.0/0"], tsr=["0.0.0.0/0"],
+                       request_config=False)  # fmt: skip
+    r.datagram_received(client.init_request(), SERVER, CLIENT, 0.0)
+    client.handle_init_response(r.datagrams_to_send()[0].data)
+    extra = [CPPayload(CfgType.CFG_SET, cfg_set)]
+    r.datagram_received(client.auth_request(extra), SERVER, CLIENT, 0.0)
+    _, payloads = client.open(r.datagrams_to_send()[0].data)
+    return r, client, payloads  # type: ignore[return-value]
+
+
+# a client's CFG_SET: its application version and an address it would like
+CLIENT_SET = [
+    ConfigAttribute(CfgAttribute.APPLICATION_VERSION, b"lab client 1.0"),
+    ConfigAttribute(CfgAttribute.INTERNAL_IP4_ADDRESS, bytes.fromhex("c6120909")),
+]
+
+
+def test_config_client_cfg_set_acked_with_taken_attributes() -> None:
+    r, _, payloads = set_and_connect("both", CLIENT_SET)
+    cps = [p for p in payloads if isinstance(p, CPPayload)]
+    # RFC 7296 3.15: CFG_ACK with the supported attributes, zero-length values
+    assert [cp.cfg_type for cp in cps] == [CfgType.CFG_ACK, CfgType.CFG_SET]
+    assert cps[0].attributes == [ConfigAttribute(CfgAttribute.APPLICATION_VERSION)]
+    # the client's own address is not taken: ours is pushed
+    pushed = values(cps[1].attributes)
+    assert pushed[CfgAttribute.INTERNAL_IP4_ADDRESS] == [ADDRESS.packed]
+    assert r.counters["cfg_set_received"] == 1
+
+
+def test_config_client_cfg_set_in_request_mode_acked_but_child_refused() -> None:
+    _, _, payloads = set_and_connect("request", CLIENT_SET)
+    cps = [p for p in payloads if isinstance(p, CPPayload)]
+    assert [cp.cfg_type for cp in cps] == [CfgType.CFG_ACK]
+    notifies = [p.notify_type for p in payloads if isinstance(p, NotifyPayload)]
+    assert NotifyType.FAILED_CP_REQUIRED in notifies
+
+
+def test_config_client_cfg_set_without_known_attributes_gets_empty_ack() -> None:
+    unknown = [ConfigAttribute(CfgAttribute.INTERNAL_IP4_DNS, bytes(4))]
+    _, _, payloads = set_and_connect("set", unknown)
+    cps = [p for p in payloads if isinstance(p, CPPayload)]
+    assert cps[0].cfg_type == CfgType.CFG_ACK and cps[0].attributes == []
+
+
+def test_config_client_cfg_ack_to_our_set_accepted() -> None:
+    r, client, payloads = connect_client("set")
+    assert [p.cfg_type for p in payloads if isinstance(p, CPPayload)] == [
+        CfgType.CFG_SET
+    ]
+    ack = CPPayload(
+        CfgType.CFG_ACK, [ConfigAttribute(CfgAttribute.INTERNAL_IP4_ADDRESS)]
+    )
+    r.datagram_received(client.informational([ack]), SERVER, CLIENT, 1.0)
+    (reply,) = r.datagrams_to_send()
+    header, answer = client.open(reply.data)
+    # an empty INFORMATIONAL response, no error notify, the session stays
+    assert header.is_response and answer == []
+    assert r.counters["cfg_ack_received"] == 1
+    assert len(r._sas) == 1
+
+
+def test_config_set_mode_warns_for_requesting_client(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    r = make_responder("set")
+    with caplog.at_level("WARNING"):
+        payloads = connect(r, request=True)
+    (cp,) = [p for p in payloads if isinstance(p, CPPayload)]
+    assert cp.cfg_type == CfgType.CFG_SET
+    assert r.counters["cfg_set_to_requester"] == 1
+    assert "use config_mode both" in caplog.text
+
+
+def connect_client(mode: str) -> tuple[IkeResponder, IkeClient, list[object]]:
+    r = make_responder(mode)
+    client = IkeClient(psk=PSK, tsi=["0.0.0.0/0"], tsr=["0.0.0.0/0"],
+                       request_config=False)  # fmt: skip
+    r.datagram_received(client.init_request(), SERVER, CLIENT, 0.0)
+    client.handle_init_response(r.datagrams_to_send()[0].data)
+    r.datagram_received(client.auth_request(), SERVER, CLIENT, 0.0)
+    _, payloads = client.open(r.datagrams_to_send()[0].data)
+    return r, client, payloads  # type: ignore[return-value]
+
+
+def test_attributes_cisco_private_numbers_from_profile() -> None:
+    policy = SessionPolicy(
+        configuration_url="https://cfg.example.net/a.xml",
+        configuration_version=3,
+        smartcard_removal_disconnect=True,
+    )
+    numbers = {
+        "configuration_url": 16400,
+        "configuration_version": 16401,
+        "smartcard_removal_disconnect": 16402,
+    }
+    moved = profile(cisco_attributes=numbers)
+    got = values(config_attributes(ADDRESS, None, policy, moved, {"unity", "flexvpn"}))
+    assert got[16400] == [b"https://cfg.example.net/a.xml"]
+    assert got[16401] == [bytes.fromhex("00000003")]
+    assert got[16402] == [bytes.fromhex("0001")]
+    assert not FLEXVPN & set(got)
+    assert CfgAttribute.CISCO_SMARTCARD_REMOVAL_DISCONNECT not in got
+    # the defaults (unverified, 28683..28685) without an override
+    plain = values(config_attributes(ADDRESS, None, policy, profile(), {"flexvpn"}))
+    assert plain[CfgAttribute.CISCO_CONFIGURATION_URL] == [
+        b"https://cfg.example.net/a.xml"
+    ]

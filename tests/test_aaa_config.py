@@ -122,3 +122,46 @@ def test_parse_config_mode_unknown_rejected(pki: LabPki) -> None:
     body = text(pki, 'aaa_authentication = "office"\nconfig_mode = "push"')
     with pytest.raises(ConfigError, match="profiles\\[0\\].config_mode"):
         parse(body, "t")
+
+
+AAA = 'aaa_authentication = "office"'
+
+
+def test_parse_cisco_attributes_override_numbers(pki: LabPki) -> None:
+    body = (
+        "cisco_attributes = {configuration_url = 16400, configuration_version = 16401}"
+    )
+    config = parse(text(pki, f"{AAA}\n{body}"), "t")
+    assert dict(config.profiles[0].cisco_attributes) == {
+        "configuration_url": 16400,
+        "configuration_version": 16401,
+    }
+    # and the running headend's profile sends them under those numbers
+    core = build_responder_config(config, {}).profiles[0]
+    assert core.cisco_attribute("configuration_url") == 16400
+    assert core.cisco_attribute("smartcard_removal_disconnect") == 28683
+
+
+def test_parse_cisco_attributes_default_empty(pki: LabPki) -> None:
+    assert parse(text(pki, AAA), "t").profiles[0].cisco_attributes == ()
+
+
+@pytest.mark.parametrize(
+    "body,problem",
+    [
+        ("configuration_url = 16383", "16383 is not 16384..32767"),
+        ("configuration_url = 32768", "32768 is not 16384..32767"),
+        ("configuration_url = 28685", "28685 is already in use"),
+        ("configuration_url = 28672", "28672 is already in use"),
+        ("config_url = 16400", "unknown field"),
+        ('configuration_url = "16400"', "expected int"),
+    ],
+)
+def test_parse_cisco_attributes_invalid_rejected(
+    pki: LabPki, body: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError, match=problem) as err:
+        parse(text(pki, f"{AAA}\ncisco_attributes = {{ {body} }}"), "t")
+    # file:line:field names the profile's table
+    assert err.value.line is not None
+    assert "profiles[0].cisco_attributes" in err.value.fieldname

@@ -2,7 +2,9 @@
 
 A small subset of the AAA self-test cases, so the suite stays quick: EAP-
 MSCHAPv2 (MSK from the MS-MPPE keys), EAP-MD5 with a wrong password, and
-RADIUS failover past a silent first server. `espgate selftest` runs them all.
+RADIUS failover past a silent first server, and the config-mode cases (a
+local policy, dual stack, Cisco Unity/FlexVPN attributes by vendor ID).
+`espgate selftest` runs them all.
 """
 
 from __future__ import annotations
@@ -23,8 +25,15 @@ pytestmark = [
 
 ESPGATE = str(Path(sys.executable).with_name("espgate"))
 LAB = os.environ.get("ESPGATE_LAB_PREFIX", f"egaa{os.getpid() % 100000}")
-CASES = ["eap-mschapv2", "eap-wrong-password", "radius-failover",
-         "local-policy-attributes", "dual-stack"]
+CASES = [
+    "eap-mschapv2",
+    "eap-wrong-password",
+    "radius-failover",
+    "config-set-strongswan",
+    "local-policy-attributes",
+    "dual-stack",
+    "unity-attributes",
+]
 
 
 def namespaces() -> set[str]:
@@ -76,3 +85,20 @@ def test_aaa_selftest_leaves_no_namespaces(verdicts: dict[str, Any]) -> None:
 def test_config_mode_case_passes(verdicts: dict[str, Any], case: str) -> None:
     # the client's view (addresses, DNS, routes) and traffic are checked inside
     assert verdicts[case]["passed"], verdicts[case]["detail"]["failures"]
+
+
+def test_unity_attributes_reach_flexvpn_client_only(verdicts: dict[str, Any]) -> None:
+    r = verdicts["unity-attributes"]
+    assert r["passed"], r["detail"]["failures"]
+    flex, plain = r["detail"]["flexvpn"], r["detail"]["plain"]
+    assert "UNITY_BANNER" in flex["received_attributes"]
+    assert "UNITY_SPLIT_INCLUDE" in flex["received_attributes"]
+    assert not any(a.startswith("UNITY_") for a in plain["received_attributes"])
+    assert flex["transfer"]["match"] and plain["transfer"]["match"]
+
+
+def test_config_set_ignored_by_strongswan(verdicts: dict[str, Any]) -> None:
+    # strongSwan 5.9.8 takes CFG_REPLY only; the headend warns and counts
+    r = verdicts["config-set-strongswan"]
+    assert r["passed"], r["detail"]["failures"]
+    assert r["detail"]["ignored"] == ["CFG_SET"]

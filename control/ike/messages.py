@@ -164,10 +164,22 @@ class CfgAttribute(IntEnum):
     UNITY_PFS = 28679
     UNITY_BACKUP_SERVERS = 28681
     # FIXME: the next three are not in any public table we found; the values
-    # follow the Unity block and are unverified against a Cisco client.
+    # follow the Unity block and are unverified against a Cisco client (a
+    # profile's cisco_attributes overrides them: CISCO_PRIVATE_DEFAULTS).
     CISCO_SMARTCARD_REMOVAL_DISCONNECT = 28683
     CISCO_CONFIGURATION_URL = 28684
     CISCO_CONFIGURATION_VERSION = 28685
+
+
+# the Cisco private attributes whose numbers a profile may override, by the
+# names of the policy fields they carry
+CISCO_PRIVATE_DEFAULTS: dict[str, int] = {
+    "smartcard_removal_disconnect": CfgAttribute.CISCO_SMARTCARD_REMOVAL_DISCONNECT,
+    "configuration_url": CfgAttribute.CISCO_CONFIGURATION_URL,
+    "configuration_version": CfgAttribute.CISCO_CONFIGURATION_VERSION,
+}
+# RFC 7296 3.15.1: configuration attribute types reserved for private use
+PRIVATE_ATTRIBUTES = (16384, 32767)
 
 
 # Vendor ID payload data by which clients identify themselves: the Cisco Unity

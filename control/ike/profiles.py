@@ -24,7 +24,14 @@ from control.ike.certs import Credential, TrustStore
 from control.ike.cookies import GuardConfig
 from control.ike.fragments import DEFAULT_FRAGMENT_SIZE
 from control.ike.matching import CertRule
-from control.ike.messages import DhGroup, EncrId, IDType, IntegId, PrfId
+from control.ike.messages import (
+    CISCO_PRIVATE_DEFAULTS,
+    DhGroup,
+    EncrId,
+    IDType,
+    IntegId,
+    PrfId,
+)
 
 ID_PREFIXES = ("fqdn", "email", "ipv4", "ipv6", "dn", "keyid")
 LOCAL_AUTH = ("pre-share", "rsa-sig", "ecdsa-sig")
@@ -203,9 +210,14 @@ class Profile:
     # CFG_REPLY; "set" pushes a CFG_SET in the IKE_AUTH response; "both"
     # answers a request and pushes without one
     config_mode: str = "request"
+    # numbers of the unverified Cisco private attributes, overriding
+    # messages.CISCO_PRIVATE_DEFAULTS by field name
+    cisco_attributes: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         assert self.config_mode in CONFIG_MODES, f"Bad config mode {self.config_mode!r}"
+        for name in self.cisco_attributes:
+            assert name in CISCO_PRIVATE_DEFAULTS, f"Bad Cisco attribute {name!r}"
         assert self.local_auth in LOCAL_AUTH, f"Bad local auth {self.local_auth!r}"
         assert self.local_auth == "pre-share" or self.credential is not None, (
             f"Profile {self.name}: {self.local_auth} needs a credential"
@@ -228,6 +240,10 @@ class Profile:
     def admits(self, identity: Identity, leaf: x509.Certificate | None = None) -> bool:
         """Tell whether the identity (and certificate, for a map) fits this profile."""
         return matching.admits(self, identity.type, identity.data, leaf)
+
+    def cisco_attribute(self, name: str) -> int:
+        """Return the attribute number this profile sends a Cisco private field as."""
+        return self.cisco_attributes.get(name, CISCO_PRIVATE_DEFAULTS[name])
 
 
 @dataclass

@@ -12,7 +12,7 @@ leave the CHILD SA out.
     IKE_AUTH         AuthTask -> AuthorizeTask -> ConfigTask -> ChildCreateTask
                      (EAP rounds: control.ike.eap picks EapTask instead of
                      AuthTask; AuthorizeTask may park for the AAA answer)
-    INFORMATIONAL    DeleteTask -> LivenessTask
+    INFORMATIONAL    DeleteTask -> LivenessTask -> ConfigAckTask
     CREATE_CHILD_SA  IkeRekeyTask (control.ike.rekey) -> ChildRekeyTask (new or
                      rekeyed CHILD SA); each leaves the other's requests alone
 
@@ -696,7 +696,16 @@ class ConfigTask(Task):
     CFG_SET, "both" answers a request and pushes to a client without one.
     Cisco Unity attributes go only to clients that sent the Unity or the
     FlexVPN vendor ID; configuration URL and version only to FlexVPN ones.
+
+    A client's own CFG_SET is answered with a CFG_ACK naming what we took
+    (APPLICATION_VERSION only: a headend lets no client alter its settings);
+    it is no request, so "request" mode still refuses the CHILD SA and
+    "set"/"both" push a CFG_SET after the CFG_ACK. strongSwan 5.9.8 ignores a
+    CFG_SET ("ignoring CFG_SET config payload"), installs no virtual IP and
+    deletes the CHILD SA: "set" mode warns when a client sent a CFG_REQUEST.
     """
+
+    ack: list[ConfigAttribute] | None = None
 
     def process(self, ex: Exchange) -> None:
         ike = ex.ike
@@ -704,6 +713,23 @@ class ConfigTask(Task):
         mode = ike.profile.config_mode
         cp = first(ex.request, CPPayload)
         requested = isinstance(cp, CPPayload) and cp.cfg_type == CfgType.CFG_REQUEST
+        if isinstance(cp, CPPayload) and cp.cfg_type == CfgType.CFG_SET:
+            # RFC 7296 3.15: the peer returns the attributes it supported,
+            # with zero-length values
+            self.ack = [
+                ConfigAttribute(a.type)
+                for a in cp.attributes
+                if a.type in CFG_SET_TAKEN
+            ]
+            self.responder.counters["cfg_set_received"] += 1
+            ike.log.debug("cfg_set from client, acking %d attributes", len(self.ack))
+        if requested and mode == "set":
+            self.responder.counters["cfg_set_to_requester"] += 1
+            ike.log.warning(
+                "client sent CFG_REQUEST but profile %s pushes CFG_SET; clients "
+                "that only pull (strongSwan) ignore it: use config_mode both",
+                ike.profile.name,
+            )
         if not requested and mode == "request":
             # RFC 7296 3.10.1: we require config mode, so say so
             ex.child_error = NotifyType.FAILED_CP_REQUIRED
@@ -803,6 +829,8 @@ class ConfigTask(Task):
 
     def build(self, ex: Exchange) -> None:
         ike = ex.ike
+        if self.ack is not None:
+            ex.response.append(CPPayload(CfgType.CFG_ACK, self.ack))
         if ike.inside_address is None and ike.inside_address6 is None:
             assert ex.child_error is not None
             ex.response.append(NotifyPayload(ProtocolId.NONE, ex.child_error))
@@ -821,6 +849,8 @@ class ConfigTask(Task):
 
 
 APPLICATION_VERSION = b"espgate"
+# attributes of a client's CFG_SET we take (and name in the CFG_ACK)
+CFG_SET_TAKEN = frozenset({CfgAttribute.APPLICATION_VERSION})
 # RFC 7296 3.15.1 has no Unity split entry: address, mask and six bytes of
 # padding per network, as Cisco's Unity client reads them
 UNITY_SPLIT_PAD = bytes(6)
@@ -897,21 +927,28 @@ def config_attributes(
 
     # Cisco Unity, to clients that identified as Unity or FlexVPN only
     if "unity" in kinds:
-        attrs.extend(unity_attributes(policy, routed))
+        attrs.extend(unity_attributes(policy, routed, profile))
     if "flexvpn" in kinds:
         if policy.configuration_url:
-            add(CfgAttribute.CISCO_CONFIGURATION_URL, policy.configuration_url.encode())
+            url = policy.configuration_url.encode()
+            add(profile.cisco_attribute("configuration_url"), url)
         if policy.configuration_version is not None:
             version = policy.configuration_version.to_bytes(4, "big")
-            add(CfgAttribute.CISCO_CONFIGURATION_VERSION, version)
+            add(profile.cisco_attribute("configuration_version"), version)
     return attrs
 
 
 def unity_attributes(
     policy: SessionPolicy,
     routed: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    profile: Profile | None = None,
 ) -> list[ConfigAttribute]:
     """Return the Cisco Unity attributes the policy sets."""
+    smartcard = (
+        profile.cisco_attribute("smartcard_removal_disconnect")
+        if profile is not None
+        else CfgAttribute.CISCO_SMARTCARD_REMOVAL_DISCONNECT
+    )
     attrs: list[ConfigAttribute] = []
     strings = (
         (CfgAttribute.UNITY_BANNER, policy.banner),
@@ -924,8 +961,7 @@ def unity_attributes(
             attrs.append(ConfigAttribute(kind, text.encode()))
     flags = (
         (CfgAttribute.UNITY_PFS, policy.pfs),
-        (CfgAttribute.CISCO_SMARTCARD_REMOVAL_DISCONNECT,
-         policy.smartcard_removal_disconnect),
+        (smartcard, policy.smartcard_removal_disconnect),
     )  # fmt: skip
     for kind, flag in flags:
         if flag is not None:
@@ -1190,8 +1226,28 @@ def _ike_rekey_task(responder: IkeResponder) -> Task:
     return IkeRekeyTask(responder)
 
 
+class ConfigAckTask(Task):
+    """A client's CFG_ACK to our CFG_SET, in an INFORMATIONAL request (RFC 7296 3.15).
+
+    Our CFG_SET went out in the IKE_AUTH response, so the only place a client
+    can acknowledge it is a later request; it is counted and otherwise taken
+    as it is (the session already runs with what we pushed). Any other CP
+    type in an INFORMATIONAL request is ignored.
+    """
+
+    def process(self, ex: Exchange) -> None:
+        cp = first(ex.request, CPPayload)
+        if not isinstance(cp, CPPayload):
+            return
+        if cp.cfg_type == CfgType.CFG_ACK:
+            self.responder.counters["cfg_ack_received"] += 1
+            ex.ike.log.debug("cfg_ack from client, %d attributes", len(cp.attributes))
+        else:
+            self.responder.counters["cp_ignored"] += 1
+
+
 EXCHANGE_TASKS: dict[int, tuple[Callable[[IkeResponder], Task], ...]] = {
     ExchangeType.IKE_AUTH: (AuthTask, AuthorizeTask, ConfigTask, ChildCreateTask),
-    ExchangeType.INFORMATIONAL: (DeleteTask, LivenessTask),
+    ExchangeType.INFORMATIONAL: (DeleteTask, LivenessTask, ConfigAckTask),
     ExchangeType.CREATE_CHILD_SA: (_ike_rekey_task, ChildRekeyTask),
 }

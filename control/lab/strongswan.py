@@ -335,6 +335,32 @@ class _Charon:
         except FileNotFoundError:
             return ""
 
+    # --- what charon logged
+
+    def received_attributes(self) -> list[str]:
+        """Return the config attribute names charon logged as received, in order.
+
+        charon logs "processing UNITY_BANNER attribute" (ike level 2) for every
+        attribute of a CFG_REPLY; a payload it does not take (CFG_SET) is logged
+        as "ignoring CFG_SET config payload" instead, see `ignored_cp_types`.
+        """
+        return self._log_matches(r"processing (\S+) attribute")
+
+    def ignored_cp_types(self) -> list[str]:
+        """Return the CP payload types charon logged as ignored ("CFG_SET")."""
+        return self._log_matches(r"ignoring (\S+) config payload")
+
+    def vendor_ids_sent(self) -> list[str]:
+        """Return the names of the vendor IDs charon logged as sent (ike level 2)."""
+        return self._log_matches(r"sending (.+?) vendor ID")
+
+    def _log_matches(self, pattern: str) -> list[str]:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        return [m.group(1) for m in re.finditer(pattern, text)]
+
     # --- state
 
     def list_sas(self) -> dict[str, Any]:
