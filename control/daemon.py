@@ -992,13 +992,19 @@ class Headend:
         next_out: int | None = None,
         dirs: tuple[str, ...] = ("out", "in", "fwd"),
         outbound: bool = True,
+        replay: Any = None,
     ) -> None:
-        """Install a CHILD SA pair in the kernel, and the session's policies once."""
+        """Install a CHILD SA pair in the kernel, and the session's policies once.
+
+        ``replay`` (a ReplayState) is the inbound window a move carries over;
+        without it everything up to ``top_in`` counts as seen.
+        """
         from fastpath.xfrm import ReplayState
 
         kernel = self._kernel()
-        replay = ReplayState.closed_below(top_in, sa_in.replay_window)
-        kernel.install_sa(sa_in, replay=replay if top_in else None)
+        if replay is None and top_in:
+            replay = ReplayState.closed_below(top_in, sa_in.replay_window)
+        kernel.install_sa(sa_in, replay=replay)
         if next_out is not None:
             sa_out = dataclasses.replace(sa_out, next_seq=next_out)
         if outbound:
@@ -1268,18 +1274,49 @@ class Headend:
         )
         return info
 
+    @staticmethod
+    def _window_of(state: Any, size: int) -> tuple[int, int]:
+        # the kernel's replay state (xfrm bitmap: bit (s - 1) mod window) as an
+        # engine window (bit i: top - i); older than the kernel's window = seen
+        top, seen = int(state.seq), 0
+        for i in range(min(size, top)):
+            if state.seen(top - i):
+                seen |= 1 << i
+        return top, seen
+
+    @staticmethod
+    def _state_of(window: tuple[int, int], size: int, replay_window: int) -> Any:
+        # an engine window as xfrm replay state; beyond the engine's size = seen
+        from fastpath.xfrm import ReplayState
+
+        top, seen = window
+        bitmap = [0] * ((replay_window + 31) // 32)
+        for i in range(min(replay_window, top)):
+            if i >= size or seen >> i & 1:
+                bit = (top - i - 1) % replay_window
+                bitmap[bit // 32] |= 1 << (bit % 32)
+        return ReplayState(0, top, replay_window, bitmap)
+
     def _move_to_kernel(
         self, session: Session, sa_in: SAParams, sa_out: SAParams, margin: int
     ) -> dict[str, Any]:
+        from fastpath._engine import ReplayWindow
+
         # inbound first: the connected encap socket takes the peer's ESP from
-        # here on; everything up to the userspace top counts as seen
-        top = int(self.engine.sa_counters(sa_in.spi, True)["highest_seq"])
+        # here on, with the engine's window (RFC 4303 section 3.4.3)
+        size = sa_in.replay_window
+        window = self.engine.replay_window(sa_in.spi)
         n = int(self.engine.sa_counters(sa_out.spi, False)["next_seq"])
-        if hasattr(self.engine, "set_seq_limit"):
-            # RFC 4303 section 3.3.3: the engine may not reach the kernel's range
-            self.engine.set_seq_limit(sa_out.spi, n + margin - 1)
+        # RFC 4303 section 3.3.3: the engine may not reach the kernel's range; the
+        # cap is for good (the process dataplane's ticker never lifts it)
+        self.engine.set_seq_limit(sa_out.spi, n + margin - 1)
         self._kernel_install(
-            session, sa_in, sa_out, top_in=top, next_out=n + margin, dirs=("out",)
+            session,
+            sa_in,
+            sa_out,
+            next_out=n + margin,
+            dirs=("out",),
+            replay=self._state_of(window, size, size),
         )
 
         # the out policy is the switch: the engine's out SA goes at once, since
@@ -1290,15 +1327,30 @@ class Headend:
         self.engine.remove_sa(sa_out.spi, False)
 
         # inbound ESP now reaches the kernel; what port 4500 still holds goes
-        # through the engine before its SA goes
+        # through the engine before its SA goes, and what it accepted meanwhile
+        # is merged into the kernel's window
         self._drain_engine(sa_in.spi)
+        late = self.engine.replay_window(sa_in.spi)
         self.engine.remove_sa(sa_in.spi, True)
+        kernel = self._kernel()
+        state = kernel.sa_state(sa_in.spi, True)
+        merged = ReplayWindow(size, sa_in.esn)
+        merged.merge(*self._window_of(state, size))
+        merged.merge(*late)
+        if merged.state() != self._window_of(state, size):
+            carried = self._state_of(merged.state(), size, size)
+            kernel.set_sa_state(sa_in.spi, True, carried)
         if last > n + margin:
             log.error("move overran the sequence margin: %d > %d", last, n + margin)
 
         # in and fwd last: they drop what the userspace engine decrypted before
         self._kernel_policies(session, sa_in, ("in", "fwd"))
-        return {"source_next_seq": last, "dest_next_seq": n + margin, "top_in": top}
+        return {
+            "source_next_seq": last,
+            "dest_next_seq": n + margin,
+            "top_in": window[0],
+            "late_top_in": late[0],
+        }
 
     def _drain_engine(self, spi_in: int) -> None:
         """Wait (at most DRAIN_MAX s) until the engine's inbound SA stops counting."""
@@ -1320,23 +1372,36 @@ class Headend:
         self, session: Session, sa_in: SAParams, sa_out: SAParams, margin: int
     ) -> dict[str, Any]:
         kernel = self._kernel()
+        size = sa_in.replay_window
 
-        # outbound: the engine's SA waits idle until the out policy goes
+        # both engine SAs first: the inbound one with the kernel's window
+        # (GETAE), the outbound one above the kernel's last number plus the
+        # margin, reserved in the seq store before its first packet
         n = int(kernel.sa_counters(sa_out.spi, False)["next_seq"])
-        top = int(kernel.sa_counters(sa_in.spi, True)["highest_seq"])
-        self.engine.install_sa(sa_in)
+        window = self._window_of(kernel.sa_state(sa_in.spi, True), size)
+        self.engine.install_sa(sa_in, window)
         self.engine.install_sa(dataclasses.replace(sa_out, next_seq=n + margin))
+        reserved = self.engine.sa_counters(sa_out.spi, False).get("seq_reserved")
+
+        # outbound: the engine's SA sends once the out policy goes
         kernel.remove_policies(session.index, ("out",))
         last = int(kernel.sa_counters(sa_out.spi, False)["next_seq"])
         if last > n + margin:
             log.error("move overran the sequence margin: %d > %d", last, n + margin)
 
-        # inbound: closing the connected encap socket hands ESP back to port 4500
-        # FIXME: the Engine API takes no replay state, so its inbound window
-        # restarts empty instead of closed below the kernel's top
+        # inbound: closing the connected encap socket hands ESP back to port
+        # 4500; what the kernel accepted since the first read is merged in
         self._kernel_release(session)
+        late = self._window_of(kernel.sa_state(sa_in.spi, True), size)
+        self.engine.set_replay_window(sa_in.spi, *late)
         self._kernel_remove_pair(session, sa_in.spi, sa_out.spi)
-        return {"source_next_seq": last, "dest_next_seq": n + margin, "top_in": top}
+        return {
+            "source_next_seq": last,
+            "dest_next_seq": n + margin,
+            "seq_reserved": reserved,
+            "top_in": window[0],
+            "late_top_in": late[0],
+        }
 
     # -- control socket ----------------------------------------------------
 

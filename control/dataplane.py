@@ -19,9 +19,18 @@ Outbound SAs run under a :class:`control.seqstore.SeqReserver`: installed
 with ``seq_limit`` at the durably reserved end, raised by a ticker thread
 every ``tick`` seconds, only after the store committed.  When the child is
 restarted the supervisor re-adds every session and SA; outbound SAs resume at
-the stored end (strictly above anything sent), inbound ones just above the
-last highest number seen.  While the child is down mutators are recorded and
-replayed, queries return the last known counters.
+the stored end (strictly above anything sent), inbound ones with the replay
+window the ticker last polled (``replay_window``, every tick).  While the child
+is down mutators are recorded and replayed, queries return the last known
+counters.
+
+Live moves (control/daemon.py ``move_sa``): ``set_seq_limit`` from the daemon is
+a *cap*, the end of what the engine may send before the kernel takes over; the
+proxy keeps it and every later raise (the ticker's, a restart's) stays below it,
+so a moved-out SA never reaches the kernel's numbers.  An outbound SA installed
+with ``next_seq > 1`` (a move back in) has ``next_seq`` reserved in the store
+before the engine gets it, so reload-safety holds across the move; an inbound
+one installed with ``replay`` starts with the source engine's window.
 """
 
 from __future__ import annotations
@@ -168,6 +177,10 @@ class DataplaneProxy:
         self._sessions: dict[int, tuple[int, bool | None]] = {}
         self._sas: dict[tuple[int, bool], Any] = {}
         self._last: dict[tuple[int, bool], dict[str, Any]] = {}
+        # outbound caps set by a move out (never lifted) and the last known
+        # replay window of every inbound SA (what a restart reinstalls)
+        self._caps: dict[int, int] = {}
+        self._windows: dict[int, tuple[int, int]] = {}
         self._lock = threading.RLock()
         self._child: _Child | None = None
         self._ike_callback: Callable[[bytes, tuple[str, int]], object] | None = None
@@ -327,7 +340,10 @@ class DataplaneProxy:
         for session, (tun_fd, vnet) in self._sessions.items():
             self._call("add_session", session, vnet, fds=(tun_fd,))
         for (spi, inbound), params in list(self._sas.items()):
-            self._call("install_sa", self._resume_params(spi, inbound, params))
+            resumed = self._resume_params(spi, inbound, params)
+            self._call(
+                "install_sa", resumed, self._windows.get(spi) if inbound else None
+            )
         with self._restarted:
             self.counters_["restarts"] += 1
             self._restarted.notify_all()
@@ -341,8 +357,8 @@ class DataplaneProxy:
     def _resume_params(self, spi: int, inbound: bool, params: Any) -> Any:
         last = self._last.get((spi, inbound), {})
         if inbound:
-            # FIXME: the window restarts empty just above the last polled top, so
-            # a replay of a packet seen after that poll would be accepted once.
+            # FIXME: the window comes back as the ticker last polled it, so a
+            # replay of a packet that arrived in the last tick is accepted once.
             top = int(last.get("highest_seq", params.next_seq - 1))
             return dataclasses.replace(params, next_seq=max(top + 1, params.next_seq))
         if self.reserver is None:
@@ -352,9 +368,7 @@ class DataplaneProxy:
         start = self.reserver.open_sa(spi, esn=params.esn, resume=True)
         self.reserver.resume_report(spi, last.get("next_seq"))
         self.counters_["sa_resumed"] += 1
-        return dataclasses.replace(
-            params, next_seq=start, seq_limit=self.reserver.limit(spi)
-        )
+        return dataclasses.replace(params, next_seq=start, seq_limit=self._limit(spi))
 
     # -- messages ----------------------------------------------------------
 
@@ -429,17 +443,31 @@ class DataplaneProxy:
                     self._forget(key)
             self._try("remove_session", session)
 
-    def install_sa(self, params: Any, *, resume: bool = False) -> None:
+    def install_sa(
+        self,
+        params: Any,
+        replay: tuple[int, int] | None = None,
+        *,
+        resume: bool = False,
+    ) -> None:
         """Install one SA; outbound SAs get a durably reserved limit first.
 
         ``resume`` continues an outbound SA at its stored mark (after a whole
-        daemon restart) and raises UntrustedState when there is none.
+        daemon restart) and raises UntrustedState when there is none.  An
+        outbound SA with ``next_seq > 1`` (moved back from the kernel) has that
+        number reserved before the engine may send it.  ``replay`` (inbound)
+        is a window as ``Engine.replay_window`` returns it, marked before the
+        first packet.
         """
         with self._lock:
             key = (params.spi, bool(params.inbound))
             if key in self._sas:
                 raise ValueError(f"SA 0x{params.spi:08x} already installed")
             if not params.inbound and self.reserver is not None:
+                if not resume and params.next_seq > 1:
+                    # RFC 4303 section 3.3.3: numbers below next_seq may have been
+                    # sent by the kernel; a resume must start at or above it
+                    self.reserver.store.reserve(params.spi, params.next_seq)
                 start = self.reserver.open_sa(params.spi, esn=params.esn, resume=resume)
                 if resume:
                     self.reserver.resume_report(params.spi, None)
@@ -449,9 +477,12 @@ class DataplaneProxy:
                     seq_limit=self.reserver.limit(params.spi),
                 )
             self._sas[key] = params
-            self._try("install_sa", params)
+            if params.inbound and replay is not None:
+                self._windows[params.spi] = (int(replay[0]), int(replay[1]))
+            self._try("install_sa", params, replay)
             if params.inbound:
-                self._put_inbound(params.spi, params.next_seq - 1)
+                top = max(params.next_seq - 1, replay[0] if replay else 0)
+                self._put_inbound(params.spi, top)
 
     def remove_sa(self, spi: int, inbound: bool) -> None:
         """Remove one SA (and its reserved mark: the key is gone)."""
@@ -479,6 +510,10 @@ class DataplaneProxy:
     def _forget(self, key: tuple[int, bool]) -> None:
         self._sas.pop(key, None)
         self._last.pop(key, None)
+        if key[1]:
+            self._windows.pop(key[0], None)
+        else:
+            self._caps.pop(key[0], None)
         store = self.reserver.store if self.reserver else None
         if key[1] and isinstance(store, SeqStore):
             store.delete_record(INBOUND_KIND, f"{self.record_scope}{key[0]:08x}")
@@ -494,18 +529,55 @@ class DataplaneProxy:
             self._try("set_peer", session, tuple(addr))
 
     def set_seq_limit(self, spi: int, limit: int) -> None:
-        """Forward a limit to the child (the reserver calls this)."""
-        self._try("set_seq_limit", spi, limit)
+        """Cap an outbound SA at limit for good (a move hands it to the kernel).
+
+        Neither the ticker's raises nor a restart lift a cap; a lower one wins.
+        """
+        with self._lock:
+            if (spi, False) not in self._sas:
+                raise KeyError(f"No SA 0x{spi:08x} inbound=False")
+            self._caps[spi] = min(limit, self._caps.get(spi, limit))
+            self._try("set_seq_limit", spi, self._limit(spi))
+
+    def seq_cap(self, spi: int) -> int | None:
+        """Return an outbound SA's cap from a move, None when it has none."""
+        return self._caps.get(spi)
+
+    def _limit(self, spi: int) -> int:
+        # the reserved limit, under the SA's cap if a move set one
+        limits = [self._caps[spi]] if spi in self._caps else []
+        end = self.reserver.reserved_end(spi) if self.reserver else None
+        if end is not None:
+            limits.append(end - 1)
+        return min(limits, default=(1 << 64) - 1)
 
     def _set_limit(self, spi: int, limit: int) -> None:
         # the reserver calls this outside its lock: a restart (or a power
         # cut) may have reopened spi meanwhile, never exceed its mark now
         with self._lock:
             assert self.reserver is not None
-            end = self.reserver.reserved_end(spi)
-            if end is None:
+            if self.reserver.reserved_end(spi) is None:
                 return
-            self.set_seq_limit(spi, min(limit, end - 1))
+            self._try("set_seq_limit", spi, min(limit, self._limit(spi)))
+
+    def replay_window(self, spi: int) -> tuple[int, int]:
+        """Return an inbound SA's replay window (top, seen) from the engine."""
+        window = self._call("replay_window", spi)
+        with self._lock:
+            if (spi, True) in self._sas:
+                self._windows[spi] = window
+        return (int(window[0]), int(window[1]))
+
+    def set_replay_window(self, spi: int, top: int, seen: int) -> None:
+        """Mark a window (top, seen) as received in an inbound SA (merged)."""
+        with self._lock:
+            if (spi, True) not in self._sas:
+                raise KeyError(f"No SA 0x{spi:08x} inbound=True")
+            self._try("set_replay_window", spi, top, seen)
+            # what a restart reinstalls; the next poll gives the merged window
+            old = self._windows.get(spi)
+            if old is None or old[0] <= top:
+                self._windows[spi] = (top, seen)
 
     def sa_counters(self, spi: int, inbound: bool) -> dict[str, Any]:
         """Return one SA's counters plus its reserved mark (last known if down)."""
@@ -550,6 +622,8 @@ class DataplaneProxy:
                 outbound = [spi for spi, inbound in self._sas if not inbound]
                 inbound = [spi for spi, inb in self._sas if inb]
             for spi in outbound:
+                if spi in self._caps:
+                    continue  # moved out: nothing more to reserve for it
                 try:
                     value = self.sa_counters(spi, False).get("next_seq")
                 except (KeyError, DataplaneDown):
@@ -558,9 +632,11 @@ class DataplaneProxy:
                     self.reserver.tick(spi, int(value))
             ticks += 1
             for spi in inbound:
-                # keeps the last top for a restart, stored about once a second
+                # the window for a restart each tick; the top for a whole-daemon
+                # restart about once a second
                 with contextlib.suppress(KeyError, DataplaneDown):
                     top = self.sa_counters(spi, True).get("highest_seq")
+                    self.replay_window(spi)
                     if top is not None and ticks % INBOUND_EVERY == 0:
                         self._put_inbound(spi, int(top))
 

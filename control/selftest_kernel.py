@@ -63,9 +63,16 @@ _guest_results: dict[str, dict[str, Any]] = {}
 
 
 def restart_headend(
-    lab: HeadendLab, *, mode: str = "userspace", profile_engine: str | None = None
+    lab: HeadendLab,
+    *,
+    mode: str = "userspace",
+    profile_engine: str | None = None,
+    dataplane: str | None = None,
 ) -> Any:
-    """Restart the lab's daemon with ``[engine] mode`` and a profile engine."""
+    """Restart the lab's daemon with ``[engine] mode`` and a profile engine.
+
+    ``dataplane`` ("inline" or "process") overrides the configured default.
+    """
     assert lab.procs is not None and lab.topo is not None
     current = getattr(lab, "daemon_name", "espgate")
     try:
@@ -76,11 +83,7 @@ def restart_headend(
     Path(lab.socket).unlink(missing_ok=True)
     config = lab.workdir / "espgate.toml"
     text = re.sub(r'(?m)^(mode|engine|dataplane) = "\w+"\n', "", config.read_text())
-    # FIXME: moves are proven with the inline engine; the process dataplane's
-    # reservation ticker may lift the cap a move puts on the outbound counter
-    text = text.replace(
-        "[engine]\n", f'[engine]\nmode = "{mode}"\ndataplane = "inline"\n', 1
-    )
+    text = text.replace("[engine]\n", _engine_lines(mode, dataplane), 1)
     if profile_engine is not None:
         text = text.replace(
             'name = "lab"\n', f'name = "lab"\nengine = "{profile_engine}"\n'
@@ -90,6 +93,12 @@ def restart_headend(
     name = f"espgate-{count}"
     lab.daemon_count, lab.daemon_name = count, name  # type: ignore[attr-defined]
     return start_headend(lab, name, config)
+
+
+def _engine_lines(mode: str, dataplane: str | None) -> str:
+    # the [engine] header with its mode, and a dataplane only when asked for
+    extra = "" if dataplane is None else f'dataplane = "{dataplane}"\n'
+    return f'[engine]\nmode = "{mode}"\n{extra}'
 
 
 def start_headend(lab: HeadendLab, name: str, config: Path) -> Any:
@@ -494,6 +503,12 @@ def _sa_move_under_traffic(lab: HeadendLab) -> Verdict:
     for move, to in ((moves[0], "kernel"), (moves[2], "userspace")):
         if not move.get("moved") or move.get("engine") != to:
             failures.append(f"move to {to} failed: {move}")
+    # with the process dataplane the move back in is reserved in the seq store
+    # above its first number before it sends (reload-safety across the move)
+    reserved = moves[2].get("seq_reserved")
+    detail["dataplane"] = "inline" if reserved is None else "process"
+    if reserved is not None and reserved <= moves[2].get("dest_next_seq", 0):
+        failures.append(f"move back in not reserved above its start: {moves[2]}")
     if moves[1].get("engines") != ["kernel"] or moves[3].get("engines") != [
         "userspace"
     ]:
@@ -531,9 +546,17 @@ class KernelLab(HeadendLab):
     starting it once with the right configuration saves a restart per case.
     """
 
-    def __init__(self, workdir: Path, *, mode: str = "userspace", **kwargs: Any):
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        mode: str = "userspace",
+        dataplane: str | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(workdir, **kwargs)
         self.mode = mode
+        self.dataplane = dataplane
         self.daemon_name = "espgate"
         self.daemon_count = 0
 
@@ -542,9 +565,7 @@ class KernelLab(HeadendLab):
         config = self.workdir / "espgate.toml"
         text = config.read_text()
         config.write_text(
-            text.replace(
-                "[engine]\n", f'[engine]\nmode = "{self.mode}"\ndataplane = "inline"\n'
-            )
+            text.replace("[engine]\n", _engine_lines(self.mode, self.dataplane), 1)
         )
         start_headend(self, self.daemon_name, config)
 
@@ -555,6 +576,8 @@ GUEST_LABS = {
     "xfrm-cleanup": "userspace",
     "sa-move-under-traffic": "userspace",
 }
+# cases that need a dataplane other than the configured default (process)
+GUEST_DATAPLANE: dict[str, str] = {}
 
 
 def run_inner(names: list[str]) -> list[dict[str, Any]]:
@@ -568,7 +591,9 @@ def run_inner(names: list[str]) -> list[dict[str, Any]]:
     for name in names:
         started = time.monotonic()
         try:
-            with KernelLab(base / name, mode=GUEST_LABS[name]) as lab:
+            dataplane = GUEST_DATAPLANE.get(name)
+            with KernelLab(base / name, mode=GUEST_LABS[name],
+                           dataplane=dataplane) as lab:  # fmt: skip
                 detail, failures = _BODIES[name](lab)
         except Exception as exc:
             detail, failures = {"traceback": traceback.format_exc()}, [repr(exc)]
@@ -635,7 +660,8 @@ def _guest_case(name: str, body: Any) -> Any:
     def case(lab: HeadendLab) -> Verdict:
         if IN_GUEST:
             if not isinstance(lab, KernelLab):
-                restart_headend(lab, mode=GUEST_LABS[name])
+                dataplane = GUEST_DATAPLANE.get(name)
+                restart_headend(lab, mode=GUEST_LABS[name], dataplane=dataplane)
             return body(lab)
         result = _guest_results.pop(name, None) or run_guest([name])[name]
         detail = dict(result["detail"])

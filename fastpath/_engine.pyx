@@ -453,6 +453,49 @@ cdef inline void replay_update(replay_t *r, uint64_t seq) noexcept nogil:
     r.bits[idx >> 6] |= 1ULL << (idx & 63)
 
 
+cdef bytes replay_seen_bytes(object seen):
+    # the portable bitmap (bit i: top - i arrived) as 512 little-endian bytes
+    if seen < 0:
+        raise ValueError(f"Bad replay bitmap {seen}")
+    return (seen & ((1 << (64 * 64)) - 1)).to_bytes(64 * 8, "little")
+
+
+cdef int replay_merge(replay_t *r, uint64_t top, const uint8_t *seen) noexcept nogil:
+    # mark top and every number seen holds (bit i: top - i) as received, oldest
+    # first, so nothing already seen reopens; -1 if top exceeds a 32-bit counter
+    cdef uint32_t i, n
+    if not r.esn and top > 0xFFFFFFFFULL:
+        return -1
+    if top == 0:
+        return 0
+    n = r.size
+    if <uint64_t>n > top:
+        n = <uint32_t>top
+    i = n
+    while i > 1:
+        i -= 1
+        if seen[i >> 3] & (1 << (i & 7)):
+            replay_update(r, top - i)
+    replay_update(r, top)
+    return 0
+
+
+cdef object replay_dump(const replay_t *r):
+    # (top, seen) with bit i of seen set when top - i arrived
+    cdef uint32_t i, idx
+    cdef uint64_t s
+    cdef uint8_t out[512]
+    memset(out, 0, sizeof(out))
+    i = 0
+    while i < r.size and <uint64_t>i < r.top:
+        s = r.top - i
+        idx = <uint32_t>(s & (r.size - 1))
+        if r.bits[idx >> 6] & (1ULL << (idx & 63)):
+            out[i >> 3] |= <uint8_t>(1 << (i & 7))
+        i += 1
+    return r.top, int.from_bytes(PyBytes_FromStringAndSize(<char *>out, 512), "little")
+
+
 cdef class ReplayWindow:
     """RFC 4303 anti-replay window (section 3.4.3, ESN per appendix A).
 
@@ -493,6 +536,21 @@ cdef class ReplayWindow:
         if seq == 0:
             raise ValueError("Bad sequence number 0")
         replay_update(&self.r, seq)
+
+    def state(self) -> tuple:
+        """Return (top, seen): bit i of seen is set when top - i has arrived."""
+        return replay_dump(&self.r)
+
+    def merge(self, uint64_t top, seen) -> None:
+        """Mark top and the numbers (top, seen) holds as received.
+
+        The layout is :meth:`state`'s; bits at or beyond ``size`` and numbers
+        below 1 are ignored; nothing already seen reopens.  Without ESN a top
+        above 2^32 - 1 is a ValueError.
+        """
+        cdef bytes raw = replay_seen_bytes(seen)
+        if replay_merge(&self.r, top, <const uint8_t *>PyBytes_AS_STRING(raw)) != 0:
+            raise ValueError(f"Bad replay top {top} for a 32-bit counter")
 
 
 # ---------------------------------------------------------------- SAs and ESP
@@ -2047,8 +2105,12 @@ cdef class Engine:
             sa_free(doomed)
             doomed = nxt
 
-    def install_sa(self, params) -> None:
+    def install_sa(self, params, replay=None) -> None:
         """Install one SA; a new outbound SA takes over the traffic it selects.
+
+        ``replay`` = (top, seen) as :meth:`replay_window` returns it starts an
+        inbound SA with that window already marked (a live move), before its
+        first packet.
 
         A session's TUN packets go out on its newest outbound SA whose
         selectors take them (make before break across a rekey); a packet no
@@ -2061,9 +2123,19 @@ cdef class Engine:
         cdef session_t *s
         cdef sa_t **bucket
         cdef str err = None
+        cdef bytes raw = None
         if params.engine == "kernel":
             raise ValueError(f"SA 0x{params.spi:08x} asks for the kernel engine")
+        if replay is not None:
+            if not params.inbound:
+                raise ValueError(f"SA 0x{params.spi:08x}: replay state is inbound only")
+            raw = replay_seen_bytes(replay[1])
         sa = sa_from_params(params, self.backend, self.family)
+        if replay is not None and replay_merge(
+            &sa.replay, replay[0], <const uint8_t *>PyBytes_AS_STRING(raw)
+        ) != 0:
+            sa_free(sa)
+            raise ValueError(f"Bad replay top {replay[0]} for a 32-bit counter")
         if not sa.encap:
             try:
                 self._raw_for(sa.raw_family)
@@ -2164,6 +2236,50 @@ cdef class Engine:
         self._unlock()
         if sa == NULL:
             raise KeyError(f"No SA 0x{spi:08x} inbound=False")
+
+    def replay_window(self, uint32_t spi) -> tuple:
+        """Return an inbound SA's anti-replay window as (top, seen).
+
+        top is the highest authenticated number (64-bit with ESN); bit i of
+        the integer seen is set when top - i has arrived, for i below the
+        window size.  This is what a live move carries to another engine.
+        """
+        cdef sa_t *sa
+        cdef replay_t copy
+        self._lock()
+        sa = self._sa(spi, True)
+        if sa != NULL:
+            pthread_spin_lock(&sa.lock)
+            memcpy(&copy, &sa.replay, sizeof(replay_t))
+            pthread_spin_unlock(&sa.lock)
+        self._unlock()
+        if sa == NULL:
+            raise KeyError(f"No SA 0x{spi:08x} inbound=True")
+        return replay_dump(&copy)
+
+    def set_replay_window(self, uint32_t spi, uint64_t top, seen) -> None:
+        """Mark top and every number the window (top, seen) holds as received.
+
+        Same layout as :meth:`replay_window`.  The window is merged, not
+        replaced: it ends at the higher of the two tops and nothing the SA had
+        already seen reopens, so a late second copy of the source engine's
+        window (a live move) only closes more numbers.
+        """
+        cdef sa_t *sa
+        cdef int rc = 0
+        cdef bytes raw = replay_seen_bytes(seen)
+        self._lock()
+        sa = self._sa(spi, True)
+        if sa != NULL:
+            pthread_spin_lock(&sa.lock)
+            rc = replay_merge(&sa.replay, top,
+                              <const uint8_t *>PyBytes_AS_STRING(raw))
+            pthread_spin_unlock(&sa.lock)
+        self._unlock()
+        if sa == NULL:
+            raise KeyError(f"No SA 0x{spi:08x} inbound=True")
+        if rc != 0:
+            raise ValueError(f"Bad replay top {top} for SA 0x{spi:08x} without ESN")
 
     def features(self) -> dict:
         """Return which offloads are in use (they turn off when refused)."""

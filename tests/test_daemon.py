@@ -71,3 +71,39 @@ def test_serve_refuses_port_in_use_without_traceback(tmp_path):
             blocker.wait(timeout=10)
         subprocess.run(["ip", "netns", "del", ns], check=False)
         time.sleep(0.1)
+
+
+# -- replay windows between the engine and XFRM (live moves) --------------------
+
+
+def test_window_of_kernel_state_matches_engine_layout():
+    from control.daemon import Headend
+    from fastpath.xfrm import ReplayState
+
+    # kernel bitmap: seq s is bit (s - 1) mod 64; seen 10, 9, 7 of top 10
+    bits = (1 << 9) | (1 << 8) | (1 << 6)
+    state = ReplayState(0, 10, 64, [bits, 0])
+    top, seen = Headend._window_of(state, 64)
+    # engine layout: bit i is top - i, and 10 or more below top is too old
+    assert top == 10
+    assert [i for i in range(10) if seen >> i & 1] == [0, 1, 3]
+
+
+def test_state_of_engine_window_round_trips():
+    from control.daemon import Headend
+
+    window = (1 << 32) + 40, 0b1011
+    state = Headend._state_of(window, 64, 64)
+    assert state.seen(window[0]) and state.seen(window[0] - 1)
+    assert not state.seen(window[0] - 2) and state.seen(window[0] - 3)
+    assert not state.seen(window[0] - 63)
+    assert Headend._window_of(state, 64) == window
+
+
+def test_state_of_marks_beyond_engine_size_seen():
+    from control.daemon import Headend
+
+    # a kernel window wider than the engine's: older numbers count as seen
+    state = Headend._state_of((200, 0b1), 64, 128)
+    assert state.seen(200) and not state.seen(199)
+    assert state.seen(200 - 64) and state.seen(200 - 127)

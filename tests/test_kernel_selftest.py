@@ -220,6 +220,9 @@ def test_selftest_sa_move_under_traffic_no_replay_no_repeat(guest_cases):
     assert d["capture"]["repeated"] == 0 and d["capture"]["esp_packets"] >= 100
     assert d["transfer"]["match"]
     assert len(d["ping"]["lost_near_a_move"]) <= 2 and d["ping"]["sent"] > 0
+    # the default process dataplane, its move back in reserved before sending
+    assert d["dataplane"] == "process"
+    assert to_user["seq_reserved"] > to_user["dest_next_seq"]
 
 
 PING_OUT = """\
