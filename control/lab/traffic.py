@@ -25,6 +25,9 @@ from control.lab.procs import ProcessSet, netns_argv, wait_for
 from control.lab.topology import Topology
 
 log = logging.getLogger("espgate.lab")
+# how long a receiver may take to start listening: a Python start-up, slow on a
+# loaded machine and far slower in the emulated guest (9p root, TCG)
+RECEIVER_START = 90.0 if os.environ.get("ESPGATE_IN_GUEST") == "1" else 20.0
 
 __all__ = ["TransferError", "ping", "tcp_transfer"]
 
@@ -116,7 +119,7 @@ def tcp_transfer(
         )  # fmt: skip
         wait_for(
             lambda: ready.exists() or not recv.alive(),
-            timeout=10.0,
+            timeout=RECEIVER_START,
             what="the transfer receiver",
         )
         if not ready.exists():
