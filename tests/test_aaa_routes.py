@@ -19,14 +19,13 @@ from typing import Any
 import pytest
 
 from control import daemon as daemon_module
-from control import routes
 from control.aaa.attributes import (
     ROUTES,
     Authorization,
     configure_routes,
     parse_authorization,
 )
-from control.config import ConfigError, acl_entry, parse
+from control.config import ConfigError, parse
 from control.ike.eap import AaaRequest, AaaResult
 from control.ike.messages import (
     CfgAttribute,
@@ -258,7 +257,8 @@ def test_pull_subnet_ipv4_and_ipv6() -> None:
     assert str(pull_subnet(subnet("10.77.0.0/16"))) == "10.77.0.0/16"
     assert str(pull_subnet(subnet("2001:db8:77::/48"))) == "2001:db8:77::/48"
     with pytest.raises(ValueError, match="prefix length 129"):
-        pull_subnet(ConfigAttribute(CfgAttribute.INTERNAL_IP6_SUBNET, bytes(16) + b"\x81"))
+        bad = ConfigAttribute(CfgAttribute.INTERNAL_IP6_SUBNET, bytes(16) + b"\x81")
+        pull_subnet(bad)
     with pytest.raises(ValueError, match="5 octets"):
         pull_subnet(ConfigAttribute(CfgAttribute.INTERNAL_IP4_SUBNET, bytes(5)))
 
@@ -432,3 +432,137 @@ def test_routes_real_kernel_metric_add_and_delete() -> None:
         ("10.77.0.0/16", 20), ("2001:db8:77::/48", 20),
     ]  # fmt: skip
     assert after == []
+
+
+E2E_CONFIG = """\
+[server]
+listen = "127.0.0.1"
+control_socket = "{sock}"
+state_dir = "{state}"
+log_level = "debug"
+
+[engine]
+crypto = "openssl"
+dataplane = "inline"
+
+[pools.p]
+range = "198.18.100.10-198.18.100.20"
+
+[policies.staff]
+route_accept = "any tag 7 distance 20"
+
+[[profiles]]
+name = "ra"
+match_identity = ["*@example.net"]
+local_identity = "fqdn:vpn.example.net"
+psk = "correct horse battery staple"
+pool = "p"
+local_ts = ["198.18.50.0/24"]
+authorization_group = "local:staff"
+"""
+
+
+def control(sock: str, ns: str, request: dict[str, Any]) -> Any:
+    code = (
+        "import json, socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+        "s.sendall(sys.argv[2].encode()); s.shutdown(socket.SHUT_WR)\n"
+        "print(b''.join(iter(lambda: s.recv(65536), b'')).decode())\n"
+    )
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", code, sock,
+         json.dumps(request)],
+        check=True, capture_output=True, text=True, timeout=30,
+    ).stdout  # fmt: skip
+    return json.loads(out)
+
+
+def routes_in(ns: str) -> list[tuple[str, str, int | None]]:
+    out = subprocess.run(["ip", "-n", ns, "-j", "route", "show"], check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    return [(r["dst"], r.get("dev"), r.get("metric")) for r in json.loads(out)
+            if r["dst"].startswith("10.77.")]  # fmt: skip
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a namespace")
+def test_daemon_client_route_installed_and_removed_end_to_end(tmp_path: Any) -> None:
+    ns = f"egt-rte{os.getpid()}"
+    sock, state = str(tmp_path / "ctl.sock"), tmp_path / "state"
+    state.mkdir()
+    path = tmp_path / "espgate.toml"
+    path.write_text(E2E_CONFIG.format(sock=sock, state=state))
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    daemon = client = None
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        espgate = os.path.join(os.path.dirname(sys.executable), "espgate")
+        daemon = subprocess.Popen(
+            ["ip", "netns", "exec", ns, espgate, "serve", "--config", str(path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        # the client speaks UDP from inside the namespace, through a helper
+        client = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", E2E_CLIENT, sock],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )  # fmt: skip
+        assert client.stdin is not None and client.stdout is not None
+        line = client.stdout.readline()
+        assert line, "the test client got no CHILD SA"
+        session, tun = json.loads(line)
+        assert routes_in(ns) == [("10.77.0.0/16", tun, 20)]
+        shown = control(sock, ns, {"cmd": "show-sessions"})["sessions"]
+        assert shown[0]["session"] == session
+        assert shown[0]["accepted_routes"] == [
+            {"prefix": "10.77.0.0/16", "metric": 20, "tag": 7}
+        ]
+        # the client deletes its IKE SA: the session and its routes go
+        client.stdin.write("delete\n")
+        client.stdin.flush()
+        assert client.stdout.readline() == "deleted\n"
+        assert client.wait(timeout=30) == 0
+        assert control(sock, ns, {"cmd": "show-sessions"})["sessions"] == []
+        assert routes_in(ns) == []
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.wait(timeout=10)
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(timeout=20)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+E2E_CLIENT = """
+import ipaddress, json, os, socket, sys, time
+from ikeclient import IkeClient
+from control.ike.messages import CfgAttribute, CfgType, ConfigAttribute, CPPayload
+for _ in range(100):
+    if os.path.exists(sys.argv[1]):
+        break
+    time.sleep(0.1)
+server = ("127.0.0.1", 500)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 0))
+s.settimeout(10)
+c = IkeClient(address=s.getsockname(), server=server, request_config=False,
+              tsi=["0.0.0.0/0"], tsr=["0.0.0.0/0"])
+s.sendto(c.init_request(), server)
+c.handle_init_response(s.recv(65536))
+net = ipaddress.ip_network("10.77.0.0/16")
+cp = CPPayload(CfgType.CFG_REQUEST, [
+    ConfigAttribute(CfgAttribute.INTERNAL_IP4_ADDRESS),
+    ConfigAttribute(CfgAttribute.INTERNAL_IP4_SUBNET,
+                    net.network_address.packed + net.netmask.packed)])
+s.sendto(c.auth_request([cp]), server)
+result = c.handle_auth_response(s.recv(65536))
+assert result.child is not None, result
+r = socket.socket(socket.AF_UNIX); r.connect(sys.argv[1])
+r.sendall(b'{"cmd": "show-sessions"}'); r.shutdown(socket.SHUT_WR)
+shown = json.loads(b"".join(iter(lambda: r.recv(65536), b"")))["sessions"][0]
+print(json.dumps([shown["session"], shown["tun"]]), flush=True)
+sys.stdin.readline()
+s.sendto(c.delete_ike(), server)
+s.recv(65536)
+print("deleted", flush=True)
+"""
