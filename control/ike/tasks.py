@@ -1049,7 +1049,7 @@ def unity_attributes(
     for kind, text in strings:
         if text:
             attrs.append(ConfigAttribute(kind, text.encode()))
-    flags = (
+    flags: tuple[tuple[int, bool | None], ...] = (
         (CfgAttribute.UNITY_PFS, policy.pfs),
         (smartcard, policy.smartcard_removal_disconnect),
     )  # fmt: skip
