@@ -1049,13 +1049,13 @@ def unity_attributes(
     for kind, text in strings:
         if text:
             attrs.append(ConfigAttribute(kind, text.encode()))
-    flags: tuple[tuple[int, bool | None], ...] = (
+    flags = (
         (CfgAttribute.UNITY_PFS, policy.pfs),
         (smartcard, policy.smartcard_removal_disconnect),
     )  # fmt: skip
-    for kind, flag in flags:
+    for number, flag in flags:
         if flag is not None:
-            attrs.append(ConfigAttribute(kind, int(flag).to_bytes(2, "big")))
+            attrs.append(ConfigAttribute(number, int(flag).to_bytes(2, "big")))
     split = b"".join(
         net.network_address.packed + net.netmask.packed + UNITY_SPLIT_PAD
         for net in routed
