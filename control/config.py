@@ -22,6 +22,9 @@ Layout::
     [policies.NAME]     a local authorization policy: the FlexVPN policy
                         fields, named as the cisco-avpair ipsec: attributes
                         (see POLICY_KEYS); ranges are checked here
+    [access_lists.NAME] a standard access list: ordered "permit PREFIX" /
+                        "deny PREFIX" entries (IPv4 source prefixes), for a
+                        policy's route_set_access_list
 
 Certificate, key, CA and CRL files are loaded while checking, so a bad file
 is reported at its field; relative paths are taken from the config file's
@@ -111,6 +114,9 @@ POLICY_KEYS: dict[str, tuple[str, Any, int]] = {
     "interface_mtu": ("interface-config", int, 0),
 }
 AUTHZ_SOURCES = ("local", "radius")
+# access lists: entries per list, and the permitted prefixes it may push
+ACL_ENTRIES = 100
+ACL_PREFIXES = 50
 # RFC 7296 3.15: how config mode runs per profile
 CONFIG_MODES = ("request", "set", "both")
 
@@ -143,6 +149,10 @@ class ServerConfig:
     # RFC 7383: largest IP datagram of an IKE fragment we send; 0 = no
     # fragmentation (neither announced nor used)
     fragment_size: int = 1280
+    # the headend's own address(es) on the inside network: what a policy's
+    # route_set_interface pushes to the client as a /32 (/128)
+    inside_address: str | None = None
+    inside_address6: str | None = None
 
 
 @dataclass(frozen=True)
@@ -263,6 +273,10 @@ class Config:
     profiles: tuple[ProfileConfig, ...]
     radius: dict[str, RadiusGroupConfig] = field(default_factory=dict)
     policies: dict[str, Authorization] = field(default_factory=dict)
+    # access list name -> its permitted prefixes, in entry order
+    access_lists: dict[str, tuple[ipaddress.IPv4Network, ...]] = field(
+        default_factory=dict
+    )
 
 
 def default_text() -> str:
@@ -455,8 +469,18 @@ class _Reader:
         return list(value)
 
     def config(self, data: dict[str, Any]) -> Config:
-        known = {"server", "engine", "pools", "profiles", "radius", "policies"}
+        known = {
+            "server", "engine", "pools", "profiles", "radius", "policies",
+            "access_lists",
+        }  # fmt: skip
         self.table(data, (), known)
+        acl_data = self.get(data, ("access_lists",), dict, {})
+        access_lists = {
+            name: self.access_list(
+                name, self.get(acl_data, ("access_lists", name), dict, None)
+            )
+            for name in acl_data
+        }
         policies_data = self.get(data, ("policies",), dict, {})
         policies = {
             name: self.policy(
@@ -465,6 +489,8 @@ class _Reader:
             for name in policies_data
         }
         server = self.server(self.get(data, ("server",), dict, {}))
+        for name, policy in policies.items():
+            self.check_routes(name, policy, access_lists, server)
         radius_data = self.get(data, ("radius",), dict, {})
         radius = {
             name: self.radius(name, self.get(radius_data, ("radius", name), dict, None))
@@ -506,8 +532,58 @@ class _Reader:
             if names.index(name) != index:
                 raise self.error(("profiles", index, "name"), f"duplicate {name!r}")
         return Config(
-            self.source, server, engine, pools, tuple(profiles), radius, policies
-        )
+            self.source, server, engine, pools, tuple(profiles), radius, policies,
+            access_lists,
+        )  # fmt: skip
+
+    def access_list(
+        self, name: str, data: dict[str, Any]
+    ) -> tuple[ipaddress.IPv4Network, ...]:
+        """Read one standard access list; return its permitted prefixes.
+
+        Entries are matched in order, first match wins, as in a standard ACL:
+        the part of a permit entry that an earlier entry covers is not pushed.
+        """
+        p: PathKey = ("access_lists", name)
+        self.table(data, p, {"entries"})
+        entries = self.strings(data, (*p, "entries"), _REQUIRED)
+        if not 1 <= len(entries) <= ACL_ENTRIES:
+            raise self.error((*p, "entries"), f"expected 1..{ACL_ENTRIES} entries")
+        earlier: list[ipaddress.IPv4Network] = []
+        permitted: list[ipaddress.IPv4Network] = []
+        for index, text in enumerate(entries):
+            try:
+                action, net = acl_entry(text)
+            except ValueError as exc:
+                raise self.error((*p, "entries", index), str(exc)) from None
+            if action == "permit":
+                permitted += _uncovered(net, earlier)
+            earlier.append(net)
+        if len(permitted) > ACL_PREFIXES:
+            raise self.error(
+                (*p, "entries"), f"permits {len(permitted)} prefixes, at most "
+                f"{ACL_PREFIXES}"
+            )  # fmt: skip
+        return tuple(permitted)
+
+    def check_routes(
+        self,
+        name: str,
+        policy: Authorization,
+        access_lists: dict[str, tuple[ipaddress.IPv4Network, ...]],
+        server: ServerConfig,
+    ) -> None:
+        """Check a policy's route set names an access list and has an address."""
+        p: PathKey = ("policies", name)
+        acl = policy.route_set_access_list
+        if acl is not None and acl not in access_lists:
+            raise self.error((*p, "route_set_access_list"), f"unknown access list "
+                             f"{acl!r}")  # fmt: skip
+        if policy.route_set_interface is not None and not (
+            server.inside_address or server.inside_address6
+        ):
+            raise self.error((*p, "route_set_interface"), "needs [server] "
+                             "inside_address or inside_address6")  # fmt: skip
 
     def policy(self, name: str, data: dict[str, Any]) -> Authorization:
         """Read one local authorization policy; values checked as RADIUS's are."""
@@ -668,7 +744,21 @@ class _Reader:
                 data, (*p, "half_open_per_source"), d.half_open_per_source
             ),
             fragment_size=self.fragment_size(data, (*p, "fragment_size")),
+            inside_address=self.inside(data, (*p, "inside_address"), 4),
+            inside_address6=self.inside(data, (*p, "inside_address6"), 6),
         )
+
+    def inside(self, data: dict[str, Any], path: PathKey, version: int) -> str | None:
+        value = self.get(data, path, str, None)
+        if value is None:
+            return None
+        try:
+            address = ipaddress.ip_address(value)
+        except ValueError:
+            raise self.error(path, f"not an IP address: {value!r}") from None
+        if address.version != version:
+            raise self.error(path, f"not an IPv{version} address: {value!r}")
+        return str(address)
 
     def engine(self, data: dict[str, Any]) -> EngineConfig:
         p: PathKey = ("engine",)
@@ -1076,3 +1166,48 @@ _UNUSABLE = [
     )
 ]
 SECRET_FIELDS = {"psk", "password", "secret", "private_key_password"}
+
+
+def acl_entry(text: str) -> tuple[str, ipaddress.IPv4Network]:
+    """Parse "permit|deny PREFIX", "... host A", "... any" or "... A WILDCARD"."""
+    words = text.split()
+    if not words or words[0] not in ("permit", "deny"):
+        raise ValueError(f"expected 'permit' or 'deny', got {text!r}")
+    rest = words[1:]
+    if rest == ["any"]:
+        return words[0], ipaddress.IPv4Network("0.0.0.0/0")
+    if len(rest) == 2 and rest[0] == "host":
+        return words[0], ipaddress.IPv4Network(f"{ipaddress.IPv4Address(rest[1])}/32")
+    if len(rest) == 2:
+        # a Cisco wildcard mask: the inverse of a contiguous netmask
+        wildcard = int(ipaddress.IPv4Address(rest[1]))
+        mask = ipaddress.IPv4Address(wildcard ^ 0xFFFFFFFF)
+        try:
+            return words[0], ipaddress.IPv4Network(f"{rest[0]}/{mask}")
+        except ValueError:
+            raise ValueError(f"bad address or wildcard in {text!r}") from None
+    if len(rest) != 1 or ":" in rest[0]:
+        # a standard access list matches IPv4 source prefixes only
+        raise ValueError(f"expected one IPv4 prefix in {text!r}")
+    try:
+        return words[0], ipaddress.IPv4Network(rest[0])
+    except ValueError as exc:
+        raise ValueError(f"{exc}") from None
+
+
+def _uncovered(
+    net: ipaddress.IPv4Network, earlier: list[ipaddress.IPv4Network]
+) -> list[ipaddress.IPv4Network]:
+    # the parts of net that no earlier entry matches (first match wins)
+    parts = [net]
+    for other in earlier:
+        rest: list[ipaddress.IPv4Network] = []
+        for part in parts:
+            if part.subnet_of(other):
+                continue
+            if other.subnet_of(part):
+                rest += part.address_exclude(other)
+            else:
+                rest.append(part)
+        parts = rest
+    return sorted(parts)

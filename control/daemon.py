@@ -57,12 +57,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from control.aaa.attributes import session_mtu
+from control.aaa.attributes import configure_routes, session_mtu
 from control.aaa.authorize import Authorizer
 from control.config import Config
 from control.ikebind import build_radius_clients, build_responder_config
 from control.pool import AddressPool, LeaseStore
-from control.routes import add_route
+from control.routes import add_route, del_route
 from control.seqstore import UntrustedState
 from fastpath.sa import SAParams
 
@@ -113,6 +113,11 @@ class Session:
     # a rekey's new outbound SA, held back until the old pair goes (by the old
     # inbound SPI), so we never send on an SA the client has not installed yet
     deferred_out: dict[int, SAParams] = field(default_factory=dict, repr=False)
+    # route accept: the client's networks routed into the TUN (metric =
+    # distance); the tag is only shown, Linux routes carry none
+    accepted_routes: list[str] = field(default_factory=list)
+    route_tag: int | None = None
+    route_metric: int | None = None
 
 
 class _IkeProtocol(asyncio.DatagramProtocol):
@@ -138,6 +143,16 @@ class Headend:
             name: AddressPool(pool, self.leases) for name, pool in config.pools.items()
         }
         self.sessions: dict[str, Session] = {}
+        # route set (access lists, our inside address), route accept (pools)
+        configure_routes(
+            {name: list(nets) for name, nets in config.access_lists.items()},
+            [
+                ipaddress.ip_address(a)
+                for a in (config.server.inside_address, config.server.inside_address6)
+                if a
+            ],
+            [str(n) for p in config.pools.values() for n in _pool_networks(p)],
+        )
         self.counters: dict[str, int] = {
             "ike_rx_500": 0,
             "ike_rx_4500": 0,
@@ -855,6 +870,39 @@ class Headend:
         ike = self.responder.session_sa(ev.session_id) if self.responder else None
         return getattr(getattr(ike, "policy", None), "mtu", None)
 
+    def _accepted_routes(self, session: Session, ev: Any) -> None:
+        """Route the client's accepted networks (route accept) into its TUN."""
+        ike = self.responder.session_sa(ev.session_id) if self.responder else None
+        policy = getattr(ike, "policy", None)
+        accept = getattr(policy, "route_accept", None)
+        routes = list(getattr(policy, "accepted_routes", None) or [])
+        if accept is None or not routes or session.accepted_routes:
+            return
+        assert session.tun_name is not None
+        tag, distance = accept
+        for prefix in routes:
+            try:
+                add_route(session.tun_name, prefix, metric=distance)
+            except OSError as exc:
+                self.counters["route_errors"] = self.counters.get("route_errors", 0) + 1
+                log.error("route %s into %s: %s", prefix, session.tun_name, exc)
+                continue
+            session.accepted_routes.append(prefix)
+        session.route_tag, session.route_metric = tag, distance
+        log.info("session %s: %d accepted routes via %s, metric %d",
+                 session.session_id, len(session.accepted_routes),
+                 session.tun_name, distance)  # fmt: skip
+
+    def _remove_accepted_routes(self, session: Session) -> None:
+        # before the TUN goes (which would take its routes along anyway)
+        for prefix in session.accepted_routes:
+            try:
+                assert session.tun_name is not None
+                del_route(session.tun_name, prefix, metric=session.route_metric)
+            except OSError as exc:
+                log.debug("route %s already gone: %s", prefix, exc)
+        session.accepted_routes = []
+
     def _child_up(self, ev: Any, *, resume: bool = False) -> None:
         from fastpath import open_tun
 
@@ -877,6 +925,7 @@ class Headend:
             session.inside_address6 = str(six)
             assert session.tun_name is not None
             add_route(session.tun_name, str(six.network))
+        self._accepted_routes(session, ev)
         first_in = 1
         if resume:
             top = self.engine.inbound_top(ev.spi_in)
@@ -1088,6 +1137,7 @@ class Headend:
         if session.engine == "kernel":
             self._kernel_release(session)
         if session.tun_fd is not None:
+            self._remove_accepted_routes(session)
             self.engine.remove_session(session.index)
             os.close(session.tun_fd)  # the kernel removes the device and route
             session.tun_fd = None
@@ -1552,7 +1602,21 @@ class Headend:
             "engine": session.engine,
             "up_seconds": round(time.time() - session.created, 1),
             "children": children,
+            # route accept; Linux routes have no tag: it is only recorded here
+            "accepted_routes": [
+                {"prefix": p, "metric": session.route_metric, "tag": session.route_tag}
+                for p in session.accepted_routes
+            ],
         }
+
+
+def _pool_networks(
+    pool: Any,
+) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Return the networks that cover a configured pool's addresses."""
+    step = 1 << (pool.first.max_prefixlen - pool.client_prefix)
+    last = ipaddress.ip_address(int(pool.last) + step - 1)
+    return list(ipaddress.summarize_address_range(pool.first, last))
 
 
 def _record_spis(body: bytes) -> set[int]:

@@ -4,6 +4,10 @@ pyroute2's ``IPRoute`` drives an asyncio loop of its own and cannot be used
 from inside ours, so the daemon encodes the one message it needs (a host
 route into a session's TUN) with pyroute2's ``rtmsg`` class and sends it on a
 plain blocking netlink socket; the kernel's ack comes back in microseconds.
+
+Routes a client announced (route accept) carry a metric, the policy's
+distance (RTA_PRIORITY). Linux routes have no tag: the daemon keeps the
+route-accept tag with the session and only shows it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ RT_SCOPE_LINK = 253
 RTN_UNICAST = 1
 
 
-def _request(msg_type: int, flags: int, ifname: str, prefix: str) -> None:
+def _request(
+    msg_type: int, flags: int, ifname: str, prefix: str, metric: int | None = None
+) -> None:
     net = ipaddress.ip_network(prefix)
     msg = rtmsg()
     msg["family"] = socket.AF_INET if net.version == 4 else socket.AF_INET6
@@ -37,6 +43,8 @@ def _request(msg_type: int, flags: int, ifname: str, prefix: str) -> None:
         ("RTA_DST", str(net.network_address)),
         ("RTA_OIF", socket.if_nametoindex(ifname)),
     ]
+    if metric is not None:
+        msg["attrs"].append(("RTA_PRIORITY", metric))
     msg["header"]["type"] = msg_type
     msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | flags
     msg["header"]["sequence_number"] = 1
@@ -53,11 +61,15 @@ def _request(msg_type: int, flags: int, ifname: str, prefix: str) -> None:
                           f" dev {ifname}")
 
 
-def add_route(ifname: str, prefix: str) -> None:
-    """Route ``prefix`` into the interface ``ifname`` (replacing any route)."""
-    _request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, ifname, prefix)
+def add_route(ifname: str, prefix: str, metric: int | None = None) -> None:
+    """Route ``prefix`` into the interface ``ifname`` (replacing any route).
+
+    ``metric`` tells routes to one prefix apart: the replaced one is the
+    route of the same prefix and metric.
+    """
+    _request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, ifname, prefix, metric)
 
 
-def del_route(ifname: str, prefix: str) -> None:
-    """Remove the route of ``prefix`` into ``ifname``."""
-    _request(RTM_DELROUTE, 0, ifname, prefix)
+def del_route(ifname: str, prefix: str, metric: int | None = None) -> None:
+    """Remove the route of ``prefix`` (with ``metric``, if given) into ``ifname``."""
+    _request(RTM_DELROUTE, 0, ifname, prefix, metric)

@@ -16,6 +16,18 @@ local policy key `interface_mtu` becomes the same line). We act on one,
 ``ip mtu N``: the MTU of the session's TUN, which `session_mtu` checks
 against the session's address families when the TUN is opened. Any other
 line is kept, counted as ignored and logged once per distinct text.
+
+Routes (FlexVPN "route set" and "route accept"): the subnets pushed to the
+client (INTERNAL_IP4/6_SUBNET, and what TSr is narrowed to) are the
+route-set prefixes, then the permitted prefixes of the route-set access list,
+then, for route-set interface, the headend's own inside address as a /32 (and
+/128). Access lists and that address live in the daemon's config, so the
+daemon registers them once with `configure_routes`; `policy()` resolves the
+names through that registry, and a RADIUS ``route-set=access-list NAME`` that
+names no registered list is a malformed pair. ``route-accept`` lets the
+client announce its own networks in config mode; `policy()` passes the tag,
+the distance (the kernel route's metric) and the networks an announcement may
+not overlap (the address pools) on to the core.
 """
 
 from __future__ import annotations
@@ -40,6 +52,11 @@ MTU_MIN_IPV6 = 1280
 MTU_MAX = 9000
 # seconds a session may live, as a profile's session_lifetime allows
 SESSION_TIMEOUT = (120, 25_920_000)
+# route-accept: tag and distance bounds, and the distance when none is given
+# (the administrative distance of Cisco's IKEv2 routes)
+ROUTE_TAG = (1, 497777)
+ROUTE_DISTANCE = (1, 255)
+ROUTE_DISTANCE_DEFAULT = 2
 # distinct ignored interface-config lines logged so far (bounded)
 _IGNORED_LOGGED: set[str] = set()
 _IGNORED_LOG_MAX = 64
@@ -99,7 +116,12 @@ class Authorization:
 
     def policy(self) -> SessionPolicy:
         """Return the part the IKE core acts on (config mode, selectors)."""
-        prefixes = [str(p) for p in self.route_set_prefix]
+        prefixes = self.routed()
+        accept = (
+            None
+            if self.route_accept is None
+            else route_accept_values(self.route_accept)
+        )
         return SessionPolicy(
             address=self.framed_ip_address,
             netmask=self.framed_ip_netmask,
@@ -124,7 +146,25 @@ class Authorization:
             dhcp_timeout=self.dhcp_timeout,
             flow_limit=self.ipsec_flow_limit,
             address6=self.address6(),
+            route_accept=accept,
+            route_accept_exclude=list(ROUTES.exclude) if accept else [],
         )
+
+    def routed(self) -> list[str]:
+        """Return the subnets route set pushes: prefixes, access list, interface."""
+        nets: list[str] = [str(p) for p in self.route_set_prefix]
+        if self.route_set_access_list is not None:
+            acl = ROUTES.access_lists.get(self.route_set_access_list)
+            if acl is None:
+                log.warning("route-set access-list %.40r is not configured",
+                            self.route_set_access_list)  # fmt: skip
+            else:
+                nets += [str(n) for n in acl]
+        if self.route_set_interface is not None:
+            nets += [str(ipaddress.ip_network(a)) for a in ROUTES.inside]
+            if not ROUTES.inside:
+                log.warning("route-set interface without [server] inside_address")
+        return list(dict.fromkeys(nets))
 
     def address6(self) -> ipaddress.IPv6Interface | None:
         """Return addrv6 with prefix-len (128 when none is given), if any."""
@@ -142,6 +182,45 @@ class Authorization:
 
 
 COUNTERS = ("unknown", "malformed", "ignored")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass
+class RouteRegistry:
+    """What route set and route accept need from the daemon's config."""
+
+    # access list name -> its permitted prefixes, in order
+    access_lists: dict[str, list[Network]] = field(default_factory=dict)
+    # the headend's inside addresses (route-set interface)
+    inside: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = field(
+        default_factory=list
+    )
+    # networks a client's announced route may not overlap (address pools)
+    exclude: list[str] = field(default_factory=list)
+
+
+ROUTES = RouteRegistry()
+
+
+def configure_routes(
+    access_lists: dict[str, list[Network]],
+    inside: list[ipaddress.IPv4Address | ipaddress.IPv6Address],
+    exclude: list[str],
+) -> None:
+    """Register the config's access lists, inside addresses and pool networks."""
+    ROUTES.access_lists = dict(access_lists)
+    ROUTES.inside = list(inside)
+    ROUTES.exclude = list(exclude)
+
+
+def route_accept_values(value: str) -> tuple[int | None, int]:
+    """Return (tag or None, distance) of a checked route-accept value."""
+    words = value.split()
+    if words[:1] == ["any"]:
+        words = words[1:]
+    given = dict(zip(words[::2], (int(w) for w in words[1::2]), strict=True))
+    return given.get("tag"), given.get("distance", ROUTE_DISTANCE_DEFAULT)
 
 
 def _mtu_line(line: str) -> int | None:
@@ -203,7 +282,7 @@ def _route_accept(value: str) -> str:
     words = value.split()
     if words[:1] == ["any"]:
         words = words[1:]
-    limits = {"tag": (1, 497777), "distance": (1, 255)}
+    limits = {"tag": ROUTE_TAG, "distance": ROUTE_DISTANCE}
     if len(words) % 2:
         raise ValueError(f"expected 'tag N distance N', got {value!r}")
     for key, number in zip(words[::2], words[1::2], strict=True):
@@ -336,6 +415,10 @@ def _avpair(auth: Authorization, pair: str) -> None:
         return
     try:
         apply_pair(auth, name, value)
+        acl = auth.route_set_access_list
+        if name == "route-set" and acl is not None and acl not in ROUTES.access_lists:
+            auth.route_set_access_list = None
+            raise ValueError(f"unknown access-list {acl!r}")
     except ValueError as exc:
         auth.malformed += 1
         # the value of a password pair is a secret: name the pair only

@@ -252,7 +252,8 @@ class SessionPolicy:
 
     address: the client's address (Framed-IP-Address), taken before any pool;
     dns/wins: servers for config mode; local_ts: the subnets routed to the
-    client (route-set prefixes); pool: a pool name chosen by authorization.
+    client (route-set prefixes, access list and interface); pool: a pool name
+    chosen by authorization.
     """
 
     address: ipaddress.IPv4Address | None = None
@@ -285,6 +286,12 @@ class SessionPolicy:
     # the client's IPv6 address and prefix (ipsec:addrv6 / prefix-len), before any
     # IPv6 pool, as Framed-IP-Address is for IPv4
     address6: ipaddress.IPv6Interface | None = None
+    # route accept: (tag or None, distance); None: a client's announced
+    # networks are ignored. Announcements may not overlap route_accept_exclude
+    # (the address pools) nor local_ts; accepted_routes are the ones taken
+    route_accept: tuple[int | None, int] | None = None
+    route_accept_exclude: list[str] = field(default_factory=list)
+    accepted_routes: list[str] = field(default_factory=list)
 
 
 AllocateAddress = Callable[[str, str], ipaddress.IPv4Address | None]

@@ -703,6 +703,12 @@ class ConfigTask(Task):
     "set"/"both" push a CFG_SET after the CFG_ACK. strongSwan 5.9.8 ignores a
     CFG_SET ("ignoring CFG_SET config payload"), installs no virtual IP and
     deletes the CHILD SA: "set" mode warns when a client sent a CFG_REQUEST.
+
+    Route accept: a client may announce its own networks as valued
+    INTERNAL_IP4/6_SUBNET attributes of its CFG_REQUEST or CFG_SET.
+    `accept_routes` keeps those the session's policy accepts in
+    `SessionPolicy.accepted_routes`; the daemon routes them into the session's
+    TUN and the CHILD SA's TSi is widened to them.
     """
 
     ack: list[ConfigAttribute] | None = None
@@ -713,6 +719,8 @@ class ConfigTask(Task):
         mode = ike.profile.config_mode
         cp = first(ex.request, CPPayload)
         requested = isinstance(cp, CPPayload) and cp.cfg_type == CfgType.CFG_REQUEST
+        if isinstance(cp, CPPayload):
+            self._announced(ike, cp)
         if isinstance(cp, CPPayload) and cp.cfg_type == CfgType.CFG_SET:
             # RFC 7296 3.15: the peer returns the attributes it supported,
             # with zero-length values
@@ -783,6 +791,20 @@ class ConfigTask(Task):
                 ike.policy = dataclasses.replace(base, dns=list(policy.dns))
         self._check(ex)
 
+    def _announced(self, ike: IkeSA, cp: CPPayload) -> None:
+        # the client's own networks (route accept), kept in the session policy
+        counters = self.responder.counters
+        routes, refused = accept_routes(
+            cp.attributes, ike.policy, ike.profile, counters
+        )
+        if refused:
+            ike.log.warning("refused %d routes announced by the client, first %s",
+                            len(refused), refused[0])  # fmt: skip
+        if routes:
+            assert ike.policy is not None
+            ike.policy = dataclasses.replace(ike.policy, accepted_routes=routes)
+            ike.log.info("accepted %d routes announced by the client", len(routes))
+
     def _use_dhcp(self, ike: IkeSA) -> bool:
         # DHCP only without any pool; a pool error never falls through to DHCP
         assert ike.profile is not None
@@ -846,6 +868,74 @@ class ConfigTask(Task):
         )
         reply_type = getattr(self, "reply_type", CfgType.CFG_REPLY)
         ex.response.append(CPPayload(reply_type, attrs))
+
+
+# route accept: the most networks one client may announce
+ROUTE_ACCEPT_MAX = 50
+
+
+def pull_subnet(attr: ConfigAttribute) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """Return the network of a valued INTERNAL_IP4/6_SUBNET attribute."""
+    value = attr.value
+    # RFC 7296 3.15.1: IPv4 address and netmask (8 octets); IPv6 address and
+    # prefix length (17 octets)
+    if attr.type == CfgAttribute.INTERNAL_IP4_SUBNET and len(value) == 8:
+        address = ipaddress.IPv4Address(value[:4])
+        return ipaddress.IPv4Network(f"{address}/{ipaddress.IPv4Address(value[4:])}",
+                                     strict=False)  # fmt: skip
+    if attr.type == CfgAttribute.INTERNAL_IP6_SUBNET and len(value) == 17:
+        if value[16] > 128:
+            raise ValueError(f"prefix length {value[16]}")
+        address6 = ipaddress.IPv6Address(value[:16])
+        return ipaddress.IPv6Network(f"{address6}/{value[16]}", strict=False)
+    raise ValueError(f"{len(value)} octets")
+
+
+def accept_routes(
+    attributes: list[ConfigAttribute],
+    policy: SessionPolicy | None,
+    profile: Profile | None,
+    counters: dict[str, int],
+) -> tuple[list[str], list[str]]:
+    """Return the networks a client announced that its policy accepts, and why
+    the others were refused.
+
+    Without route accept in the policy announcements are counted and ignored.
+    Refused (and counted): a default route, a network
+    overlapping the pools or the subnets routed to the client (local_ts other
+    than a default route), malformed values, and any beyond ROUTE_ACCEPT_MAX.
+    """
+    kinds = (CfgAttribute.INTERNAL_IP4_SUBNET, CfgAttribute.INTERNAL_IP6_SUBNET)
+    # an empty value asks for our subnets: only valued ones announce
+    announced = [a for a in attributes if a.type in kinds and a.value]
+    if not announced:
+        return [], []
+    if policy is None or policy.route_accept is None:
+        counters["routes_ignored"] = counters.get("routes_ignored", 0) + len(announced)
+        return [], []
+    local = policy.local_ts or (profile.local_ts if profile is not None else [])
+    taken = [ipaddress.ip_network(n) for n in policy.route_accept_exclude] + [
+        net for net in map(ipaddress.ip_network, local) if net.prefixlen > 0
+    ]
+    accepted: list[str] = []
+    refused: list[str] = []
+    for attr in announced:
+        try:
+            net = pull_subnet(attr)
+        except ValueError as exc:
+            refused.append(f"malformed ({exc})")
+            continue
+        if net.prefixlen == 0:
+            refused.append(f"{net} (default route)")
+        elif any(net.version == t.version and net.overlaps(t) for t in taken):
+            refused.append(f"{net} (overlaps pools or routed subnets)")
+        elif len(accepted) >= ROUTE_ACCEPT_MAX:
+            refused.append(f"{net} (more than {ROUTE_ACCEPT_MAX})")
+        elif str(net) not in accepted:
+            accepted.append(str(net))
+    for name, items in (("routes_refused", refused), ("routes_accepted", accepted)):
+        counters[name] = counters.get(name, 0) + len(items)
+    return accepted, refused
 
 
 APPLICATION_VERSION = b"espgate"
@@ -963,9 +1053,9 @@ def unity_attributes(
         (CfgAttribute.UNITY_PFS, policy.pfs),
         (smartcard, policy.smartcard_removal_disconnect),
     )  # fmt: skip
-    for kind, flag in flags:
+    for number, flag in flags:
         if flag is not None:
-            attrs.append(ConfigAttribute(kind, int(flag).to_bytes(2, "big")))
+            attrs.append(ConfigAttribute(number, int(flag).to_bytes(2, "big")))
     split = b"".join(
         net.network_address.packed + net.netmask.packed + UNITY_SPLIT_PAD
         for net in routed
@@ -978,6 +1068,22 @@ def unity_attributes(
             ConfigAttribute(CfgAttribute.UNITY_LOCAL_LAN, UNITY_LOCAL_LAN_ENTRY)
         )
     return attrs
+
+
+def accepted_tsi(
+    offered: list[TrafficSelector], routes: list[str], have: list[TrafficSelector]
+) -> list[TrafficSelector]:
+    """Return the parts of the offered TSi within accepted routes, beyond `have`."""
+    extra: list[TrafficSelector] = []
+    for net in routes:
+        own = trafficsel.ts_from_network(net)
+        for ts in offered:
+            # RFC 7296 2.9: the responder narrows to a subset of what was offered
+            common = trafficsel.intersect(ts, own)
+            if common is not None and common not in have and common not in extra:
+                extra.append(common)
+                break
+    return extra
 
 
 class ChildCreateTask(Task):
@@ -1033,6 +1139,9 @@ class ChildCreateTask(Task):
         )
         ts_i = trafficsel.narrow_tsi(tsi.selectors, inside)
         policy = ike.policy
+        if policy is not None:
+            # route accept: the client's accepted networks within its TSi
+            ts_i += accepted_tsi(tsi.selectors, policy.accepted_routes, ts_i)
         routed = policy.local_ts if policy is not None and policy.local_ts else None
         ts_r = trafficsel.narrow_tsr(tsr.selectors, routed or ike.profile.local_ts)
         shared = b""
