@@ -320,6 +320,13 @@ def format_sessions(sessions: list[dict[str, Any]]) -> str:
         "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
         for r in rows
     ]
+    for s in sessions:
+        # networks the client announced and we route to it (route accept)
+        for r in s.get("accepted_routes") or []:
+            lines.append(
+                f"{s['identity']}: route {r['prefix']} metric {r['metric']}"
+                f" tag {r['tag']}"
+            )
     lines.append(f"{len(sessions)} session(s)")
     return "\n".join(lines)
 

@@ -893,6 +893,22 @@ class Headend:
                  session.session_id, len(session.accepted_routes),
                  session.tun_name, distance)  # fmt: skip
 
+    def _restore_routes(self, session: Session, routes: dict[str, Any]) -> None:
+        """Route a resumed session's accepted networks into its new TUN again."""
+        prefixes = [str(p) for p in routes.get("prefixes") or []]
+        if not prefixes or session.tun_name is None:
+            return
+        metric = routes.get("metric")
+        for prefix in prefixes:
+            try:
+                add_route(session.tun_name, prefix, metric=metric)
+            except OSError as exc:
+                self.counters["route_errors"] = self.counters.get("route_errors", 0) + 1
+                log.error("route %s into %s: %s", prefix, session.tun_name, exc)
+                continue
+            session.accepted_routes.append(prefix)
+        session.route_tag, session.route_metric = routes.get("tag"), metric
+
     def _remove_accepted_routes(self, session: Session) -> None:
         # before the TUN goes (which would take its routes along anyway)
         for prefix in session.accepted_routes:
@@ -1167,6 +1183,8 @@ class Headend:
                 "identity": session.identity,
                 "remote": list(session.remote),
                 "mtu": session.mtu,
+                "routes": {"prefixes": session.accepted_routes,
+                           "tag": session.route_tag, "metric": session.route_metric},
                 "children": [session.child_state[i] for i, _ in session.children
                              if i in session.child_state],
             }  # fmt: skip
@@ -1247,6 +1265,7 @@ class Headend:
                 mtu=daemon.get("mtu"),
             )
             self._child_up(event, resume=True)
+        self._restore_routes(session, daemon.get("routes") or {})
         log.info(
             "session %s (%s) resumed from stored state: %d child sa(s), inside %s",
             session.session_id,

@@ -78,3 +78,12 @@ def test_format_sessions_shows_session_mtu():
                                "bytes_out": 0}]}]  # fmt: skip
     header, row = format_sessions(sessions).splitlines()[:2]
     assert header.split()[3] == "mtu" and row.split()[3] == "1380"
+
+
+def test_format_sessions_lists_accepted_routes():
+    sessions = [{"identity": "branch1", "outside": "198.18.1.2:4500",
+                 "inside": "198.18.128.13", "children": [],
+                 "accepted_routes": [{"prefix": "10.77.0.0/16", "metric": 20,
+                                      "tag": 7}]}]  # fmt: skip
+    lines = format_sessions(sessions).splitlines()
+    assert "branch1: route 10.77.0.0/16 metric 20 tag 7" in lines

@@ -153,8 +153,17 @@ def tuns(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     import fastpath
 
     monkeypatch.setattr(fastpath, "open_tun", open_tun)
-    monkeypatch.setattr(daemon_mod, "add_route", lambda dev, prefix: None)
+    monkeypatch.setattr(
+        daemon_mod, "add_route", lambda dev, prefix, metric=None: ROUTES.append(
+            (dev, prefix, metric)
+        )
+    )
+    ROUTES.clear()
     return opened
+
+
+# (device, prefix, metric) of every route the daemon added, through the fake
+ROUTES: list[tuple[str, str, int | None]] = []
 
 
 def headend(tmp_path: Path, policy_mtu: int | None) -> Headend:
@@ -243,6 +252,31 @@ def test_persisted_session_resumes_with_its_mtu(
     again = headend(tmp_path, None)
     again._rebuild(again.responder.sa, record["daemon"])
     assert tuns[-1] == ("egs1", 1380) and again.sessions["s1"].mtu == 1380
+
+
+def test_persisted_session_resumes_with_its_accepted_routes(
+    tmp_path: Path, tuns: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import control.ike.persist as persist
+
+    h = headend(tmp_path, None)
+    h._apply(child_up())
+    session = h.sessions["s1"]
+    session.accepted_routes = ["10.77.0.0/16"]
+    session.route_tag, session.route_metric = 7, 20
+    h._store = FakeStore()
+    monkeypatch.setattr(persist, "export_ike", lambda ike: {})
+    h._persist()
+    (body,) = h._store.records.values()
+    record = persist.loads(body)
+
+    ROUTES.clear()
+    again = headend(tmp_path, None)
+    again._rebuild(again.responder.sa, record["daemon"])
+    assert ("egs1", "10.77.0.0/16", 20) in ROUTES
+    resumed = again.sessions["s1"]
+    assert resumed.accepted_routes == ["10.77.0.0/16"]
+    assert (resumed.route_tag, resumed.route_metric) == (7, 20)
 
 
 def test_parse_session_timeout_sets_session_lifetime() -> None:
