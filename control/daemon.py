@@ -670,15 +670,12 @@ class Headend:
                     *moved.remote,
                     *event.remote,
                 )
+                old_remote = moved.remote
                 moved.remote = (str(event.remote[0]), int(event.remote[1]))
                 if moved.tun_fd is not None:
                     self.engine.set_peer(moved.index, tuple(event.remote))
                 if moved.engine == "kernel":
-                    # FIXME: kernel SAs keep the old outer address (XFRM_MSG_MIGRATE
-                    # is not implemented); the session stays on its old path
-                    log.warning(
-                        "session %s moved while in the kernel engine", moved.session_id
-                    )
+                    self._kernel_follow(moved, old_remote)
         elif isinstance(event, ike.AaaRequest):
             self._aaa_start(event)
         elif isinstance(event, ike.IkeSADown):
@@ -973,16 +970,13 @@ class Headend:
             spi=ev.spi_out, inbound=False, key=ev.key_out, salt=ev.salt_out, **common
         )
         session.local_ts = tuple(ev.local_ts)
-        if session.engine == "kernel" and (
-            resume or not _plain_prefixes(session.local_ts + sa_in.remote_ts)
-        ):
+        why = _kernel_unfit(session.local_ts, sa_in.remote_ts)
+        if session.engine == "kernel" and (resume or why):
             log.info(
                 "session %s: %s, using the userspace engine",
                 session.session_id,
-                "resumed from stored state" if resume else
-                f"selectors {list(session.local_ts)} === {list(sa_in.remote_ts)} "
-                "need ports or ranges",
-            )  # fmt: skip
+                "resumed from stored state" if resume else why,
+            )
             session.engine = "userspace"
         session.params[(ev.spi_in, True)] = sa_in
         session.params[(ev.spi_out, False)] = sa_out
@@ -1109,6 +1103,36 @@ class Headend:
         local = (self._local_address(session.remote[0]), self.config.server.natt_port)
         self.kernel.close_encap(local, tuple(session.remote))
         self._sync_encap_readers()
+
+    def _kernel_follow(self, session: Session, old: tuple[str, int]) -> None:
+        """Move a kernel-mode session's SAs to its peer's new outer address.
+
+        RFC 7296 section 2.23: the responder accepted an authenticated message
+        from a new NAT mapping; the kernel SAs, policy templates and the
+        connected encap socket follow it, keeping SPIs and sequence numbers.
+        """
+        new = session.remote
+        for key, sa in list(session.params.items()):
+            session.params[key] = dataclasses.replace(sa, peer=new)
+        for key, sa in list(session.deferred_out.items()):
+            session.deferred_out[key] = dataclasses.replace(sa, peer=new)
+        try:
+            moved = self._kernel().migrate_peer(session.index, old, new)
+        except (OSError, KeyError) as exc:
+            log.error(
+                "session %s: kernel sas cannot follow %s:%d: %s",
+                session.session_id,
+                *new,
+                exc,
+            )
+            return
+        self._sync_encap_readers()
+        log.info(
+            "session %s: %d kernel sa(s) follow the peer to %s:%d",
+            session.session_id,
+            moved,
+            *new,
+        )
 
     def _release_out(self, session_id: str, old_spi_in: int) -> None:
         """Install a rekey's held-back outbound SA (make before break)."""
@@ -1693,11 +1717,12 @@ def serve(config: Config) -> None:
     uvloop.run(Headend(config).run())
 
 
-def _plain_prefixes(selectors: tuple[str, ...]) -> bool:
-    """Say whether every selector is a plain prefix (what our policies express)."""
-    for ts in selectors:
-        try:
-            ipaddress.ip_network(ts)
-        except ValueError:
-            return False
-    return True
+def _kernel_unfit(local_ts: tuple[str, ...], remote_ts: tuple[str, ...]) -> str:
+    """Say why kernel policies cannot express these selectors ("" if they can)."""
+    from fastpath.kernel import kernel_selectors
+
+    try:
+        kernel_selectors(local_ts, remote_ts)
+    except ValueError as exc:
+        return str(exc)
+    return ""

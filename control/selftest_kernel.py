@@ -47,7 +47,13 @@ from control.selftest import CASES, Case, HeadendLab, check_traffic
 log = logging.getLogger("espgate.selftest")
 
 IN_GUEST = os.environ.get("ESPGATE_IN_GUEST") == "1"
-GUEST_CASES = ("kernel-mode", "kernel-rekey", "xfrm-cleanup", "sa-move-under-traffic")
+GUEST_CASES = (
+    "kernel-mode",
+    "kernel-rekey",
+    "xfrm-cleanup",
+    "sa-move-under-traffic",
+    "kernel-nat-rebind",
+)
 GUEST_TIMEOUT = 900.0
 RESULT_MARKER = "SELFTEST-RESULTS "
 ROOT = Path(__file__).resolve().parents[1]
@@ -575,9 +581,131 @@ GUEST_LABS = {
     "kernel-rekey": "kernel",
     "xfrm-cleanup": "userspace",
     "sa-move-under-traffic": "userspace",
+    "kernel-nat-rebind": "kernel",
 }
 # cases that need a dataplane other than the configured default (process)
 GUEST_DATAPLANE: dict[str, str] = {}
+
+
+# the client's own netfilter stands in for a NAT in front of it: its IKE and
+# ESP-in-UDP leave port 4500 rewritten to NAT_PORTS[i] (and, last, from a second
+# address), so the headend sees the mapping change as behind a real NAT
+NAT_TABLE = "egtnat"
+NAT_PORTS = (14500, 24500)
+NAT_SECOND_IP = "198.18.1.3"
+
+
+def _nat_map(lab: HeadendLab, source: str, port: int) -> None:
+    """Map the client's port 4500 to source:port and drop the old mapping."""
+    assert lab.topo is not None
+    topo = lab.topo
+    nft = ["nft"]
+    rule = (f"add rule ip {NAT_TABLE} post ip daddr {topo.hub_outer_ip} udp sport "
+            f"4500 snat to {source}:{port}")  # fmt: skip
+    topo.run(topo.cli, [*nft, f"add table ip {NAT_TABLE}"])
+    topo.run(topo.cli, [*nft, f"add chain ip {NAT_TABLE} post {{ type nat hook "
+                              "postrouting priority 100 ; }"])  # fmt: skip
+    topo.run(topo.cli, [*nft, f"flush chain ip {NAT_TABLE} post"])
+    topo.run(topo.cli, [*nft, rule])
+    # a NAT that forgets: the next packet out gets the new mapping
+    topo.run(topo.cli, ["conntrack", "-F"], check=False)
+
+
+def _child0(lab: HeadendLab) -> dict[str, Any]:
+    sessions = lab.show()["sessions"]
+    if not sessions or not sessions[0]["children"]:
+        return {}
+    return dict(sessions[0]["children"][0])
+
+
+def _remote_of(lab: HeadendLab) -> str:
+    sessions = lab.show()["sessions"]
+    return str(sessions[0].get("remote")) if sessions else ""
+
+
+def _esp_to(path: Path, port: int, dst: str) -> int:
+    # ESP-in-UDP the hub sent to dst:port (non-zero first word: an SPI)
+    count = 0
+    for rec in read_pcap(path):
+        off = 14 if rec.linktype == 1 else 0
+        pkt = rec.data[off:]
+        if len(pkt) < 36 or pkt[9] != 17:
+            continue
+        ihl = (pkt[0] & 0x0F) * 4
+        daddr = ".".join(str(b) for b in pkt[16:20])
+        dport = struct.unpack_from("!H", pkt, ihl + 2)[0]
+        spi = struct.unpack_from("!I", pkt, ihl + 8)[0]
+        count += daddr == dst and dport == port and spi != 0
+    return count
+
+
+def _kernel_nat_rebind(lab: HeadendLab) -> Verdict:
+    assert lab.topo is not None
+    topo = lab.topo
+    detail: dict[str, Any] = {}
+    failures: list[str] = []
+    _nat_map(lab, topo.cli_outer_ip, NAT_PORTS[0])
+    client = kernel_client(lab, extra_conf={"dpd_delay": "2s"})
+    up, more = _up(lab, client)
+    detail.update(up)
+    if more:
+        return detail, failures + more
+    ping_ok = ping(topo.cli, topo.srv_ip, count=5, interval=0.2)
+    before = _child0(lab)
+    detail["before"] = {"child": before, "remote": _remote_of(lab), "ping": ping_ok}
+    if before.get("engine") != "kernel":
+        return detail, failures + [f"sa not in the kernel engine: {before}"]
+
+    # the NAT picks a new port, then a new address: each time the client's next
+    # DPD or packet comes from the new mapping, and ESP must follow it
+    mac = topo.run(topo.cli, ["cat", f"/sys/class/net/{topo.cli_outer_if}/address"])
+    topo.run(topo.cli, ["ip", "addr", "add", f"{NAT_SECOND_IP}/24", "dev",
+                        topo.cli_outer_if])  # fmt: skip
+    topo.run(topo.hub, ["ip", "neigh", "replace", NAT_SECOND_IP, "lladdr",
+                        mac.stdout.strip(), "dev", topo.hub_outer_if,
+                        "nud", "permanent"])  # fmt: skip
+    steps = (("port", topo.cli_outer_ip, NAT_PORTS[1]),
+             ("address", NAT_SECOND_IP, NAT_PORTS[1]))  # fmt: skip
+    last = before
+    for what, source, port in steps:
+        cap_path = lab.workdir / f"rebind-{what}.pcap"
+        with Capture(topo.hub, topo.hub_outer_if, cap_path):
+            _nat_map(lab, source, port)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if _remote_of(lab).find(str(port)) >= 0 and source in _remote_of(lab):
+                    break
+                ping(topo.cli, topo.srv_ip, count=1, interval=0.2)
+                time.sleep(1)
+            result = ping(topo.cli, topo.srv_ip, count=10, interval=0.2)
+        child = _child0(lab)
+        step = {
+            "remote": _remote_of(lab),
+            "ping": result,
+            "child": child,
+            "esp_to_new_mapping": _esp_to(cap_path, port, source),
+        }
+        detail[what] = step
+        if source not in step["remote"] or str(port) not in step["remote"]:
+            failures.append(f"{what}: headend did not see {source}:{port}: {step}")
+        if not result.get("received"):
+            failures.append(f"{what}: no traffic after the rebinding: {result}")
+        same = (child.get("spi_in"), child.get("spi_out")) == (
+            before.get("spi_in"), before.get("spi_out"))  # fmt: skip
+        if not same:
+            failures.append(f"{what}: spis changed (a rekey, not a rebind): {child}")
+        for key in ("packets_in", "packets_out"):
+            if int(child.get(key) or 0) <= int(last.get(key) or 0):
+                failures.append(f"{what}: {key} did not rise: {last} -> {child}")
+        if step["esp_to_new_mapping"] < 5:
+            failures.append(f"{what}: no ESP to {source}:{port} in the capture")
+        last = child
+    detail["daemon_follow_lines"] = [
+        ln for ln in _daemon_log(lab).splitlines() if "follow" in ln
+    ]
+    detail["xfrm"] = xfrm_listing(lab)[0][-1500:]
+    client.terminate()
+    return detail, failures
 
 
 def run_inner(names: list[str]) -> list[dict[str, Any]]:
@@ -678,6 +806,7 @@ _BODIES = {
     "kernel-rekey": _kernel_rekey,
     "xfrm-cleanup": _xfrm_cleanup,
     "sa-move-under-traffic": _sa_move_under_traffic,
+    "kernel-nat-rebind": _kernel_nat_rebind,
 }
 CASES["auto-fallback"] = Case(
     "engine auto on a kernel without ESP: userspace, reason logged, traffic",
@@ -702,6 +831,11 @@ CASES["xfrm-cleanup"] = Case(
 CASES["sa-move-under-traffic"] = Case(
     "guest: sa move userspace -> kernel -> userspace under ping and TCP",
     _guest_case("sa-move-under-traffic", _sa_move_under_traffic),
+    {},
+)
+CASES["kernel-nat-rebind"] = Case(
+    "guest: kernel SAs follow the client's new NAT port, then its new address",
+    _guest_case("kernel-nat-rebind", _kernel_nat_rebind),
     {},
 )
 __all__ = ["GUEST_CASES", "prefetch", "restart_headend", "run_guest", "selftest"]

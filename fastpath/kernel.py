@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -66,10 +67,12 @@ from fastpath.xfrm import ReplayState, XfrmError, XfrmSocket
 
 __all__ = [
     "KernelEngine",
+    "MAX_SELECTORS",
     "POLICY_PRIORITY",
     "REQID_BASE",
     "REQID_SPAN",
     "is_ours",
+    "kernel_selectors",
     "open_encap_socket",
     "probe_kernel",
     "reqid_for",
@@ -81,6 +84,8 @@ log = logging.getLogger("espgate.kernel")
 REQID_BASE = 0xE5600000
 REQID_SPAN = 1 << 20
 POLICY_PRIORITY = 0x3000
+# selectors (policies per direction) one SA may need; beyond, it stays in userspace
+MAX_SELECTORS = 64
 NATT_PORT = 4500
 _CLONE_NEWNET = 0x40000000
 _DIRS = {"in": X.XFRM_POLICY_IN, "out": X.XFRM_POLICY_OUT, "fwd": X.XFRM_POLICY_FWD}
@@ -168,6 +173,50 @@ def _source_for(peer: str) -> str:
         return str(probe.getsockname()[0])
 
 
+def _template(src: str, dst: str, reqid: int) -> dict[str, Any]:
+    # struct xfrm_user_tmpl: ESP in tunnel mode between src and dst, any algorithm
+    return {
+        "daddr": X.pack_address(dst),
+        "spi": 0,
+        "proto": X.IPPROTO_ESP,
+        "family": X.family_of(src),
+        "saddr": X.pack_address(src),
+        "reqid": reqid,
+        "mode": X.XFRM_MODE_TUNNEL,
+        "aalgos": 0xFFFFFFFF,
+        "ealgos": 0xFFFFFFFF,
+        "calgos": 0xFFFFFFFF,
+    }
+
+
+def _encap_attr(sport: int, dport: int) -> dict[str, Any]:
+    # struct xfrm_encap_tmpl; the original address (oa) is unused in tunnel mode
+    return {"type": X.UDP_ENCAP_ESPINUDP, "sport": sport, "dport": dport, "oa": b""}
+
+
+def kernel_selectors(
+    local_ts: tuple[str, ...], remote_ts: tuple[str, ...]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Return the (outbound, inbound) XFRM selectors covering a session's traffic.
+
+    Each IKE selector pair becomes one XFRM selector per address prefix and port
+    block (:func:`fastpath.xfrm.policy_selectors`).  Raise ValueError when a
+    selector has no XFRM form or a direction needs more than MAX_SELECTORS.
+    """
+    outs: list[dict[str, Any]] = []
+    ins: list[dict[str, Any]] = []
+    for lts in local_ts:
+        for rts in remote_ts:
+            outs.extend(X.policy_selectors(lts, rts))
+            ins.extend(X.policy_selectors(rts, lts))
+    if len(outs) > MAX_SELECTORS:
+        raise ValueError(
+            f"selectors {list(local_ts)} === {list(remote_ts)} need {len(outs)} "
+            f"kernel policies per direction, more than {MAX_SELECTORS}"
+        )
+    return outs, ins
+
+
 @contextlib.contextmanager
 def _gone_ok() -> Iterator[None]:
     # deleting what expired or was flushed meanwhile is not an error
@@ -189,6 +238,12 @@ class _SA:
     reqid: int
     replay_window: int
     esn: bool
+    params: SAParams
+    encap: tuple[int, int] | None  # (sport, dport) of ESP-in-UDP
+    # what earlier incarnations counted: a MIGRATE clones the state and the
+    # clone's lifetime counters start from zero
+    base_packets: int = 0
+    base_bytes: int = 0
 
 
 @dataclass
@@ -246,52 +301,28 @@ class KernelEngine:
                 local_ip = _source_for(peer_ip)
             local_port = NATT_PORT
         src, dst = (peer_ip, local_ip) if params.inbound else (local_ip, peer_ip)
-        family = X.family_of(src)
-        reqid = reqid_for(params.session)
         if replay is None:
             replay = ReplayState(params.next_seq - 1, 0, params.replay_window)
         assert replay.replay_window == params.replay_window, "window mismatch"
-
-        # struct xfrm_usersa_info: tunnel mode, any inner selector
-        msg = X.xfrm_usersa_info()
-        any_net = "::/0" if family == socket.AF_INET6 else "0.0.0.0/0"
-        msg.update(X.selector(any_net, any_net))
-        msg.update(X.LIFETIME_INFINITE)
-        msg["id_daddr"] = X.pack_address(dst)
-        msg["id_spi"] = params.spi
-        msg["id_proto"] = X.IPPROTO_ESP
-        msg["saddr"] = X.pack_address(src)
-        msg["reqid"] = reqid
-        msg["family"] = family
-        msg["mode"] = X.XFRM_MODE_TUNNEL
-        msg["replay_window"] = 0  # the ESN attribute carries the window
-        msg["flags"] = X.XFRM_STATE_ESN if params.esn else 0
-        attrs: list[tuple[str, Any]] = [
-            ("XFRMA_ALG_AEAD", X.push_aead(params.key, params.salt)),
-            ("XFRMA_REPLAY_ESN_VAL", X.push_replay_esn(replay)),
-        ]
+        encap = None
         if udp_encap:
-            sport, dport = (
+            encap = (
                 (peer_port, local_port) if params.inbound else (local_port, peer_port)
             )
-            attrs.append(
-                (
-                    "XFRMA_ENCAP",
-                    {
-                        "type": X.UDP_ENCAP_ESPINUDP,
-                        "sport": sport,
-                        "dport": dport,
-                        "oa": bytes(16),
-                    },
-                )
-            )
-        msg["attrs"] = attrs
+        msg = self._sa_message(params, src, dst, replay, encap)
         kind = X.XFRM_MSG_UPDSA if replace else X.XFRM_MSG_NEWSA
         flags = X.NLM_F_ACK | (0 if replace else X.NLM_F_CREATE | X.NLM_F_EXCL)
         with self._lock:
             self.nl.request(msg, kind, flags)
             self._sas[(params.spi, params.inbound)] = _SA(
-                src, dst, family, reqid, params.replay_window, params.esn
+                src,
+                dst,
+                X.family_of(src),
+                reqid_for(params.session),
+                params.replay_window,
+                params.esn,
+                params,
+                encap,
             )
 
         # ESP-in-UDP is dropped unless a socket on the port asks for it
@@ -301,8 +332,40 @@ class KernelEngine:
             "kernel sa %08x %s installed, reqid %08x",
             params.spi,
             "in" if params.inbound else "out",
-            reqid,
+            reqid_for(params.session),
         )
+
+    def _sa_message(
+        self,
+        params: SAParams,
+        src: str,
+        dst: str,
+        replay: ReplayState,
+        encap: tuple[int, int] | None,
+    ) -> X.xfrm_usersa_info:
+        # struct xfrm_usersa_info: tunnel mode, any inner selector
+        family = X.family_of(src)
+        msg = X.xfrm_usersa_info()
+        any_net = "::/0" if family == socket.AF_INET6 else "0.0.0.0/0"
+        msg.update(X.selector(any_net, any_net))
+        msg.update(X.LIFETIME_INFINITE)
+        msg["id_daddr"] = X.pack_address(dst)
+        msg["id_spi"] = params.spi
+        msg["id_proto"] = X.IPPROTO_ESP
+        msg["saddr"] = X.pack_address(src)
+        msg["reqid"] = reqid_for(params.session)
+        msg["family"] = family
+        msg["mode"] = X.XFRM_MODE_TUNNEL
+        msg["replay_window"] = 0  # the ESN attribute carries the window
+        msg["flags"] = X.XFRM_STATE_ESN if params.esn else 0
+        attrs: list[tuple[str, Any]] = [
+            ("XFRMA_ALG_AEAD", X.push_aead(params.key, params.salt)),
+            ("XFRMA_REPLAY_ESN_VAL", X.push_replay_esn(replay)),
+        ]
+        if encap is not None:
+            attrs.append(("XFRMA_ENCAP", _encap_attr(*encap)))
+        msg["attrs"] = attrs
+        return msg
 
     def _ensure_encap(self, local: tuple[str, int], peer: tuple[str, int]) -> None:
         if (local, peer) in self._encap:
@@ -359,8 +422,8 @@ class KernelEngine:
         raw = reply.get_attr("XFRMA_REPLAY_ESN_VAL")
         state = X.pull_replay_esn(raw) if raw is not None else ReplayState()
         out: dict[str, object] = {
-            "packets": reply["curlft_packets"],
-            "bytes": reply["curlft_bytes"],
+            "packets": reply["curlft_packets"] + sa.base_packets,
+            "bytes": reply["curlft_bytes"] + sa.base_bytes,
             "add_time": reply["curlft_add_time"],
             "use_time": reply["curlft_use_time"],
             "replay_window": state.replay_window,
@@ -434,39 +497,26 @@ class KernelEngine:
         reqid = reqid_for(session)
         entry = self._policies.setdefault(session, _Policies(reqid))
         family = X.family_of(local)
-        for lts in local_ts:
-            for rts in remote_ts:
-                if X.family_of(lts) != X.family_of(rts):
+        outs, ins = kernel_selectors(local_ts, remote_ts)
+        for name in dirs:
+            d = _DIRS[name]
+            inward = d != X.XFRM_POLICY_OUT
+            tsrc, tdst = (peer, local) if inward else (local, peer)
+            for sel in ins if inward else outs:
+                if sel["sel_family"] != family:
                     continue
-                for name in dirs:
-                    d = _DIRS[name]
-                    inward = d != X.XFRM_POLICY_OUT
-                    sel = X.selector(rts, lts) if inward else X.selector(lts, rts)
-                    tsrc, tdst = (peer, local) if inward else (local, peer)
-                    msg = X.xfrm_userpolicy_info()
-                    msg.update(sel)
-                    msg.update(X.LIFETIME_INFINITE)
-                    msg["priority"] = priority
-                    msg["dir"] = d
-                    msg["action"] = X.XFRM_POLICY_ALLOW
-                    tmpl = {
-                        "daddr": X.pack_address(tdst),
-                        "spi": 0,
-                        "proto": X.IPPROTO_ESP,
-                        "family": family,
-                        "saddr": X.pack_address(tsrc),
-                        "reqid": reqid,
-                        "mode": X.XFRM_MODE_TUNNEL,
-                        "aalgos": 0xFFFFFFFF,
-                        "ealgos": 0xFFFFFFFF,
-                        "calgos": 0xFFFFFFFF,
-                    }
-                    msg["attrs"] = [("XFRMA_TMPL", tmpl)]
-                    with self._lock:
-                        self.nl.request(
-                            msg, X.XFRM_MSG_UPDPOLICY, X.NLM_F_ACK | X.NLM_F_CREATE
-                        )
-                    entry.installed.append((sel, d))
+                msg = X.xfrm_userpolicy_info()
+                msg.update(sel)
+                msg.update(X.LIFETIME_INFINITE)
+                msg["priority"] = priority
+                msg["dir"] = d
+                msg["action"] = X.XFRM_POLICY_ALLOW
+                msg["attrs"] = [("XFRMA_TMPL", _template(tsrc, tdst, reqid))]
+                with self._lock:
+                    self.nl.request(
+                        msg, X.XFRM_MSG_UPDPOLICY, X.NLM_F_ACK | X.NLM_F_CREATE
+                    )
+                entry.installed.append((sel, d))
 
     def remove_policies(self, session: int, dirs: tuple[str, ...] | None = None) -> int:
         """Remove a session's policies (all, or those of dirs); return how many."""
@@ -490,6 +540,140 @@ class KernelEngine:
         if not kept:
             del self._policies[session]
         return removed
+
+    # -- NAT rebinding -----------------------------------------------------------
+
+    def migrate_peer(
+        self, session: int, old: tuple[str, int], new: tuple[str, int]
+    ) -> int:
+        """Move a session's SAs, policies and encap socket to the peer's new address.
+
+        RFC 7296 section 2.23: after an authenticated message from a new NAT
+        mapping, ESP follows it.  A new port alone is an UPDSA with a new
+        XFRMA_ENCAP (the kernel keeps the state, its counters and replay window);
+        a new address is an XFRM_MSG_MIGRATE per policy, which also rewrites the
+        templates and clones each state with its sequence state.  SPIs and keys
+        stay; returns how many SAs moved.
+        """
+        reqid = reqid_for(session)
+        mine = [
+            (key, sa)
+            for key, sa in self._sas.items()
+            if sa.reqid == reqid and old[0] in (sa.src, sa.dst)
+        ]
+        if not mine:
+            return 0
+        if old[0] == new[0]:
+            for (spi, inbound), sa in mine:
+                self._update_port(spi, inbound, sa, new)
+        else:
+            self._migrate_address(session, mine, old, new)
+
+        # a connected encap socket hears only its peer: reconnect to the new one
+        for local, peer in list(self._encap):
+            if peer == old:
+                self._ensure_encap(local, new)
+                self.close_encap(local, old)
+        log.debug("kernel sas of reqid %08x follow the peer to %s:%d", reqid, *new)
+        return len(mine)
+
+    def _update_port(
+        self, spi: int, inbound: bool, sa: _SA, new: tuple[str, int]
+    ) -> None:
+        params = dataclasses.replace(sa.params, peer=new)
+        if sa.encap is None:
+            sa.params = params
+            return
+        encap = (new[1], sa.encap[1]) if inbound else (sa.encap[0], new[1])
+        # the replay attribute is required but ignored: the kernel keeps the
+        # existing state's sequence numbers and window on an update
+        replay = ReplayState(params.next_seq - 1, 0, params.replay_window)
+        msg = self._sa_message(params, sa.src, sa.dst, replay, encap)
+        with self._lock:
+            self.nl.request(msg, X.XFRM_MSG_UPDSA, X.NLM_F_ACK)
+        sa.params, sa.encap = params, encap
+
+    def _migrate_address(
+        self,
+        session: int,
+        mine: list[tuple[tuple[int, bool], _SA]],
+        old: tuple[str, int],
+        new: tuple[str, int],
+    ) -> None:
+        reqid = reqid_for(session)
+        entry = self._policies.get(session)
+        if entry is None or not entry.installed:
+            raise KeyError(f"No kernel policies for session {session}")
+        local = next(sa.dst if sa.src == old[0] else sa.src for _, sa in mine)
+        # carry the lifetime counters: the clones start theirs from zero
+        for (spi, inbound), sa in mine:
+            counters = self.sa_counters(spi, inbound)
+            sa.base_packets = int(counters["packets"])  # type: ignore[call-overload]
+            sa.base_bytes = int(counters["bytes"])  # type: ignore[call-overload]
+        ports = [
+            sa.encap[1] if inbound else sa.encap[0]
+            for (_, inbound), sa in mine
+            if sa.encap is not None
+        ]
+        local_port = ports[0] if ports else None
+        self.migrate_policies(session, local, old[0], new, local_port)
+
+        # what moved: the kernel's own list, by SPI
+        where = {
+            (st["spi"], st["dst"] == local): st
+            for st in self.dump_states()
+            if st["reqid"] == reqid
+        }
+        for (spi, inbound), sa in mine:
+            st = where.get((spi, inbound))
+            if st is None or new[0] not in (st["src"], st["dst"]):
+                log.debug("kernel sa %08x kept the old peer address", spi)
+                continue
+            sa.src, sa.dst = st["src"], st["dst"]
+            sa.params = dataclasses.replace(sa.params, peer=new)
+            if sa.encap is not None:
+                sa.encap = (new[1], sa.encap[1]) if inbound else (sa.encap[0], new[1])
+
+    def migrate_policies(
+        self,
+        session: int,
+        local: str,
+        old_peer: str,
+        new: tuple[str, int],
+        local_port: int | None,
+    ) -> int:
+        """Send XFRM_MSG_MIGRATE for each of a session's policies; return how many.
+
+        Templates (and the states found) between local and old_peer move to
+        new; with local_port the cloned states get ESP-in-UDP between
+        local_port and the new port.
+        """
+        reqid = reqid_for(session)
+        entry = self._policies.get(session)
+        installed = list(entry.installed) if entry is not None else []
+        # one message per policy: the kernel finds the policy by its exact
+        # selector, clones the first state (newest first) still matching each
+        # entry's old addresses, rewrites the matching templates and deletes
+        # the old states; a policy whose template moved already refuses a
+        # second message (ENODATA), so an older state beyond the policies of
+        # its direction (a rekey in flight) stays behind and dies with the rekey
+        for sel, d in installed:
+            outward = d == X.XFRM_POLICY_OUT
+            if outward:
+                move = X.Migration(local, old_peer, local, new[0], reqid)
+            else:
+                move = X.Migration(old_peer, local, new[0], local, reqid)
+            msg = X.xfrm_userpolicy_id()
+            msg.update(sel)
+            msg["dir"] = d
+            attrs: list[tuple[str, Any]] = [("XFRMA_MIGRATE", X.push_migrate([move]))]
+            if local_port is not None:
+                ports = (local_port, new[1]) if outward else (new[1], local_port)
+                attrs.append(("XFRMA_ENCAP", _encap_attr(*ports)))
+            msg["attrs"] = attrs
+            with self._lock:
+                self.nl.request(msg, X.XFRM_MSG_MIGRATE, X.NLM_F_ACK)
+        return len(installed)
 
     # -- ownership -------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import re
 import socket
 import struct
 from collections.abc import Iterator
@@ -39,13 +40,19 @@ __all__ = [
     "AEAD_GCM",
     "IPPROTO_ESP",
     "UDP_ENCAP_ESPINUDP",
+    "Migration",
     "XfrmError",
     "XfrmSocket",
     "ReplayState",
     "pack_address",
+    "parse_ts",
+    "policy_selectors",
+    "port_blocks",
     "pull_aead",
+    "pull_migrate",
     "pull_replay_esn",
     "push_aead",
+    "push_migrate",
     "push_replay_esn",
     "selector",
     "unpack_address",
@@ -62,12 +69,14 @@ XFRM_MSG_UPDPOLICY = 0x19
 XFRM_MSG_UPDSA = 0x1A
 XFRM_MSG_NEWAE = 0x1E
 XFRM_MSG_GETAE = 0x1F
+XFRM_MSG_MIGRATE = 0x21
 
 # attribute numbers (enum xfrm_attr_type_t)
 XFRMA_ENCAP = 4
 XFRMA_TMPL = 5
 XFRMA_LTIME_VAL = 9
 XFRMA_REPLAY_VAL = 10
+XFRMA_MIGRATE = 17
 XFRMA_ALG_AEAD = 18
 XFRMA_MARK = 21
 XFRMA_REPLAY_ESN_VAL = 23
@@ -133,18 +142,120 @@ def family_of(addr: str) -> int:
     return socket.AF_INET if net.version == 4 else socket.AF_INET6
 
 
-def selector(src: str, dst: str, prefix: str = "sel_") -> dict[str, Any]:
-    """Return the selector fields matching src and dst networks, any protocol."""
+def selector(
+    src: str,
+    dst: str,
+    prefix: str = "sel_",
+    *,
+    proto: int = 0,
+    sport: tuple[int, int] = (0, 0),
+    dport: tuple[int, int] = (0, 0),
+) -> dict[str, Any]:
+    """Return the selector fields matching src and dst networks.
+
+    proto 0 is any protocol; sport and dport are (port, mask) as from
+    :func:`port_blocks`, (0, 0) being any port.
+    """
     s = ipaddress.ip_network(src, strict=False)
     d = ipaddress.ip_network(dst, strict=False)
     assert s.version == d.version, f"mixed families in selector {src} -> {dst}"
     return {
         f"{prefix}daddr": pack_address(str(d.network_address)),
         f"{prefix}saddr": pack_address(str(s.network_address)),
+        f"{prefix}dport": dport[0],
+        f"{prefix}dport_mask": dport[1],
+        f"{prefix}sport": sport[0],
+        f"{prefix}sport_mask": sport[1],
         f"{prefix}family": family_of(src),
         f"{prefix}prefixlen_d": d.prefixlen,
         f"{prefix}prefixlen_s": s.prefixlen,
+        f"{prefix}proto": proto,
     }
+
+
+def port_blocks(start: int, end: int) -> list[tuple[int, int]]:
+    """Return the fewest (port, mask) blocks whose union is exactly start..end.
+
+    An XFRM selector matches port p when ``(p ^ port) & mask == 0``, so each
+    block is an aligned power-of-two run; the whole range 0..65535 is (0, 0).
+    """
+    assert 0 <= start <= end <= 0xFFFF, f"bad port range {start}-{end}"
+    blocks: list[tuple[int, int]] = []
+    lo = start
+    while lo <= end:
+        # the largest aligned run starting at lo that stays inside the range
+        size = lo & -lo if lo else 1 << 16
+        while lo + size - 1 > end:
+            size >>= 1
+        blocks.append((lo, ~(size - 1) & 0xFFFF))
+        lo += size
+    return blocks
+
+
+_TS = re.compile(r"^(?P<addr>[^\[\]]+)(?:\[(?P<proto>\d+)/(?P<lo>\d+)-(?P<hi>\d+)\])?$")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_ts(text: str) -> tuple[list[Network], int, tuple[int, int]]:
+    """Return (prefixes, protocol, port range) of a selector as IKE renders it.
+
+    The text is a CIDR or ``start-end`` address range, optionally followed by
+    ``[protocol/first-last]`` (control.ike.trafficsel.ts_to_string).
+    """
+    m = _TS.match(text.strip())
+    if m is None:
+        raise ValueError(f"Unreadable traffic selector {text!r}")
+    addr = m["addr"]
+    if "-" in addr:
+        first, last = (ipaddress.ip_address(a) for a in addr.split("-", 1))
+        if first.version != last.version or first > last:
+            raise ValueError(f"Bad address range in selector {text!r}")
+        nets: list[Network] = list(
+            ipaddress.summarize_address_range(first, last)  # type: ignore[arg-type]
+        )
+    else:
+        nets = [ipaddress.ip_network(addr)]
+    proto, lo, hi = 0, 0, 0xFFFF
+    if m["proto"] is not None:
+        proto, lo, hi = int(m["proto"]), int(m["lo"]), int(m["hi"])
+    # RFC 4301 section 4.4.1.1: start port above end port is OPAQUE, which a
+    # kernel selector cannot express
+    if proto > 255 or hi > 0xFFFF or lo > hi:
+        raise ValueError(f"Selector {text!r} has no XFRM form")
+    return nets, proto, (lo, hi)
+
+
+def policy_selectors(
+    src_ts: str, dst_ts: str, prefix: str = "sel_"
+) -> list[dict[str, Any]]:
+    """Return the XFRM selectors that together match src_ts -> dst_ts exactly.
+
+    One per source prefix, destination prefix, source port block and
+    destination port block; none when the families or protocols cannot meet.
+    """
+    src_nets, src_proto, src_ports = parse_ts(src_ts)
+    dst_nets, dst_proto, dst_ports = parse_ts(dst_ts)
+    if src_proto and dst_proto and src_proto != dst_proto:
+        return []
+    proto = src_proto or dst_proto
+    out: list[dict[str, Any]] = []
+    for s in src_nets:
+        for d in dst_nets:
+            if s.version != d.version:
+                continue
+            for sport in port_blocks(*src_ports):
+                for dport in port_blocks(*dst_ports):
+                    out.append(
+                        selector(
+                            str(s),
+                            str(d),
+                            prefix,
+                            proto=proto,
+                            sport=sport,
+                            dport=dport,
+                        )
+                    )
+    return out
 
 
 # struct xfrm_selector, flattened under a prefix
@@ -253,6 +364,7 @@ class _XfrmAttrs:
         (XFRMA_TMPL, "XFRMA_TMPL", "user_tmpl"),
         (XFRMA_LTIME_VAL, "XFRMA_LTIME_VAL", "lifetime_cur"),
         (XFRMA_REPLAY_VAL, "XFRMA_REPLAY_VAL", "replay_state"),
+        (XFRMA_MIGRATE, "XFRMA_MIGRATE", "cdata"),
         (XFRMA_ALG_AEAD, "XFRMA_ALG_AEAD", "cdata"),
         (XFRMA_MARK, "XFRMA_MARK", "mark"),
         (XFRMA_REPLAY_ESN_VAL, "XFRMA_REPLAY_ESN_VAL", "cdata"),
@@ -370,6 +482,7 @@ MSG_CLASSES: dict[int, type[nlmsg]] = {
     XFRM_MSG_GETPOLICY: xfrm_userpolicy_id,
     XFRM_MSG_NEWAE: xfrm_aevent_id,
     XFRM_MSG_GETAE: xfrm_aevent_id,
+    XFRM_MSG_MIGRATE: xfrm_userpolicy_id,
 }
 
 # replies carry a different structure than some requests
@@ -484,6 +597,69 @@ def pull_replay_esn(raw: bytes) -> ReplayState:
         raise ValueError(f"Truncated replay bitmap of {words} words")
     bitmap = list(struct.unpack_from(f"={words}I", raw, _ESN.size))
     return ReplayState(oseq_hi << 32 | oseq, seq_hi << 32 | seq, window, bitmap)
+
+
+#  0                   1                   2                   3
+# +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+# |  old_daddr (16)  |  old_saddr (16)  |  new_daddr (16)  |  new_saddr |
+# +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+# |  proto  |  mode  |  reserved (16)  |  reqid (32)                   |
+# |  old_family (16)  |  new_family (16)                                |
+# +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+_MIGRATE = struct.Struct("=16s16s16s16sBBHIHH")
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One struct xfrm_user_migrate: move states and templates to new addresses."""
+
+    old_src: str
+    old_dst: str
+    new_src: str
+    new_dst: str
+    reqid: int
+    proto: int = IPPROTO_ESP
+    mode: int = XFRM_MODE_TUNNEL
+
+
+def push_migrate(entries: list[Migration]) -> bytes:
+    """Return the XFRMA_MIGRATE payload: struct xfrm_user_migrate per entry."""
+    return b"".join(
+        _MIGRATE.pack(
+            pack_address(m.old_dst),
+            pack_address(m.old_src),
+            pack_address(m.new_dst),
+            pack_address(m.new_src),
+            m.proto,
+            m.mode,
+            0,
+            m.reqid,
+            family_of(m.old_src),
+            family_of(m.new_src),
+        )
+        for m in entries
+    )
+
+
+def pull_migrate(raw: bytes) -> list[Migration]:
+    """Return the entries of an XFRMA_MIGRATE payload."""
+    if len(raw) % _MIGRATE.size:
+        raise ValueError(f"XFRMA_MIGRATE length {len(raw)} is not a multiple of 76")
+    out = []
+    for off in range(0, len(raw), _MIGRATE.size):
+        od, os_, nd, ns, proto, mode, _, reqid, of, nf = _MIGRATE.unpack_from(raw, off)
+        out.append(
+            Migration(
+                unpack_address(os_, of),
+                unpack_address(od, of),
+                unpack_address(ns, nf),
+                unpack_address(nd, nf),
+                reqid,
+                proto,
+                mode,
+            )
+        )
+    return out
 
 
 # -- the socket -----------------------------------------------------------------

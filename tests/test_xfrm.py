@@ -318,3 +318,184 @@ def test_install_sa_host_refused_with_reason(scratch_netns: str) -> None:
         assert eng.dump_states() == []
     finally:
         eng.close()
+
+
+# -- port blocks, selectors with ports, MIGRATE ------------------------------------
+
+
+def test_port_blocks_union_equals_range_exhaustive() -> None:
+    # every range inside 0..63, with the kernel's match rule (p ^ port) & mask
+    for lo in range(64):
+        for hi in range(lo, 64):
+            blocks = X.port_blocks(lo, hi)
+            matched = {
+                p for p in range(128) if any((p ^ b) & m == 0 for b, m in blocks)
+            }
+            assert matched == set(range(lo, hi + 1)), (lo, hi, blocks)
+            # aligned power-of-two blocks, disjoint: their sizes add up
+            sizes = [(~m & 0xFFFF) + 1 for _, m in blocks]
+            assert sum(sizes) == hi - lo + 1
+            assert all(
+                b & (size - 1) == 0 for (b, _), size in zip(blocks, sizes, strict=True)
+            )
+            # minimal: no two neighbours are buddies that one block could cover
+            for (b1, _), s1, s2 in zip(blocks, sizes, sizes[1:], strict=False):
+                assert not (s1 == s2 and b1 % (2 * s1) == 0), (lo, hi, blocks)
+
+
+def test_port_blocks_minimal_for_known_ranges() -> None:
+    assert X.port_blocks(0, 65535) == [(0, 0)]
+    assert X.port_blocks(5201, 5201) == [(5201, 0xFFFF)]
+    assert X.port_blocks(1024, 65535) == [
+        (1024, 0xFC00), (2048, 0xF800), (4096, 0xF000), (8192, 0xE000),
+        (16384, 0xC000), (32768, 0x8000),
+    ]  # fmt: skip
+    # the worst case of a 16-bit range: 2 * 16 - 2 blocks
+    assert len(X.port_blocks(1, 65534)) == 30
+
+
+def test_port_blocks_inverted_range_asserts() -> None:
+    with pytest.raises(AssertionError):
+        X.port_blocks(10, 9)
+
+
+def test_parse_ts_renders_of_trafficsel() -> None:
+    nets, proto, ports = X.parse_ts("198.19.1.0/24[6/5201-5201]")
+    assert [str(n) for n in nets] == ["198.19.1.0/24"]
+    assert (proto, ports) == (6, (5201, 5201))
+    nets, proto, ports = X.parse_ts("10.0.0.1-10.0.0.6")
+    assert [str(n) for n in nets] == [
+        "10.0.0.1/32", "10.0.0.2/31", "10.0.0.4/31", "10.0.0.6/32"
+    ]  # fmt: skip
+    assert (proto, ports) == (0, (0, 65535))
+
+
+def test_parse_ts_opaque_or_junk_raises() -> None:
+    with pytest.raises(ValueError):
+        X.parse_ts("10.0.0.0/8[17/65535-0]")  # OPAQUE ports
+    with pytest.raises(ValueError):
+        X.parse_ts("10.0.0.0/8[tcp]")
+
+
+def test_policy_selectors_ports_and_protocol() -> None:
+    sels = X.policy_selectors("198.19.1.0/24[6/5201-5201]", "198.19.2.1/32")
+    assert len(sels) == 1
+    sel = sels[0]
+    assert (sel["sel_proto"], sel["sel_sport"], sel["sel_sport_mask"]) == (
+        6, 5201, 0xFFFF
+    )  # fmt: skip
+    assert (sel["sel_dport"], sel["sel_dport_mask"]) == (0, 0)
+    # the reverse direction swaps the ports
+    (back,) = X.policy_selectors("198.19.2.1/32", "198.19.1.0/24[6/5201-5201]")
+    assert (back["sel_dport"], back["sel_dport_mask"], back["sel_sport"]) == (
+        5201, 0xFFFF, 0
+    )  # fmt: skip
+
+
+def test_policy_selectors_conflicting_protocols_empty() -> None:
+    assert X.policy_selectors("10.0.0.0/8[6/0-65535]", "0.0.0.0/0[17/53-53]") == []
+    assert X.policy_selectors("10.0.0.0/8", "::/0") == []
+
+
+def test_encode_selector_ports_offsets() -> None:
+    msg = X.xfrm_userpolicy_id()
+    msg.update(X.selector("10.0.0.0/8", "0.0.0.0/0", proto=17, sport=(1000, 0xFFF8),
+                          dport=(53, 0xFFFF)))  # fmt: skip
+    msg["dir"] = X.XFRM_POLICY_OUT
+    body = X.encode(msg, X.XFRM_MSG_DELPOLICY, 0)[16:]
+    # struct xfrm_selector: dport, dport_mask, sport, sport_mask at 32 (network
+    # order), proto at 44
+    assert struct.unpack_from(">4H", body, 32) == (53, 0xFFFF, 1000, 0xFFF8)
+    assert body[44] == 17
+
+
+def test_kernel_selectors_cap_raises() -> None:
+    from fastpath.kernel import MAX_SELECTORS, kernel_selectors
+
+    outs, ins = kernel_selectors(("198.19.1.0/24[6/1024-65535]",), ("0.0.0.0/0",))
+    assert len(outs) == len(ins) == 6
+    # 30 local port blocks x 30 remote port blocks
+    with pytest.raises(ValueError, match=str(MAX_SELECTORS)):
+        kernel_selectors(("198.19.1.0/24[6/1-65534]",), ("0.0.0.0/0[6/1-65534]",))
+
+
+# struct xfrm_user_migrate: old_daddr 198.18.0.2, old_saddr 198.18.0.1,
+# new_daddr 198.18.7.9, new_saddr 198.18.0.1, proto 50, mode 1, reserved 0,
+# reqid 0xe5600005, old_family 2, new_family 2 (hand-assembled from
+# <linux/xfrm.h>, little-endian x86_64)
+MIGRATE_VECTOR = (
+    "c6120002" + "00" * 12 + "c6120001" + "00" * 12
+    + "c6120709" + "00" * 12 + "c6120001" + "00" * 12
+    + "32010000" + "050060e5" + "0200" + "0200"
+)  # fmt: skip
+
+
+def test_push_migrate_matches_vector() -> None:
+    move = X.Migration("198.18.0.1", "198.18.0.2", "198.18.0.1", "198.18.7.9",
+                       reqid_for(5))  # fmt: skip
+    raw = X.push_migrate([move])
+    assert raw.hex() == MIGRATE_VECTOR
+    assert len(raw) == 76
+
+
+def test_pull_migrate_roundtrip_ipv6() -> None:
+    moves = [
+        X.Migration("2001:db8::1", "2001:db8::2", "2001:db8::1", "2001:db8::9", 7),
+        X.Migration("2001:db8::2", "2001:db8::1", "2001:db8::9", "2001:db8::1", 7),
+    ]
+    assert X.pull_migrate(X.push_migrate(moves)) == moves
+
+
+def test_pull_migrate_truncated_raises() -> None:
+    with pytest.raises(ValueError):
+        X.pull_migrate(bytes.fromhex(MIGRATE_VECTOR)[:-1])
+
+
+def test_encode_migrate_message_roundtrip() -> None:
+    msg = X.xfrm_userpolicy_id()
+    msg.update(X.selector("198.19.1.0/24", "198.19.2.1/32"))
+    msg["dir"] = X.XFRM_POLICY_OUT
+    move = X.Migration("198.18.0.1", "198.18.0.2", "198.18.0.1", "198.18.7.9", 5)
+    msg["attrs"] = [
+        ("XFRMA_MIGRATE", X.push_migrate([move])),
+        ("XFRMA_ENCAP", {"type": 2, "sport": 4500, "dport": 31000, "oa": b""}),
+    ]
+    raw = X.encode(msg, X.XFRM_MSG_MIGRATE, X.NLM_F_ACK)
+    ((kind, _, body),) = list(X.decode(raw))
+    assert kind == X.XFRM_MSG_MIGRATE
+    back = X.MSG_CLASSES[kind](body)
+    back.decode()
+    assert X.pull_migrate(back.get_attr("XFRMA_MIGRATE")) == [move]
+    encap = back.get_attr("XFRMA_ENCAP")
+    assert (encap["sport"], encap["dport"]) == (4500, 31000)
+    # the encap template's ports travel in network order
+    assert struct.pack(">H", 31000) in raw[-24:]
+
+
+@NEED_ROOT
+@NEED_IP
+def test_migrate_policies_moves_templates_in_kernel(scratch_netns: str) -> None:
+    eng = KernelEngine(netns=scratch_netns)
+    try:
+        eng.install_policies(
+            4, local="198.18.0.1", peer="198.18.0.2",
+            local_ts=("198.19.1.0/24[6/5201-5201]",), remote_ts=("198.19.2.1/32",),
+        )  # fmt: skip
+        try:
+            moved = eng.migrate_policies(4, "198.18.0.1", "198.18.0.2",
+                                         ("198.18.7.9", 31000), 4500)  # fmt: skip
+        except X.XfrmError as exc:
+            if exc.errno == 92:  # ENOPROTOOPT: no CONFIG_XFRM_MIGRATE here
+                pytest.skip(f"kernel without XFRM_MIGRATE: {exc}")
+            raise
+        assert moved == 3
+        out = _ip(scratch_netns, "xfrm", "policy", "list", "dir", "out")
+        assert "proto tcp sport 5201" in out, out
+        assert "tmpl src 198.18.0.1 dst 198.18.7.9" in out, out
+        fwd = _ip(scratch_netns, "xfrm", "policy", "list", "dir", "fwd")
+        assert "proto tcp dport 5201" in fwd, fwd
+        assert "tmpl src 198.18.7.9 dst 198.18.0.1" in fwd, fwd
+        assert "198.18.0.2" not in _ip(scratch_netns, "xfrm", "policy")
+        assert eng.remove_policies(4) == 3
+    finally:
+        eng.close()

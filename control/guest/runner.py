@@ -69,6 +69,13 @@ GUEST_MODULES = (
     "xfrm_interface",
     "tun",
     "veth",
+    # a NAT in front of the client (selftest kernel-nat-rebind)
+    "nf_conntrack",
+    "nf_conntrack_netlink",
+    "nf_nat",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_nat",
 )
 
 
