@@ -12,9 +12,10 @@ APT_PACKAGES := build-essential python3-dev python3-venv pkg-config \
 	libstrongswan-standard-plugins libstrongswan-extra-plugins \
 	iperf3 iproute2 iputils-ping tcpdump procps util-linux \
 	qemu-system-x86 busybox-static \
-	freeradius freeradius-utils dnsmasq-base
+	freeradius freeradius-utils dnsmasq-base nftables conntrack
 
-SOURCES := pyproject.toml setup.py $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.h)
+SOURCES := pyproject.toml setup.py $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.h \
+	bench/*.pyx bench/*.pxd)
 
 .PHONY: setup apt venv run test lint clean
 

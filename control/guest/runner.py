@@ -69,7 +69,9 @@ GUEST_MODULES = (
     "xfrm_interface",
     "tun",
     "veth",
-    # a NAT in front of the client (selftest kernel-nat-rebind)
+    # a NAT in front of the client (selftest kernel-nat-rebind); libcrc32c needs
+    # a crc32c hash loaded before it (a soft dependency modinfo doesn't list)
+    "crc32c_generic",
     "nf_conntrack",
     "nf_conntrack_netlink",
     "nf_nat",
