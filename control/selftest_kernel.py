@@ -620,7 +620,7 @@ def _child0(lab: HeadendLab) -> dict[str, Any]:
 
 def _remote_of(lab: HeadendLab) -> str:
     sessions = lab.show()["sessions"]
-    return str(sessions[0].get("remote")) if sessions else ""
+    return str(sessions[0].get("outside")) if sessions else ""
 
 
 def _esp_to(path: Path, port: int, dst: str) -> int:
