@@ -30,7 +30,10 @@ Certificate, key, CA and CRL files are loaded while checking, so a bad file
 is reported at its field; relative paths are taken from the config file's
 directory.
 
-Secrets (``psk``) are kept out of ``repr`` so a logged config shows none.
+Secrets (``psk``, ``secret``, ``user_password``) are kept out of ``repr`` so
+a logged config shows none, and an error about one names only the type of
+the wrong value. Errors are written in our words: a parser's exception text
+is not passed on. :func:`describe` is the summary check-config prints.
 """
 
 from __future__ import annotations
