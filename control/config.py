@@ -30,7 +30,10 @@ Certificate, key, CA and CRL files are loaded while checking, so a bad file
 is reported at its field; relative paths are taken from the config file's
 directory.
 
-Secrets (``psk``) are kept out of ``repr`` so a logged config shows none.
+Secrets (``psk``, ``secret``, ``user_password``) are kept out of ``repr`` so
+a logged config shows none, and an error about one names only the type of
+the wrong value. Errors are written in our words: a parser's exception text
+is not passed on. :func:`describe` is the summary check-config prints.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from control.aaa.attributes import Authorization, apply_pair
-from control.aaa.mangle import parse_mangler
+from control.aaa.mangle import parse_mangler, usability_problem
 from control.ike import certs
 from control.ike.matching import ATTRIBUTE_OIDS, CERT_FIELDS, CERT_OPS, IdentityPattern
 from control.ike.messages import (
@@ -113,6 +116,18 @@ POLICY_KEYS: dict[str, tuple[str, Any, int]] = {
     "smartcard_removal_disconnect": ("smartcard-removal-disconnect", bool, 0),
     "interface_mtu": ("interface-config", int, 0),
 }
+# what each file field should hold, for errors
+FILE_KINDS = {
+    "ca": "a PEM certificate file",
+    "crl": "a PEM or DER CRL",
+    "certificate": "a PEM certificate file",
+    "private_key": "a PEM RSA or EC private key",
+}
+# policy keys that hold addresses, and their IP version
+POLICY_ADDRESSES = {
+    "dhcp_server": 4, "dhcp_giaddr": 4, "dns_servers": 4, "wins_servers": 4,
+    "netmask": 4, "ipv6_dns_servers": 6,
+}  # fmt: skip
 AUTHZ_SOURCES = ("local", "radius")
 # access lists: entries per list, and the permitted prefixes it may push
 ACL_ENTRIES = 100
@@ -171,7 +186,8 @@ class PoolConfig:
     """An IPv4 range, or an IPv6 prefix cut into client prefixes.
 
     For IPv6, first and last are the first addresses of the first and last
-    client prefix of `client_prefix` bits.
+    client prefix of `client_prefix` bits; with /128 clients the first is
+    one above the prefix's all-zero (subnet-router anycast) address.
     """
 
     name: str
@@ -312,18 +328,76 @@ def parse(text: str, source: str) -> Config:
 
 def identity_problem(text: str) -> str | None:
     """Say what is wrong with a ``type:value`` identity, or None."""
-    kind, sep, value = text.partition(":")
-    if not sep:
-        kind, value = "", text
-    if not value.strip():
+    _, sep, value = text.partition(":")
+    if not value.strip() and (sep or not text.strip()):
         return "empty identity"
     try:
-        if kind == "ipv4":
-            ipaddress.IPv4Address(value)
-        elif kind == "ipv6":
-            ipaddress.IPv6Address(value)
+        Identity.from_string(text)
     except ValueError as exc:
+        # from_string names the value and what it should have been
         return str(exc)
+    return None
+
+
+def _pattern_problem(text: str) -> str | None:
+    # typed exact values first, so the message names the type, not a parser
+    kind, sep, value = text.partition(":")
+    if sep and kind in ("keyid", "ipv4", "ipv6") and "/" not in value:
+        if not value:
+            return "empty identity"
+        try:
+            Identity.from_string(text)
+        except ValueError as exc:
+            return str(exc)
+    try:
+        IdentityPattern.parse(text)
+    except ValueError as exc:
+        if sep and kind in ("ipv4", "ipv6") or "/" in text:
+            return f"not an IP{kind[2:] if sep else ''} address or prefix"
+        # matching's own messages name the DN part or domain at fault
+        return str(exc)
+    return None
+
+
+def _file_problem(path: str, exc: Exception, kind: str) -> str:
+    # the OS's reason, or what the file should have held; never the parser's
+    # words, which can quote the file (a key)
+    if isinstance(exc, OSError):
+        return f"{path}: {(exc.strerror or 'cannot read').lower()}"
+    if isinstance(exc, TypeError):
+        return f"{path}: an encrypted key; only unencrypted keys are supported"
+    return f"{path}: not {kind}"
+
+
+def _policy_value_problem(key: str, values: list[Any]) -> str | None:
+    # what the attribute parsers would say in Python's words, said in ours
+    version = POLICY_ADDRESSES.get(key)
+    for value in values if version or key == "route_set_prefix" else ():
+        try:
+            if key == "route_set_prefix":
+                ipaddress.ip_network(value)
+            elif ipaddress.ip_address(value).version != version:
+                return f"not an IPv{version} address: {value!r}"
+        except ValueError:
+            if key != "route_set_prefix":
+                return f"not an IP address: {value!r}"
+            try:
+                net = ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                return f"not an IP prefix: {value!r}"
+            return f"{value!r} has host bits set; the prefix is {net}"
+    if key == "netmask":
+        # RFC 7296 3.15.1: INTERNAL_IP4_NETMASK, a contiguous mask
+        inverse = ~int(ipaddress.IPv4Address(values[0])) & 0xFFFFFFFF
+        if inverse == 0xFFFFFFFF:
+            return "0.0.0.0 is not a netmask a client can use"
+        if inverse & (inverse + 1):
+            return f"not a contiguous netmask: {values[0]!r}"
+    if key == "route_accept":
+        words = str(values[0]).split()
+        numbers = words[2::2] if words[:1] == ["any"] else words[1::2]
+        if any(not word.isdigit() for word in numbers):
+            return f"expected 'any [tag N] [distance N]', got {values[0]!r}"
     return None
 
 
@@ -345,6 +419,62 @@ def socket_problem(path: str) -> str | None:
     if len(path.encode()) > 107:
         return "longer than the 107 bytes a Unix socket path may have"
     return None
+
+
+def describe(config: Config) -> str:
+    """Return the check-config summary: pools, then what each profile does."""
+    lines = [f"{config.source}: ok"]
+    engine = config.engine
+    lines.append(f"  engine: {engine.mode}, crypto {engine.crypto}, dataplane "
+                 f"{engine.dataplane}")  # fmt: skip
+    for pool in config.pools.values():
+        if pool.first.version == 4:
+            size = f"{pool.size} addresses"
+        else:
+            size = f"{pool.size} /{pool.client_prefix} prefixes"
+        lines.append(f"  pool {pool.name}: {pool.first} - {pool.last} ({size})")
+    for name, policy in config.policies.items():
+        pools = [x for x in (policy.addr_pool, policy.ipv6_addr_pool) if x]
+        lines.append(f"  policy {name}: pool {', '.join(pools) or 'none'}")
+    for prof in config.profiles:
+        summary = "; ".join(_profile_summary(config, prof))
+        lines.append(f"  profile {prof.name}: {summary}")
+    return "\n".join(lines)
+
+
+def _profile_summary(config: Config, prof: ProfileConfig) -> list[str]:
+    # auth as configured: our method, then the peer's, with their sources
+    remote = "/".join(prof.remote_auth)
+    if prof.aaa_psk:
+        remote += f" (PSK from radius:{prof.aaa_psk})"
+    if "eap" in prof.remote_auth:
+        remote += f" (EAP via radius:{prof.aaa_authentication})"
+    # where addresses come from: pools, else DHCP, else authorization
+    if prof.pool or prof.ipv6_pool:
+        addresses = "pool " + ", ".join(x for x in (prof.pool, prof.ipv6_pool) if x)
+    elif prof.dhcp_server:
+        addresses = f"dhcp {prof.dhcp_server} via {prof.dhcp_giaddr}"
+    elif prof.authorization_user or prof.authorization_group:
+        addresses = "from authorization"
+    else:
+        addresses = "none"
+    authz = [
+        f"{key} {value}"
+        for key, value in (
+            ("user", prof.authorization_user),
+            ("group", prof.authorization_group),
+            ("name", prof.name_mangler),
+        )
+        if value
+    ]
+    return [
+        f"match {', '.join(prof.match_identity)}",
+        f"auth local {prof.local_auth}, remote {remote}",
+        f"addresses {addresses}",
+        f"authorization {' '.join(authz) if authz else 'none'}",
+        f"esp {', '.join(prof.esp)}",
+        f"engine {prof.engine or config.engine.mode}",
+    ]
 
 
 def replace_server(config: Config, **changes: Any) -> Config:
@@ -385,9 +515,17 @@ def _show(path: PathKey, value: Any) -> str:
         return "a table"
     if isinstance(value, list):
         return "a list"
-    if any(part in SECRET_FIELDS for part in path):
+    if _is_secret(path):
         return type(value).__name__
     return repr(value)
+
+
+def _is_secret(path: PathKey) -> bool:
+    # psk, secret, user_password, any *_password or *_secret: never echoed
+    return any(
+        isinstance(part, str) and (part in SECRET_FIELDS or part.endswith(SECRET_ENDS))
+        for part in path
+    )
 
 
 def _dotted(path: PathKey) -> str:
@@ -513,6 +651,8 @@ class _Reader:
                         ("pools", pool.name, "range"), f"overlaps pool {other.name!r}"
                     )
             seen.append(pool)
+        for name, policy in policies.items():
+            self.check_policy_pools(name, policy, pools)
         profiles_data = self.get(data, ("profiles",), list, _REQUIRED)
         if not profiles_data:
             raise self.error(("profiles",), "at least one profile is needed")
@@ -585,6 +725,22 @@ class _Reader:
             raise self.error((*p, "route_set_interface"), "needs [server] "
                              "inside_address or inside_address6")  # fmt: skip
 
+    def check_policy_pools(
+        self, name: str, policy: Authorization, pools: dict[str, PoolConfig]
+    ) -> None:
+        """Check a policy's addr_pool names an IPv4 pool, ipv6_addr_pool an IPv6 one."""
+        for key, pool, version in (
+            ("addr_pool", policy.addr_pool, 4),
+            ("ipv6_addr_pool", policy.ipv6_addr_pool, 6),
+        ):
+            path: PathKey = ("policies", name, key)
+            if pool is None:
+                continue
+            if pool not in pools:
+                raise self.error(path, f"unknown pool {pool!r}")
+            if pools[pool].first.version != version:
+                raise self.error(path, f"{pool!r} is not an IPv{version} pool")
+
     def policy(self, name: str, data: dict[str, Any]) -> Authorization:
         """Read one local authorization policy; values checked as RADIUS's are."""
         p: PathKey = ("policies", name)
@@ -597,6 +753,8 @@ class _Reader:
             values = [str(v) for v in value] if kind is list else [value]
             if many and len(values) > many:
                 raise self.error(path, f"at most {many} values")
+            if problem := _policy_value_problem(key, values):
+                raise self.error(path, problem)
             try:
                 if key == "netmask":
                     auth.framed_ip_netmask = ipaddress.IPv4Address(value)
@@ -662,10 +820,7 @@ class _Reader:
             ):
                 raise self.error((*p, "authorization_group_name"), "missing")
         if profile.name_mangler is not None:
-            try:
-                parse_mangler(profile.name_mangler)
-            except ValueError as exc:
-                raise self.error((*p, "name_mangler"), str(exc)) from None
+            self.check_mangler(index, profile)
         # certificate auth: a username from the profile or a name mangler
         certs_used = any(m not in ("pre-share", "eap") for m in profile.remote_auth)
         if (
@@ -677,6 +832,25 @@ class _Reader:
                 (*p, "authorization_user"),
                 "certificate auth needs authorization_username or name_mangler",
             )
+
+    def check_mangler(self, index: int, profile: ProfileConfig) -> None:
+        """Check a name mangler parses and gets its source from this profile."""
+        path: PathKey = ("profiles", index, "name_mangler")
+        assert profile.name_mangler is not None
+        try:
+            mangler = parse_mangler(profile.name_mangler)
+        except ValueError as exc:
+            raise self.error(path, str(exc)) from None
+        # the mangled name is the username of user authorization only
+        if profile.authorization_user is None:
+            raise self.error(path, "unused without authorization_user")
+        if profile.authorization_username:
+            raise self.error(path, "unused: authorization_username is set")
+        problem = usability_problem(
+            mangler, profile.remote_auth, profile.match_identity
+        )
+        if problem:
+            raise self.error(path, problem)
 
     def radius(self, name: str, data: dict[str, Any]) -> RadiusGroupConfig:
         p: PathKey = ("radius", name)
@@ -691,6 +865,8 @@ class _Reader:
             raise self.error((*p, "retransmit"), f"{retransmit} out of range 0..10")
         nas = self.get(data, (*p, "nas_identifier"), str, d.nas_identifier)
         password = self.get(data, (*p, "user_password"), str, d.user_password)
+        if not password:
+            raise self.error((*p, "user_password"), "empty")
         servers_data = self.get(data, (*p, "servers"), list, _REQUIRED)
         if not servers_data:
             raise self.error((*p, "servers"), "at least one server is needed")
@@ -807,7 +983,8 @@ class _Reader:
                 (*p, "range"), f"expected 'first-last' or a prefix, got {text!r}"
             ) from None
         if last < first:
-            raise self.error((*p, "range"), f"{last} comes before {first}")
+            problem = f"the last address {last} is below the first {first}"
+            raise self.error((*p, "range"), problem)
         if int(last) - int(first) + 1 > MAX_POOL_SIZE:
             raise self.error((*p, "range"), f"more than {MAX_POOL_SIZE} addresses")
         for bad in _UNUSABLE:
@@ -832,7 +1009,16 @@ class _Reader:
             raise self.error((*p, "client_prefix"), problem)
         step = 1 << (128 - client)
         last = ipaddress.IPv6Address(int(net.broadcast_address) - step + 1)
-        return PoolConfig(name, net.network_address, last, client)
+        first = net.network_address
+        # RFC 4291 2.6.1: the prefix's all-zero address is the subnet-router
+        # anycast address, never a client's /128 (a shorter client prefix
+        # is the client's own, anycast address and all)
+        if client == 128:
+            first += 1
+        if first > last:
+            problem = f"{net} leaves no address beside its subnet-router anycast"
+            raise self.error((*p, "range"), problem)
+        return PoolConfig(name, first, last, client)
 
     def profile(
         self, index: int, data: dict[str, Any], pools: dict[str, PoolConfig]
@@ -851,7 +1037,14 @@ class _Reader:
                 (*p, "local_identity"),
                 f"identity type {kind!r} is not one of {', '.join(IDENTITY_TYPES)}",
             )
-        auth = self.choice(data, (*p, "auth"), AUTH_METHODS, "psk")
+        # auth predates local_auth/remote_auth and stays for old files only
+        auth = self.get(data, (*p, "auth"), str, "psk")
+        if auth not in AUTH_METHODS:
+            raise self.error(
+                (*p, "auth"),
+                f"{auth!r}: this old key only takes 'psk'; set local_auth and "
+                "remote_auth instead",
+            )
         local_auth = self.choice(data, (*p, "local_auth"), LOCAL_AUTH, "pre-share")
         remote_auth = self.strings(data, (*p, "remote_auth"), ["pre-share"])
         if not remote_auth:
@@ -868,6 +1061,8 @@ class _Reader:
             local_auth == "pre-share" or "pre-share" in remote_auth
         )
         psk = self.get(data, (*p, "psk"), str, _REQUIRED if uses_psk else "")
+        if "psk" in data and not psk:
+            raise self.error((*p, "psk"), "empty")
         if uses_psk and len(psk) < 16:
             # RFC 7296 2.15: a PSK should be as strong as the negotiated keys.
             raise self.error((*p, "psk"), "shorter than 16 characters")
@@ -910,10 +1105,10 @@ class _Reader:
             problem = f"{dhcp['dhcp_timeout']} out of range 1..120"
             raise self.error((*p, "dhcp_timeout"), problem)
         pool6 = self.get(data, (*p, "ipv6_pool"), str, None)
-        if pool6 is not None and (
-            pool6 not in pools or pools[pool6].first.version != 6
-        ):
-            raise self.error((*p, "ipv6_pool"), f"unknown IPv6 pool {pool6!r}")
+        if pool6 is not None and pool6 not in pools:
+            raise self.error((*p, "ipv6_pool"), f"unknown pool {pool6!r}")
+        if pool6 is not None and pools[pool6].first.version != 6:
+            raise self.error((*p, "ipv6_pool"), f"{pool6!r} is not an IPv6 pool")
         if pool is not None and pools[pool].first.version != 4:
             raise self.error((*p, "pool"), f"{pool!r} is not an IPv4 pool")
         esp = self.strings(data, (*p, "esp"), list(ESP_PROPOSALS))
@@ -932,10 +1127,8 @@ class _Reader:
         if not match:
             raise self.error((*p, "match_identity"), "empty")
         for item in match:
-            try:
-                IdentityPattern.parse(item)
-            except ValueError as exc:
-                raise self.error((*p, "match_identity"), f"{item!r}: {exc}") from None
+            if problem := _pattern_problem(item):
+                raise self.error((*p, "match_identity"), f"{item!r}: {problem}")
         rekey: dict[str, Any] = {}
         for key, default in (("ike_rekey_time", 86400), ("child_rekey_time", 28800)):
             value = int(self.get(data, (*p, key), int, default))
@@ -986,7 +1179,8 @@ class _Reader:
                 try:
                     loader(path)
                 except (OSError, ValueError) as exc:
-                    raise self.error((*p, key), f"{path}: {exc}") from None
+                    problem = _file_problem(path, exc, FILE_KINDS[key])
+                    raise self.error((*p, key), problem) from None
         return ProfileConfig(
             name=name,
             match_identity=tuple(match),
@@ -1130,11 +1324,13 @@ class _Reader:
         try:
             chain = certs.load_certificates(cert_path)
         except (OSError, ValueError) as exc:
-            raise self.error((*p, "certificate"), f"{cert_path}: {exc}") from None
+            problem = _file_problem(cert_path, exc, FILE_KINDS["certificate"])
+            raise self.error((*p, "certificate"), problem) from None
         try:
             private = certs.load_private_key(key_path)
         except (OSError, ValueError, TypeError) as exc:
-            raise self.error((*p, "private_key"), f"{key_path}: {exc}") from None
+            problem = _file_problem(key_path, exc, FILE_KINDS["private_key"])
+            raise self.error((*p, "private_key"), problem) from None
         if private.public_key() != chain[0].public_key():
             raise self.error((*p, "private_key"), "does not match the certificate")
         kind = "rsa-sig" if isinstance(private, rsa.RSAPrivateKey) else "ecdsa-sig"
@@ -1166,6 +1362,7 @@ _UNUSABLE = [
     )
 ]
 SECRET_FIELDS = {"psk", "password", "secret", "private_key_password"}
+SECRET_ENDS = ("_password", "_secret", "_psk")
 
 
 def acl_entry(text: str) -> tuple[str, ipaddress.IPv4Network]:
@@ -1177,10 +1374,10 @@ def acl_entry(text: str) -> tuple[str, ipaddress.IPv4Network]:
     if rest == ["any"]:
         return words[0], ipaddress.IPv4Network("0.0.0.0/0")
     if len(rest) == 2 and rest[0] == "host":
-        return words[0], ipaddress.IPv4Network(f"{ipaddress.IPv4Address(rest[1])}/32")
+        return words[0], ipaddress.IPv4Network(f"{_ipv4(rest[1], text)}/32")
     if len(rest) == 2:
         # a Cisco wildcard mask: the inverse of a contiguous netmask
-        wildcard = int(ipaddress.IPv4Address(rest[1]))
+        wildcard = int(_ipv4(rest[1], text))
         mask = ipaddress.IPv4Address(wildcard ^ 0xFFFFFFFF)
         try:
             return words[0], ipaddress.IPv4Network(f"{rest[0]}/{mask}")
@@ -1191,8 +1388,20 @@ def acl_entry(text: str) -> tuple[str, ipaddress.IPv4Network]:
         raise ValueError(f"expected one IPv4 prefix in {text!r}")
     try:
         return words[0], ipaddress.IPv4Network(rest[0])
-    except ValueError as exc:
-        raise ValueError(f"{exc}") from None
+    except ValueError:
+        pass
+    try:
+        net = ipaddress.IPv4Network(rest[0], strict=False)
+    except ValueError:
+        raise ValueError(f"not an IPv4 prefix: {rest[0]!r}") from None
+    raise ValueError(f"{rest[0]!r} has host bits set; the prefix is {net}")
+
+
+def _ipv4(word: str, text: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(word)
+    except ValueError:
+        raise ValueError(f"not an IPv4 address: {word!r} in {text!r}") from None
 
 
 def _uncovered(

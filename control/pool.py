@@ -3,8 +3,9 @@
 A pool hands out the next free address of its range round-robin and
 remembers which session (and identity) holds it. IPv4 pools are ranges;
 IPv6 pools are a prefix cut into per-client prefixes of `client_prefix`
-bits (a /126 pool handing out /128s serves 4 clients), of which the client
-gets the first address.
+bits, of which the client gets the first address; with /128 clients the
+prefix's all-zero address (the subnet-router anycast address) is left out,
+so a /126 pool handing out /128s serves 3 clients.
 
 With a `LeaseStore` (SQLite under the daemon's state directory) every lease
 is written through, so leases survive a daemon restart: the leases found at
@@ -13,15 +14,25 @@ reconnects; an address held for an identity that has not come back is
 reclaimed only when the pool has nothing else free. A session's lease is
 released when the session ends. An identity that comes back while it still
 holds an address in a live session gets a fresh one; INITIAL_CONTACT
-handling, which frees the old lease first, lives above this.
+handling, which frees the old lease first, lives above this. The lease file
+maps identities to addresses, so it (and SQLite's -wal and -shm beside it)
+is readable by its owner only.
+
+Config checking makes sure every pool a profile or local policy names
+exists with the right IP version; a pool named by RADIUS authorization
+(ipsec:addr-pool) is only known at run time. `find_pool` looks a name up,
+counts each miss in `UNKNOWN_POOLS` and warns once per name.
 """
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import logging
+import os
 import sqlite3
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from control.config import PoolConfig
@@ -29,19 +40,39 @@ from control.config import PoolConfig
 log = logging.getLogger("espgate.pool")
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+# lookups of a pool that is not configured (or of the other IP version), by
+# name; at most UNKNOWN_NAMES names, the rest counted under OTHER_NAME
+UNKNOWN_POOLS: collections.Counter[str] = collections.Counter()
+UNKNOWN_NAMES = 64
+OTHER_NAME = "(other)"
+LEASE_FILES = ("", "-wal", "-shm", "-journal")
 
 
 class LeaseStore:
     """Leases of all pools in one SQLite file; every change is committed."""
 
     def __init__(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path))
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS leases (pool TEXT, address TEXT, "
-            "session TEXT, identity TEXT, updated REAL, PRIMARY KEY (pool, address))"
-        )
-        self.db.commit()
+        self.path = Path(path)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # the file and SQLite's companions are created 0600 (SQLite gives
+        # -wal and -shm the mode of the database file); older files are fixed
+        old = os.umask(0o177)
+        try:
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            self.db = sqlite3.connect(str(self.path))
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS leases (pool TEXT, address TEXT, "
+                "session TEXT, identity TEXT, updated REAL, "
+                "PRIMARY KEY (pool, address))"
+            )
+            self.db.commit()
+        finally:
+            os.umask(old)
+        for suffix in LEASE_FILES:
+            companion = self.path.with_name(self.path.name + suffix)
+            if companion.exists():
+                os.chmod(companion, 0o600)
 
     def load(self, pool: str) -> list[tuple[str, str, str]]:
         """Return (address, session, identity) of the leases of `pool`."""
@@ -67,6 +98,24 @@ class LeaseStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+def find_pool(
+    pools: Mapping[str, AddressPool], name: str, version: int
+) -> AddressPool | None:
+    """Return the IPv``version`` pool called ``name``; count and warn if none."""
+    pool = pools.get(name)
+    if pool is not None and pool.version == version:
+        return pool
+    key = name
+    if name not in UNKNOWN_POOLS and len(UNKNOWN_POOLS) >= UNKNOWN_NAMES:
+        key = OTHER_NAME
+    UNKNOWN_POOLS[key] += 1
+    if UNKNOWN_POOLS[key] == 1:
+        what = "not configured" if pool is None else f"not an IPv{version} pool"
+        log.warning("pool %.64r named by authorization is %s; sessions that "
+                    "need it get no address", name, what)  # fmt: skip
+    return None
 
 
 class AddressPool:

@@ -1,11 +1,23 @@
-"""Local IPv4 pool: allocation order, exhaustion, release."""
+"""Address pools: allocation order, exhaustion, release, leases, lookups."""
 
 from __future__ import annotations
 
 import ipaddress
+import logging
+import stat
 
-from control.config import PoolConfig
-from control.pool import AddressPool
+import pytest
+
+from control import pool as poolmod
+from control.config import PoolConfig, parse
+from control.pool import AddressPool, LeaseStore, find_pool
+
+PROFILE = """
+[[profiles]]
+name = "p"
+local_identity = "fqdn:vpn.example"
+psk = "a-long-enough-psk-0123"
+"""
 
 
 def make(first: str, last: str) -> AddressPool:
@@ -39,8 +51,6 @@ def test_allocate_does_not_reuse_just_released_address_first():
 
 
 def test_leases_survive_restart_for_the_same_identity(tmp_path):
-    from control.pool import LeaseStore
-
     first, last = ipaddress.IPv4Address("198.18.128.1"), ipaddress.IPv4Address(
         "198.18.128.3"
     )
@@ -76,10 +86,11 @@ psk = "a-long-enough-psk-0123"
 """
     config = parse(text, "t.toml").pools["v6"]
     pool = AddressPool(config)
-    got = [pool.allocate(f"s{i}") for i in range(5)]
-    # a /126 handing out /128s serves 4 clients
-    assert got[:4] == [ipaddress.IPv6Address(f"2001:db8:1::{i}") for i in range(4)]
-    assert got[4] is None and pool.size == 4
+    got = [pool.allocate(f"s{i}") for i in range(4)]
+    # a /126 handing out /128s serves 3 clients: ::0 is the subnet-router
+    # anycast address (RFC 4291 2.6.1)
+    assert got[:3] == [ipaddress.IPv6Address(f"2001:db8:1::{i}") for i in (1, 2, 3)]
+    assert got[3] is None and pool.size == 3
 
 
 def test_ipv6_pool_with_client_prefix_64():
@@ -111,3 +122,87 @@ def test_claim_resumed_address_then_refuse_other_session():
     assert pool.claim(addr, "s2") is False
     assert pool.claim(ipaddress.IPv4Address("198.18.129.1"), "s1") is False
     assert all(pool.allocate(f"x{i}") != addr for i in range(3))
+
+
+def test_ipv6_pool_of_128s_never_hands_out_the_zero_address():
+    config = parse('[pools.v6]\nrange = "2001:db8:18:1::/127"\n' + PROFILE, "t")
+    pool = AddressPool(config.pools["v6"])
+    assert pool.size == 1
+    assert pool.allocate("s1") == ipaddress.IPv6Address("2001:db8:18:1::1")
+    assert pool.allocate("s2") is None
+    # a lease of the zero address from an older run is not taken back
+    assert pool.claim(ipaddress.IPv6Address("2001:db8:18:1::"), "s3") is False
+
+
+def test_ipv6_pool_wraps_round_robin_past_the_zero_address():
+    config = parse('[pools.v6]\nrange = "2001:db8:18:1::/126"\n' + PROFILE, "t")
+    pool = AddressPool(config.pools["v6"])
+    got = [pool.allocate(f"s{i}") for i in range(3)]
+    pool.release(got[0])
+    pool.release(got[2])
+    again = [pool.allocate("s8"), pool.allocate("s9")]
+    assert ipaddress.IPv6Address("2001:db8:18:1::") not in again
+    assert sorted(again) == sorted([got[0], got[2]])
+
+
+def _modes(directory):
+    return {
+        f.name: stat.S_IMODE(f.stat().st_mode)
+        for f in directory.iterdir()
+        if f.name.startswith("leases.sqlite")
+    }
+
+
+def test_lease_store_files_are_owner_only(tmp_path):
+    store = LeaseStore(tmp_path / "state" / "leases.sqlite")
+    store.put("p", "198.18.128.1", "s1", "alice")
+    modes = _modes(tmp_path / "state")
+    # WAL mode: the -wal and -shm files exist while the store is open
+    assert set(modes) == {"leases.sqlite", "leases.sqlite-wal", "leases.sqlite-shm"}
+    assert set(modes.values()) == {0o600}
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+    store.close()
+
+
+def test_lease_store_tightens_an_older_world_readable_file(tmp_path):
+    path = tmp_path / "leases.sqlite"
+    old = LeaseStore(path)
+    old.put("p", "198.18.128.1", "s1", "alice")
+    old.close()
+    path.chmod(0o644)
+    store = LeaseStore(path)
+    assert set(_modes(tmp_path).values()) == {0o600}
+    assert store.load("p") == [("198.18.128.1", "s1", "alice")]
+    store.close()
+
+
+@pytest.fixture
+def no_misses(monkeypatch):
+    monkeypatch.setattr(poolmod, "UNKNOWN_POOLS", poolmod.collections.Counter())
+    return poolmod
+
+
+def test_find_pool_returns_pool_of_matching_version(no_misses):
+    pools = {"v4": make("198.18.128.1", "198.18.128.2")}
+    assert find_pool(pools, "v4", 4) is pools["v4"]
+    assert not no_misses.UNKNOWN_POOLS
+
+
+def test_find_pool_unknown_name_warns_once_and_counts(no_misses, caplog):
+    pools = {"v4": make("198.18.128.1", "198.18.128.2")}
+    with caplog.at_level(logging.WARNING, logger="espgate.pool"):
+        assert find_pool(pools, "nope", 4) is None
+        assert find_pool(pools, "nope", 4) is None
+        assert find_pool(pools, "v4", 6) is None
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert "'nope'" in warnings[0] and "not configured" in warnings[0]
+    assert "'v4'" in warnings[1] and "not an IPv6 pool" in warnings[1]
+    assert no_misses.UNKNOWN_POOLS == {"nope": 2, "v4": 1}
+
+
+def test_find_pool_bounds_the_names_it_counts(no_misses):
+    for i in range(no_misses.UNKNOWN_NAMES + 5):
+        find_pool({}, f"n{i}", 4)
+    assert len(no_misses.UNKNOWN_POOLS) == no_misses.UNKNOWN_NAMES + 1
+    assert no_misses.UNKNOWN_POOLS[no_misses.OTHER_NAME] == 5

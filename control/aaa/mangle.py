@@ -15,14 +15,24 @@ username, or None when the source is missing or the part is absent:
 
 DN fields: common-name, country, domain, locality, organization,
 organization-unit, state.
+
+A mangler can only work when the session proves what it reads:
+`usability_problem` says, at config time, when a profile never gives the
+mangler its source (a certificate DN without certificate authentication of
+peers, an EAP identity without EAP, an email or FQDN part when no
+match_identity pattern admits that identity type).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+
+from control.ike.matching import IdentityPattern
+from control.ike.messages import IDType
 
 DN_FIELDS = {
     "common-name": NameOID.COMMON_NAME,
@@ -34,6 +44,10 @@ DN_FIELDS = {
     "state": NameOID.STATE_OR_PROVINCE_NAME,
 }
 DELIMITERS = (".", "@", "\\")
+# remote_auth methods by which the peer presents a certificate
+SIGNATURE_AUTH = ("rsa-sig", "ecdsa-sig", "pubkey")
+# IKE identity type each identity source reads
+SOURCE_ID_TYPES = {"email": IDType.ID_RFC822_ADDR, "fqdn": IDType.ID_FQDN}
 PARTS = {
     "eap": ("all", "dn", "prefix", "suffix"),
     "email": ("all", "domain", "username"),
@@ -97,9 +111,38 @@ def parse_mangler(text: str) -> Mangler:
     if source not in PARTS:
         raise ValueError(f"source {source!r} is not one of dn, eap, email, fqdn")
     if part not in PARTS[source]:
-        raise ValueError(f"{source} part {part!r} is not one of {PARTS[source]}")
+        choices = ", ".join(PARTS[source])
+        raise ValueError(f"{source} part {part!r} is not one of {choices}")
     if source == "eap" and part == "dn" and arg not in DN_FIELDS:
         raise ValueError(f"DN field {arg!r} is not one of {', '.join(DN_FIELDS)}")
     if source == "eap" and part in ("prefix", "suffix") and arg not in DELIMITERS:
         raise ValueError(f"delimiter {arg!r} is not one of . @ \\")
     return Mangler(source, part, arg)
+
+
+def usability_problem(
+    mangler: Mangler, remote_auth: Sequence[str], patterns: Sequence[str]
+) -> str | None:
+    """Say why a profile never gives ``mangler`` its source, or None.
+
+    ``remote_auth`` and ``patterns`` (match_identity) are the profile's, the
+    patterns already checked.
+    """
+    if mangler.source == "dn":
+        if not any(method in SIGNATURE_AUTH for method in remote_auth):
+            return ("dn: needs certificate authentication of peers (remote_auth "
+                    f"{', '.join(SIGNATURE_AUTH)})")  # fmt: skip
+        return None
+    if mangler.source == "eap":
+        if "eap" not in remote_auth:
+            return "eap: needs EAP authentication of peers (remote_auth eap)"
+        return None
+    wanted = SOURCE_ID_TYPES[mangler.source]
+    for text in patterns:
+        pattern = IdentityPattern.parse(text)
+        if pattern.kind in ("any", "suffix") or (
+            pattern.kind == "exact" and pattern.id_type == wanted
+        ):
+            return None
+    return (f"{mangler.source}: no match_identity pattern admits "
+            f"{mangler.source} identities")  # fmt: skip

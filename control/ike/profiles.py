@@ -50,24 +50,38 @@ class Identity:
     def from_string(cls, text: str) -> Identity:
         """Parse "fqdn:", "email:", "ipv4:", "ipv6:", "dn:", "keyid:" text, or guess.
 
-        "dn:" takes an RFC 4514 string ("CN=a,O=b"), "keyid:" hex.
+        "dn:" takes an RFC 4514 string ("CN=a,O=b"), "keyid:" hex. A value
+        that does not fit its type raises ValueError naming the value and type.
         """
         kind, sep, rest = text.partition(":")
         if sep and kind == "dn":
-            return cls(
-                IDType.ID_DER_ASN1_DN,
-                x509.Name.from_rfc4514_string(rest).public_bytes(),
-            )
+            try:
+                name = x509.Name.from_rfc4514_string(rest)
+            except ValueError:
+                name = x509.Name([])
+            if rest and not name.rdns:
+                raise ValueError(f"not an RFC 4514 DN like 'CN=a,O=b': {rest!r}")
+            return cls(IDType.ID_DER_ASN1_DN, name.public_bytes())
         if sep and kind == "keyid":
-            return cls(IDType.ID_KEY_ID, bytes.fromhex(rest))
+            try:
+                return cls(IDType.ID_KEY_ID, bytes.fromhex(rest))
+            except ValueError:
+                problem = f"expected hex digits in pairs, got {rest!r}"
+                raise ValueError(problem) from None
         if sep and kind in ("fqdn", "email", "ipv4", "ipv6"):
             if kind == "fqdn":
                 return cls(IDType.ID_FQDN, rest.encode())
             if kind == "email":
                 return cls(IDType.ID_RFC822_ADDR, rest.encode())
-            if kind == "ipv4":
-                return cls(IDType.ID_IPV4_ADDR, ipaddress.IPv4Address(rest).packed)
-            return cls(IDType.ID_IPV6_ADDR, ipaddress.IPv6Address(rest).packed)
+            try:
+                address = ipaddress.ip_address(rest)
+            except ValueError:
+                raise ValueError(f"not an IP address: {rest!r}") from None
+            if kind != f"ipv{address.version}":
+                raise ValueError(f"not an IPv{kind[3]} address: {rest!r}")
+            if address.version == 4:
+                return cls(IDType.ID_IPV4_ADDR, address.packed)
+            return cls(IDType.ID_IPV6_ADDR, address.packed)
         try:
             address = ipaddress.ip_address(text)
         except ValueError:
