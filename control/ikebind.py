@@ -27,7 +27,7 @@ from control.ike.profiles import (
     default_ike_proposals,
     windows_ike_proposals,
 )
-from control.pool import AddressPool
+from control.pool import AddressPool, find_pool
 
 _ESP = {
     "aes128gcm16": EspAlgorithms(EncrId.ENCR_AES_GCM_16, 128),
@@ -91,8 +91,8 @@ def build_responder_config(
     ) -> ipaddress.IPv6Interface | None:
         # the pool authorization named, else the profile's
         name = chosen or pool6_of[profile]
-        pool = pools.get(name) if name else None
-        if pool is None or pool.version != 6:
+        pool = find_pool(pools, name, 6) if name else None
+        if pool is None:
             return None
         address = pool.allocate(session_id)
         if address is None:
@@ -133,8 +133,8 @@ def _proposals(p: ProfileConfig) -> dict[str, list]:
 def _allocate4(
     pools: dict[str, AddressPool], name: str | None, session_id: str, identity: str
 ) -> ipaddress.IPv4Address | None:
-    pool = pools.get(name) if name else None
-    if pool is None or pool.version != 4:
+    pool = find_pool(pools, name, 4) if name else None
+    if pool is None:
         return None
     address = pool.allocate(session_id, identity)
     assert address is None or isinstance(address, ipaddress.IPv4Address)
