@@ -6,6 +6,7 @@ espgate check-config [FILE]            parse and check, print a summary
 espgate show sessions|counters|engines ask a running daemon
 espgate show ipsec sa                  per SA: next seq, reserved mark, counters
 espgate clear session ID               delete a session (the client is told)
+espgate reload dataplane               restart the ESP engine process
 espgate sa move SPI kernel|userspace   move a live CHILD SA to the other
                                        ESP engine (SPI in or out, hex)
 espgate demo [--json PATH]             the main job: a real strongSwan
@@ -13,6 +14,12 @@ espgate demo [--json PATH]             the main job: a real strongSwan
 espgate selftest [--json PATH] [--cases A,B]
                                        real peers in namespaces, a JSON
                                        verdict per case
+espgate --version                      print the version
+
+Every command prints its answer on stdout and its errors on stderr; exit
+status 0 on success, 1 when the daemon refused or cannot be reached, 2 for a
+config or usage error.  Output cut short by a closed pipe (``| head``) ends
+the command quietly.
 """
 
 from __future__ import annotations
@@ -20,40 +27,75 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 from control import config as configmod
+from control.seqstore import StateDirError, check_state_dir
 
 DEFAULT_SOCKET = configmod.ServerConfig().control_socket
+# exit status of a command whose reader went away (128 + SIGPIPE, as for cat)
+EXIT_PIPE = 141
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # the reader (head, less) is gone: nothing left to say, no traceback;
+        # stdout points at /dev/null so the flush at exit cannot fail again
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+        return EXIT_PIPE
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:
         # the benchmarks parse their own options, --help included
         from bench.cli import main as bench_main
 
-        return int(bench_main(argv[1:]) or 0)
+        code = int(bench_main(argv[1:]) or 0)
+        sys.stdout.flush()
+        return code
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return code
     except configmod.ConfigError as exc:
         print(f"espgate: config error: {exc}", file=sys.stderr)
+        return 2
+    except StateDirError as exc:
+        print(f"espgate: config error: server.state_dir: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("espgate")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="espgate", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--version", action="version", version=f"espgate {_version()}"
+    )
     sub = parser.add_subparsers(metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the headend daemon")
@@ -67,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reload", help="restart a part of a running daemon")
     p.add_argument("what", choices=["dataplane"])
     p.add_argument("--socket", default=DEFAULT_SOCKET)
+    p.add_argument("--json", action="store_true", help="print raw JSON")
     p.set_defaults(func=_cmd_reload)
 
     p = sub.add_parser("dataplane", help="the ESP dataplane (started by serve)")
@@ -84,12 +127,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("sub", nargs="?", choices=["sa"], help="with ipsec: sa")
     p.add_argument("--socket", default=DEFAULT_SOCKET)
     p.add_argument("--json", action="store_true", help="print raw JSON")
-    p.set_defaults(func=_cmd_show)
+    p.set_defaults(func=_cmd_show, parser=p)
 
     p = sub.add_parser("clear", help="tell a running daemon to delete a session")
     p.add_argument("what", choices=["session"])
     p.add_argument("id", help="session id as `espgate show sessions` prints it")
     p.add_argument("--socket", default=DEFAULT_SOCKET)
+    p.add_argument("--json", action="store_true", help="print raw JSON")
     p.set_defaults(func=_cmd_clear)
 
     p = sub.add_parser("sa", help="act on a running daemon's CHILD SAs")
@@ -152,6 +196,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         overrides["log_level"] = args.log_level
     if overrides:
         config = configmod.replace_server(config, **overrides)
+    if config.server.state_dir:
+        # made if missing; a file there, or no way to make it, is a config error
+        check_state_dir(config.server.state_dir, create=True)
     _setup_logging(config.server.log_level)
     try:
         serve(config)
@@ -163,6 +210,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     config = configmod.load(args.file)
+    if config.server.state_dir:
+        try:
+            check_state_dir(config.server.state_dir)
+        except StateDirError as exc:
+            print(f"espgate: config error: {config.source}: server.state_dir: {exc}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
     print(f"{config.source}: ok")
     for pool in config.pools.values():
         print(f"  pool {pool.name}: {pool.first} - {pool.last} ({pool.size})")
@@ -198,38 +252,59 @@ def _cmd_dataplane(args: argparse.Namespace) -> int:
     return dataplane_main([args.fd])
 
 
-def _cmd_reload(args: argparse.Namespace) -> int:
+def _ask(args: argparse.Namespace, cmd: str, **fields: Any) -> dict[str, Any] | None:
+    # one request; None (said on stderr) when the daemon cannot be reached
     try:
-        answer = request(args.socket, f"reload-{args.what}")
+        return request(args.socket, cmd, **fields)
     except OSError as exc:
         print(
             f"espgate: cannot reach the daemon at {args.socket}: {exc}", file=sys.stderr
         )
+    except ValueError:
+        print(f"espgate: no answer from the daemon at {args.socket}", file=sys.stderr)
+    return None
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    answer = _ask(args, f"reload-{args.what}")
+    if answer is None:
         return 1
-    print(json.dumps(answer, indent=2))
-    return 1 if "error" in answer else 0
+    if "error" in answer:
+        print(f"espgate: reload {args.what} failed: {answer['error']}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(f"dataplane restarted: pid {answer.get('dataplane_pid')}")
+    return 0
 
 
 def _cmd_clear(args: argparse.Namespace) -> int:
-    try:
-        answer = request(args.socket, "delete-session", session=args.id)
-    except OSError as exc:
-        print(
-            f"espgate: cannot reach the daemon at {args.socket}: {exc}", file=sys.stderr
-        )
+    answer = _ask(args, "delete-session", session=args.id)
+    if answer is None:
         return 1
-    print(json.dumps(answer, indent=2))
-    return 1 if "error" in answer else 0
+    if "error" in answer:
+        print(f"espgate: clear session failed: {answer['error']}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(f"session {answer.get('deleting')}: Delete sent to the client")
+    return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    try:
-        what = "ipsec-sa" if args.what == "ipsec" else args.what
-        answer = request(args.socket, f"show-{what}")
-    except OSError as exc:
-        print(
-            f"espgate: cannot reach the daemon at {args.socket}: {exc}", file=sys.stderr
-        )
+    # `show ipsec` takes `sa`, nothing else takes a second word
+    if args.what == "ipsec" and args.sub != "sa":
+        args.parser.error("show ipsec needs 'sa'")
+    if args.what != "ipsec" and args.sub is not None:
+        args.parser.error(f"show {args.what} takes no {args.sub!r}")
+    what = "ipsec-sa" if args.what == "ipsec" else args.what
+    answer = _ask(args, f"show-{what}")
+    if answer is None:
+        return 1
+    if "error" in answer:
+        print(f"espgate: show {args.what} failed: {answer['error']}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(answer, indent=2))
@@ -237,6 +312,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
         print(format_sessions(answer["sessions"]))
     elif args.what == "ipsec":
         print(format_ipsec_sas(answer.get("sas", [])))
+    elif args.what == "engines":
+        print(format_engines(answer))
     else:
         print(format_counters(answer))
     return 0
@@ -248,12 +325,8 @@ def _cmd_sa_move(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"espgate: not a hex SPI: {args.spi!r}", file=sys.stderr)
         return 2
-    try:
-        answer = request(args.socket, "sa-move", timeout=30, spi=args.spi, to=args.to)
-    except OSError as exc:
-        print(
-            f"espgate: cannot reach the daemon at {args.socket}: {exc}", file=sys.stderr
-        )
+    answer = _ask(args, "sa-move", timeout=30, spi=args.spi, to=args.to)
+    if answer is None:
         return 1
     if "error" in answer:
         print(f"espgate: sa move failed: {answer['error']}", file=sys.stderr)
@@ -280,9 +353,32 @@ def format_counters(answer: dict[str, Any], prefix: str = "") -> str:
     return "\n".join(line for line in lines if line)
 
 
+def format_engines(answer: dict[str, Any]) -> str:
+    """Render `show engines`: each profile's engine, the kernel's availability."""
+    lines = [f"profile {name}: {mode}" for name, mode in answer["profiles"].items()]
+    kind = answer.get("dataplane")
+    if kind:
+        lines.append(f"userspace engine: runs {_WHERE.get(kind, kind)}")
+    reason = answer.get("kernel_reason") or ""
+    if answer.get("kernel_available") is None:
+        lines.append(f"kernel engine: {reason or 'not probed'}")
+    elif answer["kernel_available"]:
+        lines.append(f"kernel engine: available ({reason})")
+    else:
+        lines.append(f"kernel engine: unavailable ({reason})")
+    return "\n".join(lines)
+
+
+_WHERE = {"process": "in its own process", "inline": "inside the daemon"}
+
+
 def format_sessions(sessions: list[dict[str, Any]]) -> str:
-    """Render sessions as an aligned table, one row per CHILD SA."""
+    """Render sessions as an aligned table, one row per CHILD SA.
+
+    The first column is the session ID `espgate clear session` takes.
+    """
     header = (
+        "session",
         "identity",
         "outside",
         "inside",
@@ -295,16 +391,18 @@ def format_sessions(sessions: list[dict[str, Any]]) -> str:
     rows = [header]
     for s in sessions:
         mtu = str(s.get("mtu") or "-")
+        sid = str(s.get("session") or "-")
         for c in s["children"] or [None]:
             if c is None:
                 inside = str(s["inside"] or "-")
                 rows.append(
-                    (s["identity"], s["outside"], inside, mtu, "-",
+                    (sid, s["identity"], s["outside"], inside, mtu, "-",
                      s.get("engine", "-"), "-", "-")  # fmt: skip
                 )
                 continue
             rows.append(
                 (
+                    sid,
                     s["identity"],
                     s["outside"],
                     str(s["inside"] or "-"),

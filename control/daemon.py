@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -63,7 +64,7 @@ from control.config import Config
 from control.ikebind import build_radius_clients, build_responder_config
 from control.pool import AddressPool, LeaseStore
 from control.routes import add_route, del_route
-from control.seqstore import UntrustedState
+from control.seqstore import StateDirError, UntrustedState, check_state_dir
 from fastpath.sa import SAParams
 
 log = logging.getLogger("espgate.daemon")
@@ -74,6 +75,9 @@ DEFER_OUT_MAX = 2.0
 Address = tuple[str, int]
 SEQ_POLL = 1.0
 POWER_CUT_ENV = "ESPGATE_POWER_CUT_MODEL"
+
+# in state_dir, flock'ed for the daemon's life: one daemon per state directory
+LOCK_FILE = "daemon.lock"
 
 # lowest sequence-number gap left between the source and destination engine
 MIN_MARGIN = 256
@@ -214,7 +218,8 @@ class Headend:
         try:
             await self._start(loop)
         except BaseException:
-            await self._shutdown()
+            # a daemon that never served says only why (StartupError)
+            await self._shutdown(started=False)
             raise
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
@@ -254,7 +259,7 @@ class Headend:
             )
         except OSError as exc:
             raise StartupError(
-                f"cannot bind UDP {srv.listen}:{srv.ike_port}: {exc.strerror or exc}"
+                f"cannot bind UDP {srv.listen}:{srv.ike_port}: {_reason(exc)}"
             ) from None
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock4500 = sock
@@ -264,7 +269,7 @@ class Headend:
             sock.bind((srv.listen, srv.natt_port))
         except OSError as exc:
             raise StartupError(
-                f"cannot bind UDP {srv.listen}:{srv.natt_port}: {exc.strerror or exc}"
+                f"cannot bind UDP {srv.listen}:{srv.natt_port}: {_reason(exc)}"
             ) from None
         sock.setblocking(False)
         self._share_natt_port()
@@ -321,8 +326,13 @@ class Headend:
         if self._stopping is not None:
             self._stopping.set()
 
-    async def _shutdown(self) -> None:
-        log.info("stopping: %d session(s)", len(self.sessions))
+    async def _shutdown(self, started: bool = True) -> None:
+        if started:
+            log.info("stopping: %d session(s)", len(self.sessions))
+        # the dataplane sends the Deletes on port 4500: if it goes now (a
+        # signal to the whole group) it is not restarted, the proxy sends
+        if self.engine is not None and hasattr(self.engine, "begin_stop"):
+            self.engine.begin_stop()
         # tell clients we are going, give them a moment to answer
         now = time.monotonic()
         for session_id in list(self.sessions if self.responder else ()):
@@ -370,7 +380,8 @@ class Headend:
             with contextlib.suppress(OSError):
                 if path.lstat().st_ino == self._ctl_inode:
                     path.unlink()
-        log.info("stopped")
+        if started:
+            log.info("stopped")
 
     # -- engines -----------------------------------------------------------
 
@@ -382,6 +393,8 @@ class Headend:
         modes = {p.name: p.engine or default for p in self.config.profiles}
         if set(modes.values()) & {"kernel", "auto"}:
             self.kernel_ok, self.kernel_reason = probe_kernel()
+        else:
+            self.kernel_reason = "not probed: every profile uses the userspace engine"
         auto = sorted(name for name, mode in modes.items() if mode == "auto")
         if auto:
             chosen = "kernel" if self.kernel_ok else "userspace"
@@ -658,7 +671,17 @@ class Headend:
             self._dhcp_open.pop(event.session_id, None)
             if event.mtu is None:
                 event = dataclasses.replace(event, mtu=self._policy_mtu(event))
-            self._child_up(event)
+            try:
+                self._child_up(event)
+            except Exception:
+                self.counters["handler_errors"] += 1
+                log.exception(
+                    "session %s: child sa %08x/%08x not set up",
+                    event.session_id,
+                    event.spi_in,
+                    event.spi_out,
+                )
+                self._abort_child(event)
         elif isinstance(event, ike.ChildSADown):
             self._child_down(event.session_id, event.spi_in, event.spi_out)
         elif isinstance(event, ike.PeerMoved):
@@ -1041,6 +1064,31 @@ class Headend:
             session.engine,
         )
 
+    def _abort_child(self, ev: Any) -> None:
+        """Undo what a failed ChildSAUp left behind; delete the session's IKE SA.
+
+        The client has the CHILD SA already: a half-built one would be a dead
+        tunnel it knows nothing about, so it is told with a Delete (RFC 7296
+        section 1.4.1) and the session goes here at once.
+        """
+        session = self.sessions.get(ev.session_id)
+        if session is not None and (ev.spi_in, ev.spi_out) not in session.children:
+            for spi, inbound in ((ev.spi_in, True), (ev.spi_out, False)):
+                with contextlib.suppress(Exception):
+                    self.engine.remove_sa(spi, inbound)
+                if session.engine == "kernel" and self.kernel is not None:
+                    with contextlib.suppress(Exception):
+                        self.kernel.remove_sa(spi, inbound)
+                session.params.pop((spi, inbound), None)
+            for key in [k for k, sa in session.deferred_out.items()
+                        if sa.spi == ev.spi_out]:  # fmt: skip
+                del session.deferred_out[key]
+        if session is not None:
+            self._guard(self._teardown, session, "child sa setup failed")
+        now = time.monotonic()
+        if not self._guard(self.responder.delete_ike_sa, ev.session_id, now):
+            log.warning("session %s: no ike sa left to delete", ev.session_id)
+
     def _kernel_install(
         self,
         session: Session,
@@ -1253,13 +1301,14 @@ class Headend:
                     self._forget_session(ike.session_id)
 
         # marks and windows of the SAs not resumed: their keys are never used again
-        from control.dataplane import INBOUND_KIND
+        from control.dataplane import INBOUND_KIND, OUTBOUND_KIND
 
         live = {spi for s in self.sessions.values() for pair in s.children
                 for spi in pair}  # fmt: skip
         for spi in gone - live:
             self._store.forget(spi)
-            self._store.delete_record(INBOUND_KIND, f"{self._scope}{spi:08x}")
+            for kind in (INBOUND_KIND, OUTBOUND_KIND):
+                self._store.delete_record(kind, f"{self._scope}{spi:08x}")
 
     def _rebuild(self, ike: Any, daemon: dict[str, Any]) -> None:
         from control.ike.events import ChildSAUp
@@ -1519,9 +1568,16 @@ class Headend:
             line = await asyncio.wait_for(reader.readline(), 5.0)
             try:
                 request = json.loads(line or b"{}")
+                if not isinstance(request, dict):
+                    kind = type(request).__name__
+                    raise ValueError(f"expected a JSON object, got a {kind}")
                 answer = self.control(str(request.get("cmd", "")), request)
-            except (ValueError, AttributeError) as exc:
+            except ValueError as exc:
                 answer = {"error": f"bad request: {exc}"}
+            except Exception:
+                self.counters["handler_errors"] += 1
+                log.exception("control request failed")
+                answer = {"error": "internal error (see the daemon's log)"}
             writer.write(json.dumps(answer).encode() + b"\n")
             await writer.drain()
         except (TimeoutError, ConnectionError):
@@ -1544,10 +1600,12 @@ class Headend:
             try:
                 return self.move_sa(str(request.get("spi", "")), str(request.get("to")))
             except (KeyError, ValueError, RuntimeError, OSError) as exc:
-                return {"error": str(exc)}
+                # str() of a KeyError is its repr: the message alone
+                return {"error": str(exc.args[0]) if exc.args else str(exc)}
         if cmd == "show-engines":
             return {
                 "profiles": dict(self.profile_engine),
+                "dataplane": self._dataplane_kind(),
                 "kernel_available": self.kernel_ok,
                 "kernel_reason": self.kernel_reason,
             }
@@ -1587,15 +1645,23 @@ class Headend:
         self._after_step()
         log.info("session %s: delete requested on the control socket", session_id)
         return {"deleting": session_id}
+
+    def _dataplane_kind(self) -> str:
+        # where the userspace engine runs: its own process or the daemon's
+        return "process" if hasattr(self.engine, "reload") else "inline"
+
     def _ipsec_sas(self) -> list[dict[str, Any]]:
         """Describe every SA: spi, direction, engine, next seq, reserved mark."""
-        engine = "process" if hasattr(self.engine, "reload") else "inline"
+        userspace = f"userspace ({self._dataplane_kind()})"
         out = []
         for session in self.sessions.values():
+            kernel = session.engine == "kernel" and self.kernel is not None
+            source = self.kernel if kernel else self.engine
+            engine = "kernel" if kernel else userspace
             for spi_in, spi_out in session.children:
                 for spi, inbound in ((spi_in, True), (spi_out, False)):
                     try:
-                        c = dict(self.engine.sa_counters(spi, inbound))
+                        c = dict(source.sa_counters(spi, inbound))
                     except KeyError:
                         continue
                     out.append(
@@ -1651,6 +1717,14 @@ class Headend:
                 for p in session.accepted_routes
             ],
         }
+
+
+def _reason(exc: OSError) -> str:
+    """Return the system's reason for a failed bind (uvloop keeps it inside)."""
+    for err in (exc, exc.__cause__, exc.__context__):
+        if isinstance(err, OSError) and err.strerror:
+            return str(err.strerror)
+    return str(exc)
 
 
 def _pool_networks(
@@ -1711,10 +1785,53 @@ def _claim_socket_path(path: Path) -> None:
 
 
 def serve(config: Config) -> None:
-    """Run the daemon on uvloop until it is stopped."""
+    """Run the daemon on uvloop until it is stopped.
+
+    The state directory is made if missing (StateDirError when it cannot be)
+    and locked for the daemon's life before anything in it is read: a second
+    daemon on it stops here with a StartupError, before it touches leases,
+    kernel state or TUN devices.
+    """
     import uvloop
 
-    uvloop.run(Headend(config).run())
+    state = config.server.state_dir
+    lock = StateLock(state) if state else None
+    try:
+        uvloop.run(Headend(config).run())
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+class StateLock:
+    """An exclusive flock on ``state_dir/LOCK_FILE``, held until release()."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]):
+        directory = check_state_dir(state_dir, create=True)
+        self.path = directory / LOCK_FILE
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StateDirError(f"cannot open {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StartupError(
+                f"state directory {directory} is in use by another daemon "
+                f"(pid {holder})"
+            ) from None
+        # the holder's pid, for the message above
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Unlock (closing the file drops the lock); idempotent."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _kernel_unfit(local_ts: tuple[str, ...], remote_ts: tuple[str, ...]) -> str:

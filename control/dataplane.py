@@ -22,7 +22,15 @@ restarted the supervisor re-adds every session and SA; outbound SAs resume at
 the stored end (strictly above anything sent), inbound ones with the replay
 window the ticker last polled (``replay_window``, every tick).  While the child
 is down mutators are recorded and replayed, queries return the last known
-counters.
+counters; packet and byte counters carry their totals across a restart (the
+new child counts from zero, the proxy adds what the old one last reported).
+
+Stopping: the child ignores SIGTERM and SIGINT (blocked from before its exec,
+so none is lost to the start-up window): a signal to the whole process group,
+as systemd sends it, reaches the daemon, which still needs the child to send
+its Deletes on port 4500 and then stops it itself.  ``begin_stop`` ends the
+restarts; an IKE datagram sent while no child runs goes out on the proxy's own
+copy of the socket.
 
 Live moves (control/daemon.py ``move_sa``): ``set_seq_limit`` from the daemon is
 a *cap*, the end of what the engine may send before the kernel takes over; the
@@ -59,7 +67,11 @@ log = logging.getLogger("espgate.dataplane")
 MAX_MSG = 256 * 1024
 MAX_FDS = 4
 INBOUND_KIND = "inbound"
+# an outbound SA's last polled next_seq: how far ahead a whole-daemon resume is
+OUTBOUND_KIND = "outbound"
 INBOUND_EVERY = 20
+# the daemon's stop signals, which the child ignores
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class DataplaneDown(RuntimeError):
@@ -185,7 +197,13 @@ class DataplaneProxy:
         self._child: _Child | None = None
         self._ike_callback: Callable[[bytes, tuple[str, int]], object] | None = None
         self._stopping = threading.Event()
+        # set by begin_stop: a child that exits now is not restarted
+        self._no_restart = threading.Event()
         self._threads: list[threading.Thread] = []
+        # totals of the children before the running one (per SA, engine-wide)
+        self._base: dict[tuple[int, bool], dict[str, Any]] = {}
+        self._engine_base: dict[str, int] = {}
+        self._engine_last: dict[str, int] = {}
         self._restarted = threading.Condition()
 
     # -- lifecycle ---------------------------------------------------------
@@ -200,8 +218,13 @@ class DataplaneProxy:
             t.start()
             self._threads.append(t)
 
+    def begin_stop(self) -> None:
+        """Restart the dataplane no more: the daemon is stopping."""
+        self._no_restart.set()
+
     def stop(self) -> None:
         """Stop the dataplane for good (the SAs' marks stay in the store)."""
+        self._no_restart.set()
         self._stopping.set()
         with self._lock:
             child = self._child
@@ -281,12 +304,18 @@ class DataplaneProxy:
 
     def _spawn(self) -> None:
         parent, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        proc = subprocess.Popen(
-            [*self.argv, str(child_end.fileno())],
-            pass_fds=(child_end.fileno(),),
-            start_new_session=False,
-        )
-        child_end.close()
+        # the child inherits this thread's mask: SIGTERM and SIGINT stay blocked
+        # until its main() has set them to be ignored
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            proc = subprocess.Popen(
+                [*self.argv, str(child_end.fileno())],
+                pass_fds=(child_end.fileno(),),
+                start_new_session=False,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            child_end.close()
         child = _Child(proc, parent)
         child.reader = threading.Thread(
             target=self._read, args=(child,), daemon=True, name="dataplane-reader"
@@ -318,6 +347,16 @@ class DataplaneProxy:
             with self._lock:
                 if self._stopping.is_set() or self._child is not child:
                     continue
+                if self._no_restart.is_set():
+                    log.info(
+                        "dataplane pid %d exited (%s) while stopping",
+                        child.proc.pid,
+                        code,
+                    )
+                    child.alive = False
+                    child.sock.close()
+                    self._child = None
+                    continue
                 log.warning(
                     "dataplane pid %d exited (%s), restarting", child.proc.pid, code
                 )
@@ -327,7 +366,11 @@ class DataplaneProxy:
                 self._respawn("crash")
 
     def _respawn(self, why: str) -> None:
-        # every session and SA again; outbound ones from the store's marks
+        # every session and SA again; outbound ones from the store's marks; the
+        # new child counts from zero, so what the old one counted is carried
+        for key in self._sas:
+            self._base[key] = _totals(self._last.get(key, {}))
+        self._engine_base = dict(self._engine_last)
         backoff = 0.05
         while not self._stopping.is_set():
             try:
@@ -470,7 +513,8 @@ class DataplaneProxy:
                     self.reserver.store.reserve(params.spi, params.next_seq)
                 start = self.reserver.open_sa(params.spi, esn=params.esn, resume=resume)
                 if resume:
-                    self.reserver.resume_report(params.spi, None)
+                    stored = self._stored_next(params.spi)
+                    self.reserver.resume_report(params.spi, stored)
                 params = dataclasses.replace(
                     params,
                     next_seq=max(start, params.next_seq),
@@ -500,6 +544,20 @@ class DataplaneProxy:
         found = store.records(INBOUND_KIND).get(f"{self.record_scope}{spi:08x}")
         return None if found is None else int(found[1].decode())
 
+    def _stored_next(self, spi: int) -> int | None:
+        # the next_seq the ticker last stored for spi (before a daemon restart)
+        store = self.reserver.store if self.reserver else None
+        if not isinstance(store, SeqStore):
+            return None
+        found = store.records(OUTBOUND_KIND).get(f"{self.record_scope}{spi:08x}")
+        return None if found is None else int(found[1].decode())
+
+    def _put_outbound(self, spi: int, next_seq: int) -> None:
+        store = self.reserver.store if self.reserver else None
+        if isinstance(store, SeqStore):
+            name = f"{self.record_scope}{spi:08x}"
+            store.put_record(OUTBOUND_KIND, name, 1, str(next_seq).encode())
+
     def _put_inbound(self, spi: int, top: int) -> None:
         # a whole-daemon restart reopens the window just above this
         store = self.reserver.store if self.reserver else None
@@ -515,8 +573,9 @@ class DataplaneProxy:
         else:
             self._caps.pop(key[0], None)
         store = self.reserver.store if self.reserver else None
-        if key[1] and isinstance(store, SeqStore):
-            store.delete_record(INBOUND_KIND, f"{self.record_scope}{key[0]:08x}")
+        if isinstance(store, SeqStore):
+            kind = INBOUND_KIND if key[1] else OUTBOUND_KIND
+            store.delete_record(kind, f"{self.record_scope}{key[0]:08x}")
         if not key[1] and self.reserver is not None:
             self.reserver.close_sa(key[0])
 
@@ -580,10 +639,14 @@ class DataplaneProxy:
                 self._windows[spi] = (top, seen)
 
     def sa_counters(self, spi: int, inbound: bool) -> dict[str, Any]:
-        """Return one SA's counters plus its reserved mark (last known if down)."""
+        """Return one SA's counters plus its reserved mark (last known if down).
+
+        Packets, bytes and drops are totals over every dataplane child.
+        """
         key = (spi, bool(inbound))
         try:
-            out = dict(self._call("sa_counters", spi, inbound))
+            out = _add(dict(self._call("sa_counters", spi, inbound)),
+                       self._base.get(key))  # fmt: skip
         except DataplaneDown:
             if key not in self._sas:
                 raise KeyError(f"No SA 0x{spi:08x} inbound={inbound}") from None
@@ -595,11 +658,16 @@ class DataplaneProxy:
         return out
 
     def counters(self) -> dict[str, int]:
-        """Return the engine's counters plus restarts and resumes."""
+        """Return the engine's counters (totals over every child), restarts, resumes.
+
+        While the child is down the last known totals stand.
+        """
         try:
-            out = dict(self._call("counters"))
+            raw = dict(self._call("counters"))
+            out = {k: int(v) + self._engine_base.get(k, 0) for k, v in raw.items()}
+            self._engine_last = dict(out)
         except DataplaneDown:
-            out = {}
+            out = dict(self._engine_last)
         out.update({f"dataplane_{k}": v for k, v in self.counters_.items()})
         return out
 
@@ -608,8 +676,16 @@ class DataplaneProxy:
         return dict(self._call("features"))
 
     def send_ike(self, data: bytes, addr: tuple[str, int]) -> None:
-        """Send an IKE message on 4500; lost (IKE retransmits) while down."""
-        self._try("send_ike", data, addr)
+        """Send an IKE message on 4500, from the proxy's own socket while down."""
+        try:
+            self._call("send_ike", data, addr)
+            return
+        except DataplaneDown:
+            pass
+        # a Delete at shutdown must not wait for a child that is gone
+        with socket.socket(fileno=os.dup(self.udp_fd)) as sock:
+            # RFC 3948 section 2.2: the non-ESP marker before the IKE header
+            sock.sendto(bytes(4) + data, addr)
 
     # -- reservation -------------------------------------------------------
 
@@ -630,6 +706,8 @@ class DataplaneProxy:
                     continue
                 if value is not None and self._child is not None:
                     self.reserver.tick(spi, int(value))
+                    if ticks % INBOUND_EVERY == 0:
+                        self._put_outbound(spi, int(value))
             ticks += 1
             for spi in inbound:
                 # the window for a restart each tick; the top for a whole-daemon
@@ -641,13 +719,41 @@ class DataplaneProxy:
                         self._put_inbound(spi, int(top))
 
 
+def _totals(counters: dict[str, Any]) -> dict[str, Any]:
+    # the counting fields of an SA's counters (not its sequence state)
+    out: dict[str, Any] = {
+        k: int(counters.get(k, 0)) for k in ("packets", "bytes", "seq_blocked")
+    }
+    out["drops"] = {k: int(v) for k, v in (counters.get("drops") or {}).items()}
+    return out
+
+
+def _add(counters: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
+    # a fresh child's SA counters plus what earlier children counted
+    if not base:
+        return counters
+    for k in ("packets", "bytes", "seq_blocked"):
+        if k in counters:
+            counters[k] = int(counters[k]) + base.get(k, 0)
+    drops = dict(counters.get("drops") or {})
+    for k, v in base.get("drops", {}).items():
+        drops[k] = int(drops.get(k, 0)) + v
+    if drops:
+        counters["drops"] = drops
+    return counters
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `python -m control.dataplane FD` (started by DataplaneProxy)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or not argv[0].isdigit():
         print("usage: espgate dataplane FD (started by espgate serve)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the daemon stops us (after its Deletes went out through us); a signal to
+    # the whole group must not: ignore, then take the ones held since the fork
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     return child_main(int(argv[0]))
 
 

@@ -35,10 +35,13 @@ which the daemon turns into a CHILD rekey (or delete).  Nothing wraps.
 The same file keeps opaque session records (``put_record``) for a whole-daemon
 restart.  It is created 0600 in a 0700 directory and ``secure_delete`` is on,
 so deleted key material is overwritten, not left in free pages.
+:func:`check_state_dir` is what ``serve`` and ``check-config`` say about a
+state directory that cannot hold these files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -50,6 +53,8 @@ from pathlib import Path
 
 __all__ = [
     "DEFAULT_STATE_DIR",
+    "StateDirError",
+    "check_state_dir",
     "SEQ_MAX_32",
     "SeqExhausting",
     "SeqReserver",
@@ -79,6 +84,43 @@ CREATE TABLE IF NOT EXISTS records (
     PRIMARY KEY (kind, name)
 );
 """
+
+
+class StateDirError(ValueError):
+    """The state directory cannot be used (the message names it)."""
+
+
+def check_state_dir(path: str | os.PathLike[str], *, create: bool = False) -> Path:
+    """Check that ``path`` is, or can become, a writable directory; return it.
+
+    With ``create`` a missing directory is made (mode 0700); without it the
+    missing part is made and removed again, so a check changes nothing.
+    """
+    state = Path(path)
+    if state.exists() and not state.is_dir():
+        raise StateDirError(f"state directory {state} is not a directory")
+    if state.is_dir():
+        if not os.access(state, os.W_OK | os.X_OK):
+            raise StateDirError(f"state directory {state} is not writable")
+        return state
+    missing = []
+    nearest = state
+    while not nearest.exists() and not nearest.is_symlink():
+        missing.append(nearest)
+        nearest = nearest.parent
+    try:
+        for directory in reversed(missing):
+            directory.mkdir(mode=0o700)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        message = f"cannot create state directory {state}: {reason}"
+        raise StateDirError(message) from None
+    finally:
+        if not create:
+            for directory in missing:
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+    return state
 
 
 class UntrustedState(Exception):
@@ -364,18 +406,33 @@ class SeqReserver:
             return start
 
     def resume_report(self, spi: int, sent_before: int | None) -> None:
-        """Log the resume of spi at info and count how far ahead it jumped."""
+        """Log the resume of spi at info and count how far ahead it jumped.
+
+        ``sent_before`` is the last next_seq known before the restart (the
+        proxy's last reading, or a whole-daemon restart's stored one); without
+        it the line names the stored mark the SA resumed from.
+        """
         with self._lock:
             mark = self._marks[spi]
             start, end = mark.resumed_from or 1, mark.end
-        ahead = None if sent_before is None else start - sent_before
-        if ahead is not None:
-            self.counters["numbers_skipped_on_resume"] += max(ahead, 0)
+        if sent_before is None:
+            log.info(
+                "sa %08x resumed at seq %d from the stored mark %d (last sent "
+                "number unknown), reserved to %d",
+                spi,
+                start,
+                start,
+                end,
+            )
+            return
+        ahead = max(start - sent_before, 0)
+        self.counters["numbers_skipped_on_resume"] += ahead
         log.info(
-            "sa %08x resumed at seq %d (%s ahead of the last known), reserved to %d",
+            "sa %08x resumed at seq %d (%d ahead of the last known %d), reserved to %d",
             spi,
             start,
-            "?" if ahead is None else ahead,
+            ahead,
+            sent_before,
             end,
         )
 

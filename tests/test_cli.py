@@ -77,7 +77,7 @@ def test_format_sessions_shows_session_mtu():
                                "packets_in": 0, "packets_out": 0, "bytes_in": 0,
                                "bytes_out": 0}]}]  # fmt: skip
     header, row = format_sessions(sessions).splitlines()[:2]
-    assert header.split()[3] == "mtu" and row.split()[3] == "1380"
+    assert header.split()[4] == "mtu" and row.split()[4] == "1380"
 
 
 def test_format_sessions_lists_accepted_routes():
@@ -87,3 +87,81 @@ def test_format_sessions_lists_accepted_routes():
                                       "tag": 7}]}]  # fmt: skip
     lines = format_sessions(sessions).splitlines()
     assert "branch1: route 10.77.0.0/16 metric 20 tag 7" in lines
+
+
+def test_format_sessions_shows_session_id_first():
+    sessions = [{"session": "553d0123abcd4567", "identity": "dave",
+                 "outside": "198.18.1.2:4500", "inside": None, "children": []}]
+    header, row = format_sessions(sessions).splitlines()[:2]
+    assert header.split()[0] == "session" and row.split()[0] == "553d0123abcd4567"
+
+
+def test_version_prints_package_version():
+    proc = subprocess.run([ESPGATE, "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("espgate 0.")
+
+
+def test_check_config_piped_into_closed_reader_no_traceback():
+    # `espgate check-config | head -0`: the reader is gone before we write
+    proc = subprocess.run(f"{ESPGATE} check-config | head -c 0", shell=True,
+                          capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+def test_show_sessions_extra_word_is_an_error(tmp_path):
+    proc = subprocess.run([ESPGATE, "show", "sessions", "sa", "--socket",
+                           str(tmp_path / "none.sock")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "takes no 'sa'" in proc.stderr
+
+
+def test_check_config_state_dir_is_a_file_exit_2(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    conf = tmp_path / "c.toml"
+    default = Path(__file__).parents[1] / "control" / "defaults" / "default.toml"
+    conf.write_text(default.read_text().replace(
+        "[server]\n", f'[server]\nstate_dir = "{afile}"\n', 1))
+    proc = subprocess.run([ESPGATE, "check-config", str(conf)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and f"{afile} is not a directory" in proc.stderr
+
+
+def test_serve_state_dir_not_creatable_exit_2(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    proc = subprocess.run(
+        [ESPGATE, "serve", "--state-dir", str(afile / "sub"), "--control-socket",
+         str(tmp_path / "ctl.sock")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"cannot create state directory {afile / 'sub'}" in proc.stderr
+    assert not (tmp_path / "ctl.sock").exists()
+
+
+def test_format_engines_userspace_mode_says_not_probed():
+    from control.cli import format_engines
+
+    text = format_engines({"profiles": {"ra": "userspace"}, "dataplane": "process",
+                           "kernel_available": None,
+                           "kernel_reason": "not probed: every profile uses the "
+                                            "userspace engine"})  # fmt: skip
+    assert "None" not in text and "kernel engine: not probed" in text
+    assert "profile ra: userspace" in text
+
+
+def test_clear_session_error_goes_to_stderr_rc_1(tmp_path, monkeypatch, capsys):
+    import control.cli as cli
+
+    monkeypatch.setattr(cli, "request",
+                        lambda *a, **k: {"error": "no session 'nope'"})
+    assert main(["clear", "session", "nope", "--socket", str(tmp_path / "s")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "clear session failed: no session 'nope'" in err
+
+
+def test_reload_dataplane_prints_pid_line(tmp_path, monkeypatch, capsys):
+    import control.cli as cli
+
+    monkeypatch.setattr(cli, "request", lambda *a, **k: {"dataplane_pid": 4242})
+    assert main(["reload", "dataplane", "--socket", str(tmp_path / "s")]) == 0
+    assert capsys.readouterr().out == "dataplane restarted: pid 4242\n"

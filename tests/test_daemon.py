@@ -107,3 +107,69 @@ def test_state_of_marks_beyond_engine_size_seen():
     state = Headend._state_of((200, 0b1), 64, 128)
     assert state.seen(200) and not state.seen(199)
     assert state.seen(200 - 64) and state.seen(200 - 127)
+
+
+# -- control socket answers ------------------------------------------------------
+
+
+def _headend(tmp_path):
+    from control import config as configmod
+    from control.daemon import Headend
+
+    config = configmod.replace_server(configmod.load(None),
+                                      state_dir=str(tmp_path / "state"))
+    return Headend(config)
+
+
+def test_control_sa_move_unknown_spi_error_without_quotes(tmp_path):
+    answer = _headend(tmp_path).control("sa-move", {"spi": "deadbeef", "to": "kernel"})
+    assert answer == {"error": "no CHILD SA with SPI deadbeef"}
+
+
+def test_control_client_json_array_is_a_clear_error(tmp_path):
+    import asyncio
+    import json
+
+    class Writer:
+        def __init__(self):
+            self.data = b""
+
+        def write(self, data):
+            self.data += data
+
+        async def drain(self):
+            pass
+
+        def close(self):
+            pass
+
+    async def ask(line):
+        reader = asyncio.StreamReader()
+        reader.feed_data(line)
+        reader.feed_eof()
+        writer = Writer()
+        await _headend(tmp_path)._control_client(reader, writer)
+        return json.loads(writer.data)
+
+    answer = asyncio.run(ask(b"[1, 2]\n"))
+    assert answer == {"error": "bad request: expected a JSON object, got a list"}
+
+
+def test_state_lock_second_holder_refused(tmp_path):
+    from control.daemon import StateLock
+
+    first = StateLock(tmp_path / "state")
+    try:
+        held = rf"in use by another daemon \(pid {os.getpid()}\)"
+        with pytest.raises(StartupError, match=held):
+            StateLock(tmp_path / "state")
+    finally:
+        first.release()
+    StateLock(tmp_path / "state").release()
+
+
+def test_check_state_dir_probe_leaves_nothing(tmp_path):
+    from control.seqstore import check_state_dir
+
+    check_state_dir(tmp_path / "a" / "b")
+    assert not (tmp_path / "a").exists()
