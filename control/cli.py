@@ -217,14 +217,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             print(f"espgate: config error: {config.source}: server.state_dir: {exc}",
                   file=sys.stderr)  # fmt: skip
             return 2
-    print(f"{config.source}: ok")
-    for pool in config.pools.values():
-        print(f"  pool {pool.name}: {pool.first} - {pool.last} ({pool.size})")
-    for prof in config.profiles:
-        print(
-            f"  profile {prof.name}: match {', '.join(prof.match_identity)}, "
-            f"auth {prof.auth}, pool {prof.pool}, esp {', '.join(prof.esp)}"
-        )
+    print(configmod.describe(config))
     return 0
 
 

@@ -88,7 +88,7 @@ def test_format_sessions_shows_engine_per_child():
     }]  # fmt: skip
     header, row = format_sessions(sessions).splitlines()[:2]
     assert "engine" in header.split()
-    assert row.split()[5] == "kernel"
+    assert row.split()[6] == "kernel"
 
 
 # -- capture helpers --------------------------------------------------------------
