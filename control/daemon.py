@@ -62,7 +62,7 @@ from control.aaa.attributes import configure_routes, session_mtu
 from control.aaa.authorize import Authorizer
 from control.config import Config
 from control.ikebind import build_radius_clients, build_responder_config
-from control.pool import AddressPool, LeaseStore
+from control.pool import UNKNOWN_POOLS, AddressPool, LeaseStore
 from control.routes import add_route, del_route
 from control.seqstore import StateDirError, UntrustedState, check_state_dir
 from fastpath.sa import SAParams
@@ -1621,6 +1621,8 @@ class Headend:
                     n: {"size": p.size, "in_use": p.in_use}
                     for n, p in self.pools.items()
                 },
+                # pools authorization named that the config doesn't have
+                "unknown_pools": dict(UNKNOWN_POOLS),
             }
         if cmd == "show-ipsec-sa":
             return {"sas": self._ipsec_sas()}
