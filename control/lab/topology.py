@@ -23,10 +23,10 @@ exists in the host namespace. IPv6 is switched off and both links get
 permanent neighbour entries, so a capture on the outer link sees only the
 IPv4 packets the peers send (no ND, MLD or ARP chatter). Where a case turns
 IPv6 on, duplicate address detection and router solicitation are off, so the
-addresses are usable at once (no neighbour solicitation waits out DAD). Entering the context
-refuses to touch namespaces that already exist unless `reuse_stale=True`;
-leaving it deletes the namespaces, which also deletes their veths, whatever
-happened inside the block.
+addresses are usable at once (no neighbour solicitation waits out DAD).
+Entering the context refuses to touch namespaces that already exist unless
+`reuse_stale=True`; leaving it deletes the namespaces, which also deletes
+their veths, whatever happened inside the block.
 """
 
 from __future__ import annotations
