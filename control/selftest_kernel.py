@@ -686,7 +686,7 @@ def _kernel_nat_rebind(lab: HeadendLab) -> Verdict:
                 time.sleep(1)
             result = ping(topo.cli, topo.srv_ip, count=10, interval=0.2)
         child = _child0(lab)
-        step = {
+        step: dict[str, Any] = {
             "remote": _remote_of(lab),
             "ping": result,
             "child": child,
