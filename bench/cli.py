@@ -3,6 +3,8 @@
 Theory of operation: ``control.cli`` hands everything after ``bench`` to
 :func:`main`, which parses the subcommand and calls the benchmark module's
 ``command``; each writes JSON, Markdown and a PNG (see ``bench.common``).
+Bad numbers are argparse errors (exit 2); Ctrl-C prints one line and exits
+130 with no output file half written.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ __all__ = ["main"]
 def main(argv: list[str]) -> int:
     """Run `espgate bench crypto|packets [options]`; return the exit status."""
     from bench import crypto, packets
+    from bench.common import interruptible
 
     parser = argparse.ArgumentParser(prog="espgate bench")
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -31,4 +34,6 @@ def main(argv: list[str]) -> int:
         level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s"
     )
     module = crypto if args.bench == "crypto" else packets
-    return module.command(args, argv[1:])
+    return interruptible(
+        f"espgate bench {args.bench}", lambda: module.command(args, argv[1:])
+    )

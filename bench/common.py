@@ -6,26 +6,45 @@ percent).  It reports progress on stderr with a one-line bar, then
 ``write_outputs`` writes the JSON document (machine, versions, command, points),
 a Markdown file next to it (same stem, ``.md``) and a PNG plot (``.png``).
 Figures are never hard-coded anywhere else: the README shows what a run wrote.
+
+Every numeric option goes through :func:`int_range` or :func:`float_range`, so a
+bad value is an argparse error (usage, one line, exit 2), never an assertion.
+The three files are rendered to temporary names first and renamed with SIGINT
+and SIGTERM held back, so an interrupted run leaves the previous set or the
+new one, never a mix; :func:`interruptible` turns Ctrl-C into one line and
+exit status 130.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import math
 import os
 import platform
+import signal
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "INTERRUPTED_STATUS",
     "Progress",
+    "float_range",
+    "int_range",
+    "interruptible",
     "machine_info",
     "summarize",
     "write_outputs",
 ]
+
+# what a shell reports for a command ended by SIGINT (128 + 2)
+INTERRUPTED_STATUS = 130
 
 CPU_FLAGS = ("aes", "avx2", "avx512f", "vaes", "vpclmulqdq")
 
@@ -104,21 +123,96 @@ class Progress:
             sys.stderr.flush()
 
 
+def int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """Return an argparse type: an integer from lo to hi (no upper bound if None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            want = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"must be {want}, got {value}")
+        return value
+
+    return parse
+
+
+def float_range(lo: float, *, inclusive: bool = True) -> Callable[[str], float]:
+    """Return an argparse type: a finite number >= lo (> lo if not inclusive)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+        if not (value >= lo if inclusive else value > lo):
+            want = f">= {lo:g}" if inclusive else f"> {lo:g}"
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return value
+
+    return parse
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        # a Ctrl-C that came meanwhile is delivered here, after the renames
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def write_outputs(
     json_path: Path,
     doc: dict[str, Any],
     markdown: str,
     plot: Callable[[Path], None],
 ) -> list[Path]:
-    """Write the JSON document, the Markdown next to it and the PNG plot."""
+    """Write the JSON document, the Markdown next to it and the PNG plot.
+
+    All three or none: each is written to a temporary file in the same
+    directory and the three are renamed into place together at the end.
+    """
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(doc, indent=2) + "\n")
-    md_path = json_path.with_suffix(".md")
-    md_path.write_text(markdown)
-    png_path = json_path.with_suffix(".png")
-    plot(png_path)
-    return [json_path, md_path, png_path]
+    finals = [json_path, json_path.with_suffix(".md"), json_path.with_suffix(".png")]
+    temps: list[Path] = []
+    try:
+        for final in finals:
+            fd, name = tempfile.mkstemp(
+                prefix=f".{final.stem}-", suffix=final.suffix, dir=final.parent
+            )
+            os.close(fd)
+            temps.append(Path(name))
+        temps[0].write_text(json.dumps(doc, indent=2) + "\n")
+        temps[1].write_text(markdown)
+        plot(temps[2])
+        with _signals_held():
+            for temp, final in zip(temps, finals, strict=True):
+                temp.chmod(0o644)
+                os.replace(temp, final)
+    finally:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+    return finals
+
+
+def interruptible(prog: str, run: Callable[[], int]) -> int:
+    """Return run()'s status; a Ctrl-C becomes one line and INTERRUPTED_STATUS."""
+    try:
+        return run()
+    except KeyboardInterrupt:
+        # the progress bar may still own the line on a terminal
+        end = "\n" if sys.stderr.isatty() else ""
+        sys.stderr.write(f"{end}{prog}: interrupted, no results written\n")
+        sys.stderr.flush()
+        return INTERRUPTED_STATUS
 
 
 def fmt(value: float | None, digits: int = 1) -> str:

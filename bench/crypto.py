@@ -41,7 +41,16 @@ from typing import Any
 import numpy as np
 
 from bench import _rawloops
-from bench.common import Progress, fmt, machine_info, summarize, write_outputs
+from bench.common import (
+    Progress,
+    float_range,
+    fmt,
+    int_range,
+    interruptible,
+    machine_info,
+    summarize,
+    write_outputs,
+)
 
 log = logging.getLogger("espgate.bench")
 
@@ -62,6 +71,8 @@ BACKENDS = (
     "cryptography",
 )
 SIZES = (64, 512, 1400, 8950)
+# the dataplane's largest batch (MAX_BATCH in fastpath/_engine.pyx)
+MAX_BATCH = 1024
 KEY_BITS = (128, 256)
 OPS = ("encrypt", "decrypt")
 SPI = 0x0000B00C
@@ -490,12 +501,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="a small grid with every backend (smoke test)",
     )
-    parser.add_argument("--repeat", type=int, help="samples per point (default 5)")
     parser.add_argument(
-        "--seconds", type=float, help="target time per sample (default 0.2)"
+        "--repeat", type=int_range(1), help="samples per point (default 5)"
     )
     parser.add_argument(
-        "--batch", type=int, default=64, help="rows per engine batch call (default 64)"
+        "--seconds",
+        type=float_range(0.0, inclusive=False),
+        help="target time per sample (default 0.2)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int_range(1, MAX_BATCH),
+        default=64,
+        help=f"rows per engine batch call, 1 to {MAX_BATCH} (default 64)",
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar on stderr"
@@ -508,10 +526,9 @@ def command(args: argparse.Namespace, argv: list[str]) -> int:
         cfg = CryptoConfig.quick(repeat=args.repeat or 1)
     else:
         cfg = CryptoConfig(repeat=args.repeat or 5)
-    if args.seconds:
+    if args.seconds is not None:
         cfg.seconds = args.seconds
-    assert cfg.repeat >= 1, f"Bad repeat {cfg.repeat}"
-    assert args.batch >= 1, f"Bad batch {args.batch}"
+    # add_arguments' types checked the numbers
     cfg.batch = args.batch
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     points = run_crypto(cfg, progress=not args.no_progress)
@@ -564,17 +581,24 @@ def main(argv: list[str] | None = None) -> int:
         default="espgate",
         choices=[b for b in BACKENDS if b != "openssl-speed"],
     )
-    parser.add_argument("--size", type=int, default=1400)
+    parser.add_argument("--size", type=int_range(1, 65535), default=1400)
     parser.add_argument("--key-bits", type=int, default=128, choices=KEY_BITS)
     parser.add_argument("--op", default="encrypt", choices=OPS)
     parser.add_argument(
-        "--duration", type=float, default=10.0, help="--profile: seconds to loop"
+        "--duration",
+        type=float_range(0.0, inclusive=False),
+        default=10.0,
+        help="--profile: seconds to loop",
     )
     args = parser.parse_args(argv)
     if args.profile:
-        profile(args.backend, args.size, args.key_bits, args.op, args.duration)
-        return 0
-    return command(args, argv)
+
+        def loop() -> int:
+            profile(args.backend, args.size, args.key_bits, args.op, args.duration)
+            return 0
+
+        return interruptible("python -m bench.crypto", loop)
+    return interruptible("python -m bench.crypto", lambda: command(args, argv))
 
 
 if __name__ == "__main__":

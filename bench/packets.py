@@ -74,7 +74,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import Progress, fmt, machine_info, summarize, write_outputs
+from bench.common import (
+    Progress,
+    float_range,
+    fmt,
+    int_range,
+    interruptible,
+    machine_info,
+    summarize,
+    write_outputs,
+)
 from bench.kernelpeer import kernel_tunnel, sa_pair
 from bench.peer import write_config
 from control.lab import (
@@ -83,7 +92,7 @@ from control.lab import (
     StrongSwanResponder,
     Topology,
 )
-from control.lab.procs import netns_argv, wait_for
+from control.lab.procs import interrupt_once, netns_argv, wait_for
 
 log = logging.getLogger("espgate.bench")
 
@@ -100,6 +109,8 @@ __all__ = [
 ]
 
 MODES = ("plain", "espgate", "espgate-persist", "strongswan", "kernel")
+# the dataplane's most worker threads (MAX_WORKERS in fastpath/_engine.pyx)
+MAX_WORKERS = 64
 TRAFFIC = ("tcp-1", "tcp-4", "udp-64", "udp-1400")
 IPERF_PORT = 5201
 ESPGATE_INNER = "198.18.128.2"
@@ -160,11 +171,12 @@ def probe_kernel_esp() -> tuple[bool, str]:
     ns = f"egt-bk{os.getpid()}"
     # a throwaway probe key, never used for traffic
     key = "0x" + os.urandom(20).hex()
+    # the delete runs even when a Ctrl-C cuts the add short (the name is ours)
     try:
-        subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        return False, f"cannot create a scratch namespace: {exc}"
-    try:
+        try:
+            subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            return False, f"cannot create a scratch namespace: {exc}"
         res = subprocess.run(
             netns_argv(
                 ns,
@@ -724,7 +736,16 @@ def _measure(
 
 
 def run_packets(cfg: PacketsConfig, progress: bool = True) -> dict[str, Any]:
-    """Run every mode and traffic pattern; return points and peer reports."""
+    """Run every mode and traffic pattern; return points and peer reports.
+
+    A Ctrl-C (or SIGTERM) raises KeyboardInterrupt once; later ones are
+    ignored until the lab's processes and namespaces are gone.
+    """
+    with interrupt_once():
+        return _run_packets(cfg, progress)
+
+
+def _run_packets(cfg: PacketsConfig, progress: bool) -> dict[str, Any]:
     for mode in cfg.modes:
         assert mode in MODES, f"Bad mode {mode}"
     for traffic in cfg.traffic:
@@ -852,6 +873,7 @@ def markdown(doc: dict[str, Any]) -> str:
             else:
                 cells.append(f"{fmt(p['gbit_per_s'], 2)} ±{fmt(p['spread_pct'], 0)}%")
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    # a ratio row only where both modes ran (a reference not run is no row)
     measured = {p["mode"] for p in points if p["available"]}
     for a, b in (
         ("espgate", "plain"),
@@ -860,7 +882,7 @@ def markdown(doc: dict[str, Any]) -> str:
     ):
         if a in measured and b in measured:
             lines.append(_ratio_row(points, traffics, "gbit_per_s", a, b))
-    if any(p["mode"] == "espgate-persist" for p in points):
+    if {"espgate-persist", "espgate"} <= measured:
         lines.append(
             _ratio_row(points, traffics, "gbit_per_s", "espgate-persist", "espgate")
         )
@@ -995,9 +1017,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "tcp-1 udp-1400 with --guest)",
     )
     parser.add_argument(
-        "--duration", type=float, help="seconds per iperf3 run (default 5, quick 2)"
+        "--duration",
+        type=float_range(1.0),
+        help="seconds per iperf3 run, at least 1 (default 5, quick 2)",
     )
-    parser.add_argument("--repeat", type=int, help="runs per point (default 3)")
+    parser.add_argument(
+        "--repeat", type=int_range(1), help="runs per point (default 3)"
+    )
     parser.add_argument(
         "--modes",
         nargs="+",
@@ -1007,7 +1033,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--traffic", nargs="+", choices=TRAFFIC, help="default all")
     parser.add_argument("--keep", help="keep the lab's logs in this directory")
     parser.add_argument(
-        "--workers", type=int, help="engine worker threads per peer (default: cores)"
+        "--workers",
+        type=int_range(1, MAX_WORKERS),
+        help=f"engine worker threads per peer, 1 to {MAX_WORKERS} (default: cores)",
     )
     parser.add_argument(
         "--reuseport",
@@ -1026,7 +1054,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--guest-timeout",
-        type=float,
+        type=float_range(1.0),
         help="seconds the guest may run (default: estimated from the points)",
     )
     # the guest side of --guest: print the document instead of writing files
@@ -1049,8 +1077,7 @@ def config_from_args(args: argparse.Namespace) -> PacketsConfig:
         reuseport=args.reuseport,
         emulated=args.guest_inner or IN_GUEST,
     )
-    assert cfg.duration >= 1, f"Bad duration {cfg.duration}"
-    assert cfg.repeat >= 1, f"Bad repeat {cfg.repeat}"
+    # add_arguments' types checked the numbers
     return cfg
 
 
@@ -1194,8 +1221,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m bench.packets")
     add_arguments(parser)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    return command(parser.parse_args(argv), argv)
+    return interruptible("python -m bench.packets", lambda: command(args, argv))
 
 
 if __name__ == "__main__":

@@ -733,7 +733,15 @@ def _ping6(ns: str, target: str, count: int = 40) -> dict[str, Any]:
     )
     match = re.search(r"(\d+) packets transmitted, (\d+) received", res.stdout)
     sent, got = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-    return {"sent": sent, "received": got, "output": res.stdout[-300:]}
+    rtt = re.search(r"= [\d.]+/([\d.]+)/([\d.]+)/", res.stdout)
+    return {
+        "sent": sent,
+        "received": got,
+        # recorded, not checked: ~1 s here meant the lab's IPv6 waited on DAD
+        "rtt_avg_ms": float(rtt.group(1)) if rtt else None,
+        "rtt_max_ms": float(rtt.group(2)) if rtt else None,
+        "output": res.stdout[-300:],
+    }
 
 
 def _case_ipv6(dual: bool) -> Any:

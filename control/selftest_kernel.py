@@ -6,17 +6,21 @@ the daemon must say why in one info line, and traffic must flow.  The four
 guest cases need a kernel with ESP and GCM, so on the host they boot Debian's
 kernel under qemu (:func:`control.guest.run_in_guest`) and run ``espgate
 selftest`` for themselves inside it, where ``ESPGATE_IN_GUEST`` is set and the
-case bodies run for real.  :func:`prefetch` boots the guest once for every
-guest case asked for, so ``espgate selftest`` costs one boot however many
-guest cases run; a case without a prefetched verdict boots its own guest.
+case bodies run for real.  :func:`prefetch` notes the guest cases asked for;
+the first of them to run boots the guest once for all, so ``espgate
+selftest`` costs one boot however many guest cases run (a case nobody noted
+boots its own).  On the host a guest case builds no lab: its verdict and its
+duration come from inside the guest, and the boot's wall time is printed
+once, on the line before the first guest verdict.
 
 Each case restarts the lab's headend with an engine configuration of its own
 (the shared :class:`control.selftest.HeadendLab` starts it with the defaults),
 and the strongSwan client uses its ``kernel-netlink`` backend in the guest so
 both ends run ESP in a kernel::
 
-    host: selftest --cases kernel-mode,...  -> prefetch: one qemu boot
-      guest: espgate selftest --cases kernel-mode,...  -> JSON on stdout
+    host: selftest --cases kernel-mode,...  -> prefetch notes the names
+    host: first guest case -> one qemu boot for all of them
+      guest: run_inner([kernel-mode, ...])  -> JSON on stdout
     host: each guest case returns its verdict from the guest's JSON
 """
 
@@ -63,6 +67,9 @@ FOREIGN_REQID = 7
 
 Verdict = tuple[dict[str, Any], list[str]]
 _guest_results: dict[str, dict[str, Any]] = {}
+# guest cases this run asked for (prefetch), and those already booted for
+_wanted: list[str] = []
+_booted: set[str] = set()
 
 
 # -- lab helpers ------------------------------------------------------------------
@@ -679,7 +686,7 @@ def _kernel_nat_rebind(lab: HeadendLab) -> Verdict:
                 time.sleep(1)
             result = ping(topo.cli, topo.srv_ip, count=10, interval=0.2)
         child = _child0(lab)
-        step = {
+        step: dict[str, Any] = {
             "remote": _remote_of(lab),
             "ping": result,
             "child": child,
@@ -738,13 +745,14 @@ def run_inner(names: list[str]) -> list[dict[str, Any]]:
 
 
 def prefetch(names: list[str] | None) -> None:
-    """Boot the guest once for every guest case in names (all when None)."""
+    """Note the guest cases in names (all when None) for one shared boot.
+
+    Nothing boots here: the first guest case to run boots the guest for every
+    noted case, inside ``selftest.run``, where a Ctrl-C is handled.
+    """
     if IN_GUEST:
         return
-    wanted = [n for n in (names or list(CASES)) if n in GUEST_CASES]
-    wanted = [n for n in wanted if n not in _guest_results]
-    if wanted:
-        _guest_results.update(run_guest(wanted))
+    _wanted[:] = [n for n in (names or list(CASES)) if n in GUEST_CASES]
 
 
 def run_guest(names: list[str]) -> dict[str, dict[str, Any]]:
@@ -785,20 +793,41 @@ def _failed(name: str, why: str) -> dict[str, Any]:
 
 
 def _guest_case(name: str, body: Any) -> Any:
+    # in the guest (espgate selftest run there by hand): the body, for real
     def case(lab: HeadendLab) -> Verdict:
-        if IN_GUEST:
-            if not isinstance(lab, KernelLab):
-                dataplane = GUEST_DATAPLANE.get(name)
-                restart_headend(lab, mode=GUEST_LABS[name], dataplane=dataplane)
-            return body(lab)
-        result = _guest_results.pop(name, None) or run_guest([name])[name]
-        detail = dict(result["detail"])
-        failures = list(detail.pop("failures", []))
-        detail.pop("seconds", None)
-        detail["guest_seconds"] = result["detail"].get("seconds")
-        return detail, failures
+        if not isinstance(lab, KernelLab):
+            dataplane = GUEST_DATAPLANE.get(name)
+            restart_headend(lab, mode=GUEST_LABS[name], dataplane=dataplane)
+        return body(lab)
 
     return case
+
+
+def _guest_remote(name: str) -> Any:
+    # on the host: the verdict from the guest, booted once for the noted cases
+    def remote() -> Verdict:
+        if name not in _guest_results:
+            batch = [name] + [n for n in _wanted if n != name and n not in _booted]
+            _booted.update(batch)
+            started = time.monotonic()
+            _guest_results.update(run_guest(batch))
+            print(
+                f"guest: one qemu boot for {len(batch)} case(s) "
+                f"({', '.join(batch)}): {time.monotonic() - started:.1f} s "
+                "with boot and set-up; each case below says its own time in it",
+                flush=True,
+            )
+        result = _guest_results.pop(name)
+        detail = dict(result["detail"])
+        failures = list(detail.pop("failures", []))
+        return detail, failures
+
+    return remote
+
+
+def _guest_spec(summary: str, name: str, body: Any) -> Case:
+    remote = None if IN_GUEST else _guest_remote(name)
+    return Case(summary, _guest_case(name, body), {}, remote)
 
 
 _BODIES = {
@@ -813,29 +842,29 @@ CASES["auto-fallback"] = Case(
     case_auto_fallback,
     {},
 )
-CASES["kernel-mode"] = Case(
+CASES["kernel-mode"] = _guest_spec(
     "guest: auto picks the kernel; strongSwan kernel-netlink: ping, transfer",
-    _guest_case("kernel-mode", _kernel_mode),
-    {},
+    "kernel-mode",
+    _kernel_mode,
 )
-CASES["kernel-rekey"] = Case(
+CASES["kernel-rekey"] = _guest_spec(
     "guest: CHILD rekey make-before-break in the kernel under ping",
-    _guest_case("kernel-rekey", _kernel_rekey),
-    {},
+    "kernel-rekey",
+    _kernel_rekey,
 )
-CASES["xfrm-cleanup"] = Case(
+CASES["xfrm-cleanup"] = _guest_spec(
     "guest: ip xfrm state/policy identical after stop and crash recovery",
-    _guest_case("xfrm-cleanup", _xfrm_cleanup),
-    {},
+    "xfrm-cleanup",
+    _xfrm_cleanup,
 )
-CASES["sa-move-under-traffic"] = Case(
+CASES["sa-move-under-traffic"] = _guest_spec(
     "guest: sa move userspace -> kernel -> userspace under ping and TCP",
-    _guest_case("sa-move-under-traffic", _sa_move_under_traffic),
-    {},
+    "sa-move-under-traffic",
+    _sa_move_under_traffic,
 )
-CASES["kernel-nat-rebind"] = Case(
+CASES["kernel-nat-rebind"] = _guest_spec(
     "guest: kernel SAs follow the client's new NAT port, then its new address",
-    _guest_case("kernel-nat-rebind", _kernel_nat_rebind),
-    {},
+    "kernel-nat-rebind",
+    _kernel_nat_rebind,
 )
 __all__ = ["GUEST_CASES", "prefetch", "restart_headend", "run_guest", "selftest"]

@@ -127,7 +127,7 @@ def _case_invalid_ke_retry(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]:
     detail["invalid_ke_sent"] = counters.get("init_refused_INVALID_KE_PAYLOAD", 0)
     if not detail["invalid_ke_sent"]:
         failures.append("headend sent no INVALID_KE_PAYLOAD")
-    ike = next(iter(client.list_sas().values()), {})
+    ike: dict[str, Any] = next(iter(client.list_sas().values()), {})
     detail["client_dh_group"] = ike.get("dh-group")
     if ike.get("dh-group") != "ECP_256":
         failures.append(f"client IKE SA is not on ECP-256: {ike.get('dh-group')}")
@@ -143,7 +143,7 @@ def _case_windows_proposals(lab: HeadendLab) -> tuple[dict[str, Any], list[str]]
     client = lab.client(ike="aes256-sha1-modp1024")
     if not client.initiate():
         return {"client_log": str(client.log_path)}, ["tunnel did not come up"]
-    ike = next(iter(client.list_sas().values()), {})
+    ike: dict[str, Any] = next(iter(client.list_sas().values()), {})
     detail: dict[str, Any] = {
         k: ike.get(k) for k in ("encr-alg", "encr-keysize", "integ-alg", "dh-group")
     }

@@ -18,6 +18,7 @@ import pytest
 
 from bench import _rawloops
 from bench.cli import main
+from bench.common import INTERRUPTED_STATUS, interruptible, write_outputs
 from bench.crypto import BACKENDS, make_runner, openssl_speed
 from bench.packets import MODES, TRAFFIC, probe_kernel_esp, udp_payload
 
@@ -103,6 +104,95 @@ def test_bench_crypto_quick_schema(tmp_path: Path) -> None:
     md = out.with_suffix(".md").read_text()
     assert "espgate / ipsec-mb-raw" in md and "espgate / openssl-evp" in md
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["crypto", "--repeat", "-1"], "argument --repeat: must be >= 1, got -1"),
+        (["crypto", "--repeat", "0"], "argument --repeat: must be >= 1, got 0"),
+        (["crypto", "--batch", "0"], "argument --batch: must be from 1 to 1024"),
+        (["crypto", "--batch", "5000"], "argument --batch: must be from 1 to 1024"),
+        (["crypto", "--seconds", "-1"], "argument --seconds: must be > 0, got -1"),
+        (["crypto", "--seconds", "0"], "argument --seconds: must be > 0, got 0"),
+        (["crypto", "--seconds", "inf"], "argument --seconds: not a finite number"),
+        (["crypto", "--repeat", "two"], "argument --repeat: not an integer: 'two'"),
+        (["packets", "--duration", "0.5"], "argument --duration: must be >= 1"),
+        (["packets", "--repeat", "0"], "argument --repeat: must be >= 1, got 0"),
+        (["packets", "--workers", "0"], "argument --workers: must be from 1 to 64"),
+        (["packets", "--guest-timeout", "-5"], "argument --guest-timeout: must be"),
+    ],
+)
+def test_bench_arguments_bad_number_exits_2_with_message(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "never.json"
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--json", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_arguments_good_numbers_accepted() -> None:
+    # the twin of the rejections: the same checks let sane values through
+    import argparse
+
+    from bench import crypto
+
+    parser = argparse.ArgumentParser()
+    crypto.add_arguments(parser)
+    args = parser.parse_args(["--repeat", "1", "--batch", "1024", "--seconds", "0.01"])
+    assert (args.repeat, args.batch, args.seconds) == (1, 1024, 0.01)
+
+
+def test_interruptible_ctrl_c_one_line_status_130(capsys) -> None:
+    def run() -> int:
+        raise KeyboardInterrupt
+
+    assert interruptible("espgate bench crypto", run) == INTERRUPTED_STATUS == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "espgate bench crypto: interrupted, no results written"
+    ]
+    assert interruptible("x", lambda: 0) == 0
+
+
+def _plot_ok(path: Path) -> None:
+    path.write_bytes(b"\x89PNG new")
+
+
+def test_write_outputs_writes_all_three(tmp_path: Path) -> None:
+    paths = write_outputs(tmp_path / "r.json", {"a": 1}, "# md\n", _plot_ok)
+    assert [p.name for p in paths] == ["r.json", "r.md", "r.png"]
+    assert json.loads(paths[0].read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md", "r.png"]
+
+
+def test_write_outputs_interrupted_in_plot_keeps_previous_set(tmp_path: Path) -> None:
+    write_outputs(tmp_path / "r.json", {"run": 1}, "# first\n", _plot_ok)
+
+    def plot_interrupted(path: Path) -> None:
+        path.write_bytes(b"half a png")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_outputs(tmp_path / "r.json", {"run": 2}, "# second\n", plot_interrupted)
+    # the first run's three files, untouched, and no temporary file left over
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md", "r.png"]
+    assert json.loads((tmp_path / "r.json").read_text()) == {"run": 1}
+    assert (tmp_path / "r.md").read_text() == "# first\n"
+    assert (tmp_path / "r.png").read_bytes() == b"\x89PNG new"
+
+
+def test_write_outputs_interrupted_first_run_writes_nothing(tmp_path: Path) -> None:
+    def plot_interrupted(path: Path) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_outputs(tmp_path / "r.json", {}, "", plot_interrupted)
+    assert not list(tmp_path.iterdir())
 
 
 def test_udp_loops_count_every_datagram_on_loopback() -> None:

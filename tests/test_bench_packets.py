@@ -181,3 +181,38 @@ def test_markdown_udp_heading_no_search_says_unlimited() -> None:
     assert "offered without a limit" in markdown(doc)
     doc["config"]["udp_rate_search"] = True
     assert "highest offered rate" in markdown(doc)
+
+
+def _ratio_doc(available: dict[str, bool]) -> dict[str, Any]:
+    doc = _doc(emulated=False)
+    doc["points"] = [
+        _point(m, "tcp-1", False) if ok else packets._unavailable(m, "tcp-1", "no")
+        for m, ok in available.items()
+    ]
+    return doc
+
+
+def test_markdown_ratio_rows_only_for_modes_that_ran() -> None:
+    # `--modes plain espgate kernel` on a kernel without ESP: kernel n/a,
+    # strongswan and espgate-persist never asked for
+    md = markdown(_ratio_doc({"plain": True, "espgate": True, "kernel": False}))
+    assert "| **espgate / plain** | 1.00x |" in md
+    assert "espgate / strongswan" not in md
+    assert "espgate / kernel" not in md
+    assert "espgate-persist / espgate" not in md
+
+
+def test_markdown_ratio_rows_present_when_reference_ran() -> None:
+    md = markdown(
+        _ratio_doc(
+            {"espgate": True, "strongswan": True, "kernel": True,
+             "espgate-persist": True}
+        )
+    )  # fmt: skip
+    for row in ("espgate / strongswan", "espgate / kernel", "espgate-persist / "):
+        assert f"| **{row}" in md
+
+
+def test_markdown_persist_ratio_dropped_when_persist_failed() -> None:
+    md = markdown(_ratio_doc({"espgate": True, "espgate-persist": False}))
+    assert "espgate-persist / espgate" not in md

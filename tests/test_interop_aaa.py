@@ -42,9 +42,10 @@ def namespaces() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def verdicts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("selftest") / "selftest.json"
     env = dict(os.environ, ESPGATE_LAB_PREFIX=LAB)
+    before = namespaces()
     proc = subprocess.run(
         [ESPGATE, "selftest", "--cases", ",".join(CASES), "--json", str(out)],
         capture_output=True,
@@ -53,7 +54,15 @@ def verdicts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         env=env,
     )
     print(proc.stdout, proc.stderr[-4000:])
-    return {r["case"]: r for r in json.loads(out.read_text())}
+    results = {r["case"]: r for r in json.loads(out.read_text())}
+    # what the run created and did not remove; anybody else's are not ours
+    leaked = {ns for ns in namespaces() - before if ns.startswith(LAB + "-")}
+    return {"results": results, "leaked": leaked}
+
+
+@pytest.fixture(scope="module")
+def verdicts(run: dict[str, Any]) -> dict[str, Any]:
+    return dict(run["results"])
 
 
 def test_eap_mschapv2_makes_msk_and_carries_traffic(verdicts: dict[str, Any]) -> None:
@@ -77,8 +86,8 @@ def test_radius_failover_reaches_second_server(verdicts: dict[str, Any]) -> None
     assert r["detail"]["radius"]["server_timeouts"] >= 1
 
 
-def test_aaa_selftest_leaves_no_namespaces(verdicts: dict[str, Any]) -> None:
-    assert not {ns for ns in namespaces() if ns.startswith(LAB + "-")}
+def test_aaa_selftest_leaves_no_namespaces(run: dict[str, Any]) -> None:
+    assert run["results"] and not run["leaked"]
 
 
 @pytest.mark.parametrize("case", ["local-policy-attributes", "dual-stack"])

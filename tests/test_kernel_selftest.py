@@ -244,3 +244,64 @@ def test_pings_lost_near_empty_when_loss_far_from_moves():
     from control.selftest_kernel import _pings_lost_near
 
     assert _pings_lost_near(PING_OUT, [110.0, 110.5], interval=0.1) == []
+
+
+# -- the guest cases on the host: one boot, their own times ---------------------
+
+
+def test_guest_cases_one_boot_for_noted_cases_own_seconds(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from control import selftest, selftest_kernel
+
+    boots: list[list[str]] = []
+
+    def fake_run_guest(names: list[str]) -> dict[str, dict[str, Any]]:
+        boots.append(list(names))
+        return {
+            n: {"case": n, "passed": True,
+                "detail": {"failures": [], "seconds": 10.0 + i}}
+            for i, n in enumerate(names)
+        }  # fmt: skip
+
+    def no_lab(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a guest case built a host lab")
+
+    monkeypatch.setattr(selftest_kernel, "run_guest", fake_run_guest)
+    monkeypatch.setattr(selftest_kernel, "_wanted", [])
+    monkeypatch.setattr(selftest_kernel, "_booted", set())
+    monkeypatch.setattr(selftest_kernel, "_guest_results", {})
+    monkeypatch.setattr(selftest, "HeadendLab", no_lab)
+    names = ["kernel-mode", "xfrm-cleanup"]
+    selftest_kernel.prefetch(names)
+    assert boots == []  # noted only: the boot happens inside selftest.run
+    results = selftest.run(names, tmp_path / "st.json")
+    assert boots == [names]
+    assert [r["detail"]["seconds"] for r in results] == [10.0, 11.0]
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(ln.startswith("guest: one qemu boot for 2 case(s)") for ln in lines) == 1
+    assert "PASS kernel-mode (10.0 s in the guest)" in lines
+    assert "PASS xfrm-cleanup (11.0 s in the guest)" in lines
+
+
+def test_guest_case_not_noted_boots_alone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from control import selftest, selftest_kernel
+
+    boots: list[list[str]] = []
+
+    def fake_run_guest(names: list[str]) -> dict[str, dict[str, Any]]:
+        boots.append(list(names))
+        return {n: {"case": n, "passed": False,
+                    "detail": {"failures": ["no verdict from the guest"]}}
+                for n in names}  # fmt: skip
+
+    monkeypatch.setattr(selftest_kernel, "run_guest", fake_run_guest)
+    monkeypatch.setattr(selftest_kernel, "_wanted", [])
+    monkeypatch.setattr(selftest_kernel, "_booted", set())
+    monkeypatch.setattr(selftest_kernel, "_guest_results", {})
+    (result,) = selftest.run(["kernel-rekey"], tmp_path / "st.json")
+    assert boots == [["kernel-rekey"]]
+    assert result["detail"]["failures"] == ["no verdict from the guest"]
+    assert "logs" not in result["detail"]

@@ -266,6 +266,25 @@ def test_topology_up_down_leaves_nothing(tmp_path: Path) -> None:
 
 @needs_root
 @pytest.mark.interop
+def test_topology_ipv6_enabled_later_addresses_not_tentative(tmp_path: Path) -> None:
+    # a case that turns IPv6 on (dual-stack, ipv6-pool) must get addresses in
+    # use at once: with duplicate address detection the link-local stays
+    # tentative, neighbour solicitations wait and the first pings queue ~1 s
+    with Topology("egt-lab6", tmp_path) as topo:
+        dev = topo.srv_if
+        topo.run(topo.srv, ["sysctl", "-qw", f"net.ipv6.conf.{dev}.disable_ipv6=0"])
+        topo.run(topo.srv, ["ip", "addr", "add", "2001:db8:19::9/64", "dev", dev])
+        addrs = topo.run(topo.srv, ["ip", "-6", "-o", "addr", "show", dev]).stdout
+        conf = f"/proc/sys/net/ipv6/conf/{dev}/"
+        dad = topo.run(topo.srv, ["cat", conf + "accept_dad"]).stdout
+        rs = topo.run(topo.srv, ["cat", conf + "router_solicitations"]).stdout
+    assert "fe80::" in addrs and "2001:db8:19::9" in addrs
+    assert "tentative" not in addrs
+    assert dad.strip() == "0" and rs.strip() == "0"
+
+
+@needs_root
+@pytest.mark.interop
 def test_topology_stale_namespace_refused_unless_reuse(tmp_path: Path) -> None:
     subprocess.run(["ip", "netns", "add", "egt-lab2-hub"], check=True)
     try:

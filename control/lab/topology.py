@@ -21,10 +21,12 @@ first client keeps the attributes `cli`, `cli_outer_if`, `cli_outer_ip`, ...;
 both ends placed straight into their namespaces, so no interface name ever
 exists in the host namespace. IPv6 is switched off and both links get
 permanent neighbour entries, so a capture on the outer link sees only the
-IPv4 packets the peers send (no ND, MLD or ARP chatter). Entering the context
-refuses to touch namespaces that already exist unless `reuse_stale=True`;
-leaving it deletes the namespaces, which also deletes their veths, whatever
-happened inside the block.
+IPv4 packets the peers send (no ND, MLD or ARP chatter). Where a case turns
+IPv6 on, duplicate address detection and router solicitation are off, so the
+addresses are usable at once (no neighbour solicitation waits out DAD).
+Entering the context refuses to touch namespaces that already exist unless
+`reuse_stale=True`; leaving it deletes the namespaces, which also deletes
+their veths, whatever happened inside the block.
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ log = logging.getLogger("espgate.lab")
 __all__ = ["ClientLink", "CommandError", "Topology", "TopologyError", "list_netns"]
 
 MAX_CLIENTS = 9
+# set in every namespace before any veth exists, so each one inherits them
+IPV6_SYSCTLS = tuple(
+    f"net.ipv6.conf.{scope}.{key}={value}"
+    for scope in ("all", "default")
+    for key, value in (
+        ("disable_ipv6", 1),
+        ("accept_dad", 0),
+        ("dad_transmits", 0),
+        ("router_solicitations", 0),
+    )
+)
 
 
 class TopologyError(RuntimeError):
@@ -211,19 +224,16 @@ class Topology:
             _run(["ip", "netns", "del", ns])
 
     def _build(self) -> None:
-        # namespaces, loopback, no IPv6 (keeps ND and MLD off the captures)
+        # namespaces, loopback, no IPv6 (keeps ND and MLD off the captures);
+        # a case that turns IPv6 on gets addresses usable at once: no duplicate
+        # address detection, which leaves link-locals tentative for a second or
+        # two so neighbour solicitations wait and the first pings queue behind
+        # them, and no router solicitations (no router here)
         for ns in self.namespaces:
             _run(["ip", "netns", "add", ns])
             self._created.append(ns)
             self.run(ns, ["ip", "link", "set", "lo", "up"])
-            self.run(
-                ns,
-                [
-                    "sysctl", "-q", "-w",
-                    "net.ipv6.conf.all.disable_ipv6=1",
-                    "net.ipv6.conf.default.disable_ipv6=1",
-                ],
-            )  # fmt: skip
+            self.run(ns, ["sysctl", "-q", "-w", *IPV6_SYSCTLS])
 
         # the veth links, each end created directly inside its namespace
         links = [
