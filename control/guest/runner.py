@@ -410,6 +410,11 @@ def run_in_guest(
             raise TimeoutError(
                 f"guest still running after {timeout:.0f}s; console: " + _tail(console)
             ) from None
+        except BaseException:
+            # Ctrl-C or SIGTERM aimed at us alone: the guest goes with us
+            proc.kill()
+            proc.communicate()
+            raise
         log.debug("guest ran %.1fs", time.monotonic() - started)
 
         # what the command left behind
