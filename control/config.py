@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -59,6 +60,8 @@ from control.ike.messages import (
     CfgAttribute,
 )
 from control.ike.profiles import Identity
+
+log = logging.getLogger("espgate.config")
 
 DEFAULT_NAME = "default.toml"
 ESP_PROPOSALS = ("aes128gcm16", "aes256gcm16")
@@ -398,6 +401,11 @@ def _policy_value_problem(key: str, values: list[Any]) -> str | None:
         numbers = words[2::2] if words[:1] == ["any"] else words[1::2]
         if any(not word.isdigit() for word in numbers):
             return f"expected 'any [tag N] [distance N]', got {values[0]!r}"
+        # each keyword once: a second one would silently win or lose
+        keys = words[1::2] if words[:1] == ["any"] else words[::2]
+        for key in keys:
+            if keys.count(key) > 1:
+                return f"{key!r} given more than once in {values[0]!r}"
     return None
 
 
@@ -422,8 +430,18 @@ def socket_problem(path: str) -> str | None:
 
 
 def describe(config: Config) -> str:
-    """Return the check-config summary: pools, then what each profile does."""
+    """Return the check-config summary: server, pools, AAA, then each profile.
+
+    Secrets never appear: RADIUS servers are shown by address and port only.
+    """
     lines = [f"{config.source}: ok"]
+    server = config.server
+    state = server.state_dir or "none (leases in memory)"
+    lines.append(f"  server: listen {server.listen} ports {server.ike_port}/"
+                 f"{server.natt_port}, control socket {server.control_socket}, "
+                 f"state directory {state}")  # fmt: skip
+    inside = [x for x in (server.inside_address, server.inside_address6) if x]
+    lines.append(f"  inside address: {', '.join(inside) or 'none'}")
     engine = config.engine
     lines.append(f"  engine: {engine.mode}, crypto {engine.crypto}, dataplane "
                  f"{engine.dataplane}")  # fmt: skip
@@ -433,13 +451,36 @@ def describe(config: Config) -> str:
         else:
             size = f"{pool.size} /{pool.client_prefix} prefixes"
         lines.append(f"  pool {pool.name}: {pool.first} - {pool.last} ({size})")
+    for group in config.radius.values():
+        servers = ", ".join(f"{s.address}:{s.port}" for s in group.servers)
+        lines.append(f"  radius {group.name}: servers {servers}; timeout "
+                     f"{group.timeout:g} s, retransmit {group.retransmit}, "
+                     f"nas-identifier {group.nas_identifier}")  # fmt: skip
+    for name, permitted in config.access_lists.items():
+        nets = ", ".join(str(net) for net in permitted) or "nothing"
+        lines.append(f"  access list {name}: permits {nets}")
     for name, policy in config.policies.items():
-        pools = [x for x in (policy.addr_pool, policy.ipv6_addr_pool) if x]
-        lines.append(f"  policy {name}: pool {', '.join(pools) or 'none'}")
+        lines.append(f"  policy {name}: {'; '.join(_policy_summary(policy))}")
     for prof in config.profiles:
         summary = "; ".join(_profile_summary(config, prof))
         lines.append(f"  profile {prof.name}: {summary}")
     return "\n".join(lines)
+
+
+def _policy_summary(policy: Authorization) -> list[str]:
+    # pools, then the routes the policy pushes and accepts
+    pools = [x for x in (policy.addr_pool, policy.ipv6_addr_pool) if x]
+    out = [f"pool {', '.join(pools) or 'none'}"]
+    routes = [str(net) for net in policy.route_set_prefix]
+    if policy.route_set_access_list:
+        routes.append(f"access list {policy.route_set_access_list}")
+    if policy.route_set_interface:
+        routes.append("interface")
+    if routes:
+        out.append(f"route set {', '.join(routes)}")
+    if policy.route_accept:
+        out.append(f"route accept {policy.route_accept}")
+    return out
 
 
 def _profile_summary(config: Config, prof: ProfileConfig) -> list[str]:
@@ -458,6 +499,9 @@ def _profile_summary(config: Config, prof: ProfileConfig) -> list[str]:
         addresses = "from authorization"
     else:
         addresses = "none"
+    # Cisco private attribute numbers, only where they differ from the defaults
+    numbers = ", ".join(f"{name} {number}" for name, number in prof.cisco_attributes)
+    cisco = [f"cisco attributes {numbers}"] if numbers else []
     authz = [
         f"{key} {value}"
         for key, value in (
@@ -473,6 +517,8 @@ def _profile_summary(config: Config, prof: ProfileConfig) -> list[str]:
         f"addresses {addresses}",
         f"authorization {' '.join(authz) if authz else 'none'}",
         f"esp {', '.join(prof.esp)}",
+        f"config mode {prof.config_mode}",
+        *cisco,
         f"engine {prof.engine or config.engine.mode}",
     ]
 
@@ -541,6 +587,8 @@ class _Reader:
     def __init__(self, source: str, lines: dict[PathKey, int]):
         self.source = source
         self.lines = lines
+        # radius groups whose user_password is in the file, not the default
+        self.passwords: set[str] = set()
 
     def error(self, path: PathKey, problem: str) -> ConfigError:
         line = None
@@ -651,8 +699,10 @@ class _Reader:
                         ("pools", pool.name, "range"), f"overlaps pool {other.name!r}"
                     )
             seen.append(pool)
+        self.check_inside(server, pools)
         for name, policy in policies.items():
             self.check_policy_pools(name, policy, pools)
+        self.warn_empty_access_lists(access_lists, policies)
         profiles_data = self.get(data, ("profiles",), list, _REQUIRED)
         if not profiles_data:
             raise self.error(("profiles",), "at least one profile is needed")
@@ -719,11 +769,52 @@ class _Reader:
         if acl is not None and acl not in access_lists:
             raise self.error((*p, "route_set_access_list"), f"unknown access list "
                              f"{acl!r}")  # fmt: skip
+        if acl is not None and not access_lists[acl]:
+            where = self.at(("access_lists", acl))
+            problem = f"access list {acl!r} {where}permits nothing"
+            raise self.error((*p, "route_set_access_list"), problem)
         if policy.route_set_interface is not None and not (
             server.inside_address or server.inside_address6
         ):
             raise self.error((*p, "route_set_interface"), "needs [server] "
                              "inside_address or inside_address6")  # fmt: skip
+
+    def warn_empty_access_lists(
+        self,
+        access_lists: dict[str, tuple[ipaddress.IPv4Network, ...]],
+        policies: dict[str, Authorization],
+    ) -> None:
+        """Warn of access lists no policy uses that permit nothing."""
+        used = {policy.route_set_access_list for policy in policies.values()}
+        for name, permitted in access_lists.items():
+            # a used one is an error at the policy (check_routes)
+            if not permitted and name not in used:
+                where = self.error(("access_lists", name, "entries"), "")
+                log.warning("%s:%s: access list %s permits nothing; a RADIUS "
+                            "route-set naming it would push no routes",
+                            self.source, where.line, name)  # fmt: skip
+
+    def check_inside(self, server: ServerConfig, pools: dict[str, PoolConfig]) -> None:
+        """Check the headend's own inside addresses lie outside every pool."""
+        for key in ("inside_address", "inside_address6"):
+            text = getattr(server, key)
+            if text is None:
+                continue
+            address = ipaddress.ip_address(text)
+            for pool in pools.values():
+                step = 1 << (pool.first.max_prefixlen - pool.client_prefix)
+                if pool.first.version == address.version and (
+                    int(pool.first) <= int(address) < int(pool.last) + step
+                ):
+                    # a client would be leased the headend's own address
+                    span = f"{pool.first} - {pool.last}"
+                    problem = f"{text} is inside pool {pool.name!r} ({span})"
+                    raise self.error(("server", key), problem)
+
+    def at(self, path: PathKey) -> str:
+        """Return "(line N) " for a table or key of the file, or nothing."""
+        line = self.lines.get(path)
+        return f"(line {line}) " if line else ""
 
     def check_policy_pools(
         self, name: str, policy: Authorization, pools: dict[str, PoolConfig]
@@ -819,6 +910,13 @@ class _Reader:
                 and not (profile.authorization_group_name)
             ):
                 raise self.error((*p, "authorization_group_name"), "missing")
+            # the lookup's Access-Request carries the group's user_password
+            # as User-Password: a default nobody wrote down is refused
+            if source == "radius" and name not in self.passwords:
+                where = self.at(("radius", name))
+                problem = (f"[radius.{name}] {where}has no user_password (sent "
+                           "as User-Password)")  # fmt: skip
+                raise self.error((*p, key), problem)
         if profile.name_mangler is not None:
             self.check_mangler(index, profile)
         # certificate auth: a username from the profile or a name mangler
@@ -867,6 +965,8 @@ class _Reader:
         password = self.get(data, (*p, "user_password"), str, d.user_password)
         if not password:
             raise self.error((*p, "user_password"), "empty")
+        if "user_password" in data:
+            self.passwords.add(name)
         servers_data = self.get(data, (*p, "servers"), list, _REQUIRED)
         if not servers_data:
             raise self.error((*p, "servers"), "at least one server is needed")

@@ -20,7 +20,9 @@ A mangler can only work when the session proves what it reads:
 `usability_problem` says, at config time, when a profile never gives the
 mangler its source (a certificate DN without certificate authentication of
 peers, an EAP identity without EAP, an email or FQDN part when no
-match_identity pattern admits that identity type).
+match_identity pattern admits that identity type: ``*`` admits both,
+``*@domain`` email identities only, ``*.domain`` FQDNs, and emails whose
+domain ends so).
 """
 
 from __future__ import annotations
@@ -139,10 +141,24 @@ def usability_problem(
         return None
     wanted = SOURCE_ID_TYPES[mangler.source]
     for text in patterns:
-        pattern = IdentityPattern.parse(text)
-        if pattern.kind in ("any", "suffix") or (
-            pattern.kind == "exact" and pattern.id_type == wanted
-        ):
+        if wanted in admitted_types(IdentityPattern.parse(text)):
             return None
     return (f"{mangler.source}: no match_identity pattern admits "
             f"{mangler.source} identities")  # fmt: skip
+
+
+def admitted_types(pattern: IdentityPattern) -> tuple[int, ...]:
+    """Return which of the email and FQDN identity types ``pattern`` can match.
+
+    A suffix with an ``@`` (``*@example.net``) ends email identities only, as
+    an FQDN holds no ``@``; one without (``*.example.net``) ends FQDNs and the
+    domain of email identities alike.
+    """
+    both = (IDType.ID_RFC822_ADDR, IDType.ID_FQDN)
+    if pattern.kind == "any":
+        return both
+    if pattern.kind == "suffix":
+        return (IDType.ID_RFC822_ADDR,) if "@" in pattern.text else both
+    if pattern.kind == "exact" and pattern.id_type in both:
+        return (pattern.id_type,)
+    return ()
