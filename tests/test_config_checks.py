@@ -1,4 +1,4 @@
-"""Config checks from a new user's report: pools of policies, manglers, secrets.
+"""Config checks from two new users' reports: pools, manglers, secrets, routes.
 
 Every refused value is a ConfigError at the offending line, in words of our
 own (no Python exception text), and never echoes a secret.
@@ -306,3 +306,191 @@ def test_parse_unreadable_ca_file_says_what_it_should_hold(tmp_path: Path):
     assert err.problem == f"{junk}: not a PEM certificate file"
     err = refused(text.replace(str(junk), str(tmp_path / "gone.pem")))
     assert err.problem == f"{tmp_path / 'gone.pem'}: no such file or directory"
+
+
+# -- second report, item 4: the headend's inside address is no client's --------------
+
+
+@pytest.mark.parametrize(
+    ("server", "pool"),
+    [
+        ('inside_address = "198.18.128.15"', "staff"),
+        ('inside_address = "198.18.128.10"', "staff"),
+        ('inside_address6 = "2001:db8:18:1::20"', "staff6"),
+    ],
+)
+def test_parse_inside_address_in_a_pool_refused_at_its_line(server, pool):
+    err = refused(f"[server]\n{server}\n\n" + BASE)
+    key = server.split()[0]
+    assert (err.line, err.fieldname) == (2, f"server.{key}")
+    assert f"is inside pool {pool!r}" in err.problem
+
+
+def test_parse_inside_address6_in_a_client_prefix_refused():
+    # the last /64 client prefix covers more than its first address
+    text = "[server]\ninside_address6 = \"2001:db8:18:3::99\"\n\n" + BASE.replace(
+        '"2001:db8:18:1::/120"', '"2001:db8:18::/62"\nclient_prefix = 64'
+    )
+    assert "inside pool 'staff6'" in refused(text).problem
+
+
+def test_parse_inside_addresses_next_to_pools_accepted():
+    text = '[server]\ninside_address = "198.18.128.9"\n'
+    text += 'inside_address6 = "2001:db8:18:2::1"\n\n' + BASE
+    server = config.parse(text, "t.toml").server
+    assert (server.inside_address, server.inside_address6) == (
+        "198.18.128.9", "2001:db8:18:2::1",
+    )  # fmt: skip
+
+
+# -- second report, item 8: a mangler's identity type must be admitted ---------------
+
+
+@pytest.mark.parametrize(
+    ("mangler", "patterns", "admitted"),
+    [
+        ("fqdn:hostname", '["*@espgate.example"]', False),
+        ("email:username", '["*@espgate.example"]', True),
+        ("fqdn:hostname", '["*.espgate.example"]', True),
+        ("fqdn:all", '["*"]', True),
+        ("email:domain", '["*"]', True),
+        ("fqdn:domain", '["alice@espgate.example", "*@b.example"]', False),
+        ("fqdn:domain", '["*@b.example", "host.espgate.example"]', True),
+    ],
+)
+def test_parse_mangler_needs_pattern_admitting_its_identity_type(
+    mangler, patterns, admitted
+):
+    text = with_profile(
+        f'authorization_user = "local"\nname_mangler = "{mangler}"\n'
+        f"match_identity = {patterns}"
+    )
+    if admitted:
+        assert config.parse(text, "t.toml").profiles[0].name_mangler == mangler
+        return
+    err = refused(text)
+    assert err.fieldname == "profiles[0].name_mangler"
+    assert "no match_identity pattern admits fqdn identities" in err.problem
+
+
+# -- second report, item 9: empty access lists, route_accept, user_password -----------
+
+ACL_POLICY = 'route_set_access_list = "none"'
+
+
+@pytest.mark.parametrize(
+    "entries", ['["deny any"]', '["deny 10.0.0.0/8", "permit 10.1.0.0/16"]']
+)
+def test_parse_policy_using_access_list_that_permits_nothing_refused(entries):
+    text = with_policy(ACL_POLICY) + f"\n[access_lists.none]\nentries = {entries}\n"
+    err = refused(text)
+    assert (err.line, err.fieldname) == (
+        POLICY_LINE, "policies.staff.route_set_access_list",
+    )  # fmt: skip
+    assert err.problem == "access list 'none' (line 21) permits nothing"
+
+
+def test_parse_unused_access_list_that_permits_nothing_warns(caplog):
+    text = BASE + '\n[access_lists.none]\nentries = ["deny any"]\n'
+    with caplog.at_level("WARNING", logger="espgate.config"):
+        parsed = config.parse(text, "t.toml")
+    assert parsed.access_lists["none"] == ()
+    assert [r.getMessage() for r in caplog.records] == [
+        "t.toml:22: access list none permits nothing; a RADIUS route-set naming "
+        "it would push no routes"
+    ]
+
+
+def test_parse_used_access_list_that_permits_something_no_warning(caplog):
+    text = with_policy(ACL_POLICY)
+    text += '\n[access_lists.none]\nentries = ["deny 10.1.0.0/16", "permit any"]\n'
+    with caplog.at_level("WARNING", logger="espgate.config"):
+        parsed = config.parse(text, "t.toml")
+    assert ipaddress.IPv4Network("10.0.0.0/16") in parsed.access_lists["none"]
+    assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    ("value", "word"),
+    [
+        ("any tag 10 tag 11", "tag"),
+        ("any distance 5 tag 1 distance 5", "distance"),
+        ("tag 10 tag 10", "tag"),
+    ],
+)
+def test_parse_route_accept_repeated_keyword_refused(value, word):
+    err = refused(with_policy(f'route_accept = "{value}"'))
+    assert (err.line, err.fieldname) == (POLICY_LINE, "policies.staff.route_accept")
+    assert err.problem == f"{word!r} given more than once in {value!r}"
+
+
+def test_parse_route_accept_each_keyword_once_accepted():
+    text = with_policy('route_accept = "any tag 10 distance 20"')
+    policy = config.parse(text, "t.toml").policies["staff"]
+    assert policy.route_accept == "any tag 10 distance 20"
+
+
+NO_PASSWORD = BASE.replace('user_password = "group-pass-1"\n', "")
+
+
+@pytest.mark.parametrize(
+    ("lines", "key"),
+    [
+        ('authorization_user = "radius:corp"\nauthorization_username = "u"',
+         "authorization_user"),
+        ('authorization_group = "radius:corp"\nauthorization_group_name = "g"',
+         "authorization_group"),
+    ],
+)  # fmt: skip
+def test_parse_radius_authorization_without_user_password_refused(lines, key):
+    err = refused(NO_PASSWORD + lines + "\n")
+    assert (err.line, err.fieldname) == (PROFILE_LINE + 3, f"profiles[0].{key}")
+    assert err.problem == (
+        "[radius.corp] (line 1) has no user_password (sent as User-Password)"
+    )
+    # with the password written down the same profile is accepted
+    assert config.parse(BASE + lines + "\n", "t.toml").profiles[0].name == "p"
+
+
+def test_parse_aaa_psk_without_user_password_accepted():
+    text = NO_PASSWORD.replace(
+        'psk = "a-long-enough-psk-0123"', 'aaa_psk = "corp"'
+    )
+    assert config.parse(text, "t.toml").radius["corp"].user_password == "espgate"
+
+
+# -- second report, item 10: what check-config shows --------------------------------
+
+
+def test_describe_shows_server_aaa_routes_and_config_mode():
+    text = '[server]\ninside_address = "198.18.60.1"\nstate_dir = ""\n\n' + BASE
+    text = text.replace(
+        'dns_servers = ["198.19.1.53"]',
+        'route_set_access_list = "branch"\nroute_set_prefix = ["198.19.9.0/24"]\n'
+        'route_set_interface = true\nroute_accept = "any tag 10 distance 20"',
+    )
+    text += 'config_mode = "both"\n[profiles.cisco_attributes]\n'
+    text += "configuration_url = 28700\n"
+    text += '\n[access_lists.branch]\nentries = ["deny host 198.19.1.1", '
+    text += '"permit 198.19.1.0/30"]\n'
+    lines = config.describe(config.parse(text, "t.toml")).splitlines()
+    assert "  inside address: 198.18.60.1" in lines
+    server = next(ln for ln in lines if ln.startswith("  server: "))
+    assert server.endswith("state directory none (leases in memory)")
+    assert "  radius corp: servers 127.0.0.1:1812; timeout 2 s, retransmit 2, " \
+        "nas-identifier espgate" in lines  # fmt: skip
+    assert "  access list branch: permits 198.19.1.0/32, 198.19.1.2/31" in lines
+    assert "  policy staff: pool none; route set 198.19.9.0/24, access list " \
+        "branch, interface; route accept any tag 10 distance 20" in lines  # fmt: skip
+    profile = lines[-1]
+    assert "; config mode both; cisco attributes configuration_url 28700; " in profile
+    whole = "\n".join(lines)
+    for secret in ("group-pass-1", "radius-test-secret-0123", "a-long-enough-psk"):
+        assert secret not in whole
+
+
+def test_describe_shows_state_directory_and_no_inside_address():
+    text = '[server]\nstate_dir = "/var/lib/espgate-test"\n\n' + BASE
+    lines = config.describe(config.parse(text, "t.toml")).splitlines()
+    assert "  inside address: none" in lines
+    assert any(ln.endswith("state directory /var/lib/espgate-test") for ln in lines)
