@@ -8,7 +8,12 @@ a Markdown file next to it (same stem, ``.md``) and a PNG plot (``.png``).
 Figures are never hard-coded anywhere else: the README shows what a run wrote.
 
 Every numeric option goes through :func:`int_range` or :func:`float_range`, so a
-bad value is an argparse error (usage, one line, exit 2), never an assertion.
+bad value is an argparse error (usage, one line, exit 2), never an assertion;
+``--json`` goes through :func:`json_path`, which refuses a directory or a
+directory that does not exist (none is created).  Without ``--json`` a full
+run writes the committed ``bench/results/`` of this package (what the README
+shows) and a ``--quick`` smoke run a new scratch directory, see
+:func:`default_output`.
 The three files are rendered to temporary names first and renamed with SIGINT
 and SIGTERM held back, so an interrupted run leaves the previous set or the
 new one, never a mix; :func:`interruptible` turns Ctrl-C into one line and
@@ -34,10 +39,13 @@ from typing import Any
 
 __all__ = [
     "INTERRUPTED_STATUS",
+    "RESULTS_DIR",
     "Progress",
+    "default_output",
     "float_range",
     "int_range",
     "interruptible",
+    "json_path",
     "machine_info",
     "summarize",
     "write_outputs",
@@ -47,6 +55,8 @@ __all__ = [
 INTERRUPTED_STATUS = 130
 
 CPU_FLAGS = ("aes", "avx2", "avx512f", "vaes", "vpclmulqdq")
+# the committed results (the README's figures): where full runs write by default
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def machine_info() -> dict[str, Any]:
@@ -157,6 +167,33 @@ def float_range(lo: float, *, inclusive: bool = True) -> Callable[[str], float]:
     return parse
 
 
+def json_path(text: str) -> Path:
+    """Argparse type: a ``.json`` file name in a directory that exists."""
+    path = Path(text)
+    if text.endswith("/") or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a .json file")
+    if path.suffix != ".json":
+        # the Markdown and the plot take the same stem, .md and .png
+        raise argparse.ArgumentTypeError(f"{text!r} does not end in .json")
+    if not path.parent.is_dir():
+        parent = str(path.parent)
+        raise argparse.ArgumentTypeError(f"no directory {parent!r} for {text!r}")
+    return path
+
+
+def default_output(stem: str, quick: bool) -> Path:
+    """Return where a run without ``--json`` writes ``stem``.json.
+
+    A full run replaces the committed results in :data:`RESULTS_DIR`; a quick
+    one gets a new scratch directory (made here, so call it when writing),
+    never the committed files.
+    """
+    if quick:
+        scratch = tempfile.mkdtemp(prefix=f"espgate-bench-{stem}-")
+        return Path(scratch) / f"{stem}.json"
+    return RESULTS_DIR / f"{stem}.json"
+
+
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
     held = {signal.SIGINT, signal.SIGTERM}
@@ -178,9 +215,9 @@ def write_outputs(
 
     All three or none: each is written to a temporary file in the same
     directory and the three are renamed into place together at the end.
+    The directory must exist; none is created.
     """
     json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
     finals = [json_path, json_path.with_suffix(".md"), json_path.with_suffix(".png")]
     temps: list[Path] = []
     try:

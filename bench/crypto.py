@@ -43,10 +43,12 @@ import numpy as np
 from bench import _rawloops
 from bench.common import (
     Progress,
+    default_output,
     float_range,
     fmt,
     int_range,
     interruptible,
+    json_path,
     machine_info,
     summarize,
     write_outputs,
@@ -97,6 +99,11 @@ class CryptoConfig:
     speed_sizes: tuple[int, ...] | None = None
     speed_key_bits: tuple[int, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def speed_seconds(self) -> int:
+        """Return the -seconds of each `openssl speed` sample (whole seconds)."""
+        return max(1, round(self.seconds * 5))
 
     @classmethod
     def quick(cls, repeat: int = 1) -> CryptoConfig:
@@ -308,7 +315,7 @@ def run_crypto(cfg: CryptoConfig, progress: bool = True) -> list[dict[str, Any]]
     samples: dict[tuple[str, int, int, str], list[float]] = {p: [] for p in grid}
     copies: dict[tuple[str, int, int, str], list[float]] = {p: [] for p in grid}
     bar = Progress(len(grid) * cfg.repeat, "bench crypto") if progress else None
-    speed_seconds = max(1, round(cfg.seconds * 5))
+    speed_seconds = cfg.speed_seconds
     for _ in range(cfg.repeat):
         for point in grid:
             backend, size, bits, op = point
@@ -399,7 +406,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()) + ".",
         "",
         "Cells: median ns per packet (GB/s), one core; spread is (max - min) / "
-        f"median over {doc['config']['repeat']} repeats.",
+        f"median over {doc['config']['repeat']} repeats of "
+        f"{doc['config']['seconds_per_sample']:g} s.",
     ]
     for bits in sorted({p["key_bits"] for p in points}):
         for op in OPS:
@@ -493,21 +501,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `bench crypto`'s options to a parser."""
     parser.add_argument(
         "--json",
-        default="bench/results/crypto.json",
-        help="results file (.md and .png are written next to it)",
+        type=json_path,
+        help="results file, in an existing directory (.md and .png are written "
+        "next to it; default bench/results/crypto.json, with --quick a new "
+        "scratch directory)",
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a small grid with every backend (smoke test)",
+        help="a small grid with every backend (smoke test; repeat 1, 0.01 s "
+        "samples unless given)",
     )
     parser.add_argument(
-        "--repeat", type=int_range(1), help="samples per point (default 5)"
+        "--repeat", type=int_range(1), help="samples per point (default 5, quick 1)"
     )
     parser.add_argument(
         "--seconds",
         type=float_range(0.0, inclusive=False),
-        help="target time per sample (default 0.2)",
+        help="target time per sample (default 0.2, quick 0.01)",
     )
     parser.add_argument(
         "--batch",
@@ -544,13 +555,16 @@ def command(args: argparse.Namespace, argv: list[str]) -> int:
             "ops": list(cfg.ops),
             "repeat": cfg.repeat,
             "seconds_per_sample": cfg.seconds,
+            "openssl_speed_seconds": cfg.speed_seconds,
             "batch": cfg.batch,
             "aad_bytes": len(AAD),
             "tag_bytes": 16,
         },
         "points": points,
     }
-    paths = write_outputs(Path(args.json), doc, markdown(doc), lambda p: plot(doc, p))
+    # the scratch directory of a quick run is made only now, results in hand
+    path = args.json or default_output("crypto", args.quick)
+    paths = write_outputs(path, doc, markdown(doc), lambda p: plot(doc, p))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -50,7 +50,8 @@ With ``--guest`` (:func:`run_guest`) the whole run happens in one boot of the
 emulated guest (``control.guest.run_in_guest``, qemu TCG where there is no
 real KVM), whose kernel has ESP: the guest runs ``espgate bench packets
 --guest-inner``, which prints the document as one marked JSON line instead of
-writing files, and the host writes ``bench/results/packets-guest.*``.  Every
+writing files, and the host writes ``packets-guest.*`` (in ``bench/results/``
+unless ``--quick`` or ``--json`` say otherwise, as for native runs).  Every
 point of such a run carries ``"emulated": true`` and the tables and plot say
 so: figures from an emulated CPU (AES ~65x slower) show that a mode works and
 how modes rank there, never how fast anything is.
@@ -75,11 +76,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    RESULTS_DIR,
     Progress,
+    default_output,
     float_range,
     fmt,
     int_range,
     interruptible,
+    json_path,
     machine_info,
     summarize,
     write_outputs,
@@ -126,8 +130,9 @@ GUEST_MODES = ("plain", "espgate", "kernel")
 GUEST_QUICK_TRAFFIC = ("tcp-1", "udp-1400")
 GUEST_QUICK_DURATION = 3.0
 RESULT_MARKER = "ESPGATE-BENCH-PACKETS "
-NATIVE_JSON = "bench/results/packets.json"
-GUEST_JSON = "bench/results/packets-guest.json"
+# where full runs write without --json (quick ones write a scratch directory)
+NATIVE_JSON = RESULTS_DIR / "packets.json"
+GUEST_JSON = RESULTS_DIR / "packets-guest.json"
 
 
 def udp_payload(traffic: str) -> int:
@@ -1007,8 +1012,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `bench packets`' options to a parser."""
     parser.add_argument(
         "--json",
-        help=f"results file (.md and .png are written next to it; default "
-        f"{NATIVE_JSON}, with --guest {GUEST_JSON})",
+        type=json_path,
+        help="results file, in an existing directory (.md and .png are written "
+        "next to it; default bench/results/packets.json, with --guest "
+        "packets-guest.json there, with --quick a new scratch directory)",
     )
     parser.add_argument(
         "--quick",
@@ -1082,10 +1089,16 @@ def config_from_args(args: argparse.Namespace) -> PacketsConfig:
 
 
 def output_path(args: argparse.Namespace) -> Path:
-    """Return the JSON path: --json, else packets-guest.json or packets.json."""
+    """Return the JSON path: --json, else packets-guest.json or packets.json.
+
+    Those two are the committed results of full runs; a --quick run without
+    --json gets a new scratch directory (made here: call this when writing).
+    """
     if args.json:
         return Path(args.json)
-    return Path(GUEST_JSON if args.guest else NATIVE_JSON)
+    if args.quick:
+        return default_output("packets-guest" if args.guest else "packets", True)
+    return GUEST_JSON if args.guest else NATIVE_JSON
 
 
 def guest_argv(cfg: PacketsConfig) -> list[str]:

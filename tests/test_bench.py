@@ -8,17 +8,26 @@ also checked directly: a loop that does no work must not pass for a fast one.
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import os
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from bench import _rawloops
 from bench.cli import main
-from bench.common import INTERRUPTED_STATUS, interruptible, write_outputs
+from bench.common import (
+    INTERRUPTED_STATUS,
+    RESULTS_DIR,
+    interruptible,
+    json_path,
+    write_outputs,
+)
 from bench.crypto import BACKENDS, make_runner, openssl_speed
 from bench.packets import MODES, TRAFFIC, probe_kernel_esp, udp_payload
 
@@ -104,6 +113,9 @@ def test_bench_crypto_quick_schema(tmp_path: Path) -> None:
     md = out.with_suffix(".md").read_text()
     assert "espgate / ipsec-mb-raw" in md and "espgate / openssl-evp" in md
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --quick alone: one repeat of 0.01 s samples, and the document says so
+    assert (doc["config"]["repeat"], doc["config"]["seconds_per_sample"]) == (1, 0.01)
+    assert "median over 1 repeats of 0.01 s" in md
 
 
 @pytest.mark.parametrize(
@@ -272,3 +284,76 @@ def test_bench_packets_quick_plain_espgate_schema(tmp_path: Path) -> None:
     assert peers["espgate-hub"]["sa_out"]["packets"] > 0
     assert out.with_suffix(".png").exists()
     assert "espgate / plain" in out.with_suffix(".md").read_text()
+
+
+def _committed() -> dict[str, str]:
+    # digests of the committed results, to prove a run left them alone
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(RESULTS_DIR.iterdir())
+    }
+
+
+@pytest.mark.parametrize("bench", ["crypto", "packets"])
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("", "is a directory, not a .json file"),
+        ("sub/", "is a directory, not a .json file"),
+        ("gone/deeper/x.json", "no directory "),
+        ("x.md", "does not end in .json"),
+    ],
+)
+def test_bench_json_directory_or_missing_directory_exits_2(
+    bench: str, name: str, message: str, tmp_path: Path, capsys
+) -> None:
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main([bench, "--quick", "--json", f"{tmp_path}/{name}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --json: " in err and message in err
+    assert f"'{tmp_path}/{name}'" in err
+    assert "Traceback" not in err
+    # nothing made: no missing directory created, no file written
+    assert [p.name for p in tmp_path.iterdir()] == ["sub"]
+    assert not list((tmp_path / "sub").iterdir())
+
+
+def test_json_path_file_in_existing_directory_accepted(tmp_path: Path) -> None:
+    # the twin of the refusals above
+    assert json_path(f"{tmp_path}/r.json") == tmp_path / "r.json"
+    with pytest.raises(argparse.ArgumentTypeError):
+        json_path(f"{tmp_path}/nope/r.json")
+
+
+def test_results_dir_is_the_committed_one() -> None:
+    assert Path(__file__).resolve().parents[1] / "bench" / "results" == RESULTS_DIR
+    assert (RESULTS_DIR / "crypto.json").is_file()
+
+
+def test_bench_crypto_quick_without_json_writes_scratch_honouring_numbers(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    before = _committed()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    # from a directory that looks like the repository root
+    cwd = tmp_path / "cwd"
+    (cwd / "bench" / "results").mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    argv = ["crypto", "--quick", "--no-progress", "--repeat", "2", "--seconds", "0.002"]
+    assert main(argv) == 0
+    (made,) = scratch.iterdir()
+    assert made.name.startswith("espgate-bench-crypto-")
+    out = made / "crypto.json"
+    assert f"wrote {out}, " in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    # the numbers given win over --quick's, in the document and its Markdown
+    assert (doc["config"]["repeat"], doc["config"]["seconds_per_sample"]) == (2, 0.002)
+    assert all(p["repeats"] == 2 for p in doc["points"])
+    assert "median over 2 repeats of 0.002 s" in out.with_suffix(".md").read_text()
+    assert doc["command"] == "espgate bench crypto " + " ".join(argv[1:])
+    assert not list((cwd / "bench" / "results").iterdir())
+    assert _committed() == before

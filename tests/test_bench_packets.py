@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench import packets
+from bench.common import RESULTS_DIR
 from bench.packets import (
     GUEST_JSON,
     GUEST_MODES,
@@ -80,13 +82,39 @@ def test_markdown_emulated_when_only_points_say_so() -> None:
 
 
 def test_output_path_guest_default_is_packets_guest() -> None:
-    assert output_path(_args("--guest")) == Path(GUEST_JSON)
-    assert output_path(_args()) == Path(NATIVE_JSON)
+    assert output_path(_args("--guest")) == GUEST_JSON
+    assert output_path(_args()) == NATIVE_JSON
     assert GUEST_JSON != NATIVE_JSON
+    # full runs write the committed results, wherever they are started from
+    assert GUEST_JSON.parent == NATIVE_JSON.parent == RESULTS_DIR
 
 
 def test_output_path_explicit_json_wins() -> None:
-    assert output_path(_args("--guest", "--json", "/tmp/x.json")) == Path("/tmp/x.json")
+    args = _args("--guest", "--quick", "--json", "/tmp/x.json")
+    assert output_path(args) == Path("/tmp/x.json")
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [(["--quick"], "packets"), (["--guest", "--quick"], "packets-guest")],
+)
+def test_output_path_quick_is_a_new_scratch_directory(
+    argv: list[str], name: str, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    path = output_path(_args(*argv))
+    assert path.name == f"{name}.json" and path.parent.parent == tmp_path
+    assert path.parent.is_dir() and path.parent.name.startswith(f"espgate-bench-{name}")
+    # a second quick run does not overwrite the first
+    assert output_path(_args(*argv)).parent != path.parent
+
+
+def test_config_quick_honours_explicit_duration_and_repeat() -> None:
+    cfg = config_from_args(_args("--quick", "--duration", "4", "--repeat", "2"))
+    assert (cfg.duration, cfg.repeat, cfg.search) == (4.0, 2, False)
+    argv = guest_argv(config_from_args(_args("--guest", "--quick", "--repeat", "2")))
+    assert argv[argv.index("--repeat") + 1] == "2"
+    assert argv[argv.index("--duration") + 1] == "3"
 
 
 def test_config_guest_quick_defaults_few_points() -> None:
@@ -158,19 +186,26 @@ def test_run_guest_no_document_fails(monkeypatch) -> None:
 
 
 @needs_root
-def test_command_guest_writes_guest_files_only(monkeypatch, tmp_path: Path) -> None:
+def test_command_guest_quick_writes_guest_files_to_scratch(
+    monkeypatch, tmp_path: Path
+) -> None:
     doc = _doc(emulated=True)
     monkeypatch.setattr(packets, "run_guest", lambda cfg, timeout: (doc, 12.0))
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    committed = {p.name: p.stat().st_mtime_ns for p in RESULTS_DIR.iterdir()}
     argv = ["--guest", "--quick", "--no-progress"]
     assert packets.command(_args(*argv), argv) == 0
-    written = json.loads((tmp_path / GUEST_JSON).read_text())
+    (scratch,) = tmp_path.iterdir()
+    out = scratch / "packets-guest.json"
+    written = json.loads(out.read_text())
     assert written["command"] == "espgate bench packets --guest --quick --no-progress"
     assert all(p["emulated"] is True for p in written["points"])
     assert written["host_machine"]["cores"] >= 1
-    assert "EMULATED" in (tmp_path / GUEST_JSON).with_suffix(".md").read_text()
-    assert (tmp_path / GUEST_JSON).with_suffix(".png").exists()
-    assert not (tmp_path / NATIVE_JSON).exists()
+    assert "EMULATED" in out.with_suffix(".md").read_text()
+    assert sorted(p.name for p in scratch.iterdir()) == [
+        "packets-guest.json", "packets-guest.md", "packets-guest.png",
+    ]  # fmt: skip
+    assert {p.name: p.stat().st_mtime_ns for p in RESULTS_DIR.iterdir()} == committed
 
 
 def test_markdown_udp_heading_no_search_says_unlimited() -> None:
