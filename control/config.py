@@ -30,6 +30,11 @@ Certificate, key, CA and CRL files are loaded while checking, so a bad file
 is reported at its field; relative paths are taken from the config file's
 directory.
 
+Checks across tables run once every table is read: the headend's inside
+addresses lie outside every pool, a policy's access list permits something
+(an unused one that permits nothing is only logged as a warning), and a
+RADIUS group used for authorization has its user_password written down.
+
 Secrets (``psk``, ``secret``, ``user_password``) are kept out of ``repr`` so
 a logged config shows none, and an error about one names only the type of
 the wrong value. Errors are written in our words: a parser's exception text
