@@ -61,6 +61,7 @@ range = "{pool_range}"
 timeout = 1.0
 retransmit = 1
 nas_identifier = "espgate-lab"
+user_password = "espgate"
 {servers}
 [[profiles]]
 name = "aaa"

@@ -14,6 +14,7 @@ from control.ike.eap import AaaRequest
 
 CONFIG = """\
 [radius.lab]
+user_password = "espgate"
 [[radius.lab.servers]]
 address = "127.0.0.1"
 secret = "radius-test-secret-0123"
