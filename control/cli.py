@@ -25,9 +25,11 @@ the command quietly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import stat
 import sys
@@ -191,7 +193,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         overrides["control_socket"] = args.control_socket
     if args.listen:
         overrides["listen"] = args.listen
-    if args.state_dir:
+    if args.state_dir is not None:
+        # "" keeps leases in memory, even when the config names a directory
         overrides["state_dir"] = args.state_dir
     if args.log_level:
         overrides["log_level"] = args.log_level
@@ -199,7 +202,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         config = configmod.replace_server(config, **overrides)
     if config.server.state_dir:
         # made if missing; a file there, or no way to make it, is a config error
-        check_state_dir(config.server.state_dir, create=True)
+        try:
+            check_state_dir(config.server.state_dir, create=True)
+        except StateDirError as exc:
+            where = "--state-dir" if args.state_dir else _state_dir_at(config)
+            print(f"espgate: config error: {where}: {exc}", file=sys.stderr)
+            return 2
     _setup_logging(config.server.log_level)
     try:
         serve(config)
@@ -215,11 +223,28 @@ def _cmd_check(args: argparse.Namespace) -> int:
         try:
             check_state_dir(config.server.state_dir)
         except StateDirError as exc:
-            print(f"espgate: config error: {config.source}: server.state_dir: {exc}",
+            print(f"espgate: config error: {_state_dir_at(config)}: {exc}",
                   file=sys.stderr)  # fmt: skip
             return 2
     print(configmod.describe(config))
     return 0
+
+
+def _state_dir_at(config: configmod.Config) -> str:
+    # "file:line: server.state_dir" as config errors say it (the line of the
+    # key in [server]; none for the embedded default)
+    line = None
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        table = ""
+        text = Path(config.source).read_text()
+        for number, raw in enumerate(text.splitlines(), 1):
+            stripped = raw.strip()
+            if stripped.startswith("["):
+                table = stripped
+            elif table == "[server]" and re.match(r"state_dir\s*=", stripped):
+                line = number
+    at = f"{config.source}:{line}" if line else config.source
+    return f"{at}: server.state_dir"
 
 
 def request(
