@@ -25,10 +25,13 @@ the command quietly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import re
 import socket
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -190,7 +193,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         overrides["control_socket"] = args.control_socket
     if args.listen:
         overrides["listen"] = args.listen
-    if args.state_dir:
+    if args.state_dir is not None:
+        # "" keeps leases in memory, even when the config names a directory
         overrides["state_dir"] = args.state_dir
     if args.log_level:
         overrides["log_level"] = args.log_level
@@ -198,7 +202,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         config = configmod.replace_server(config, **overrides)
     if config.server.state_dir:
         # made if missing; a file there, or no way to make it, is a config error
-        check_state_dir(config.server.state_dir, create=True)
+        try:
+            check_state_dir(config.server.state_dir, create=True)
+        except StateDirError as exc:
+            where = "--state-dir" if args.state_dir else _state_dir_at(config)
+            print(f"espgate: config error: {where}: {exc}", file=sys.stderr)
+            return 2
     _setup_logging(config.server.log_level)
     try:
         serve(config)
@@ -214,11 +223,28 @@ def _cmd_check(args: argparse.Namespace) -> int:
         try:
             check_state_dir(config.server.state_dir)
         except StateDirError as exc:
-            print(f"espgate: config error: {config.source}: server.state_dir: {exc}",
+            print(f"espgate: config error: {_state_dir_at(config)}: {exc}",
                   file=sys.stderr)  # fmt: skip
             return 2
     print(configmod.describe(config))
     return 0
+
+
+def _state_dir_at(config: configmod.Config) -> str:
+    # "file:line: server.state_dir" as config errors say it (the line of the
+    # key in [server]; none for the embedded default)
+    line = None
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        table = ""
+        text = Path(config.source).read_text()
+        for number, raw in enumerate(text.splitlines(), 1):
+            stripped = raw.strip()
+            if stripped.startswith("["):
+                table = stripped
+            elif table == "[server]" and re.match(r"state_dir\s*=", stripped):
+                line = number
+    at = f"{config.source}:{line}" if line else config.source
+    return f"{at}: server.state_dir"
 
 
 def request(
@@ -247,6 +273,11 @@ def _cmd_dataplane(args: argparse.Namespace) -> int:
 
 def _ask(args: argparse.Namespace, cmd: str, **fields: Any) -> dict[str, Any] | None:
     # one request; None (said on stderr) when the daemon cannot be reached
+    problem = _not_a_socket(args.socket)
+    if problem:
+        print(f"espgate: cannot reach the daemon at {args.socket}: {problem}",
+              file=sys.stderr)  # fmt: skip
+        return None
     try:
         return request(args.socket, cmd, **fields)
     except OSError as exc:
@@ -256,6 +287,18 @@ def _ask(args: argparse.Namespace, cmd: str, **fields: Any) -> dict[str, Any] | 
     except ValueError:
         print(f"espgate: no answer from the daemon at {args.socket}", file=sys.stderr)
     return None
+
+
+def _not_a_socket(path: str) -> str:
+    # connect() says "Connection refused" for a file or a directory: say what
+    # the path is instead (nothing for a socket or a path that is not there)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    if stat.S_ISSOCK(mode):
+        return ""
+    return "a directory, not a socket" if stat.S_ISDIR(mode) else "not a socket"
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:
@@ -336,14 +379,20 @@ def _cmd_sa_move(args: argparse.Namespace) -> int:
 
 
 def format_counters(answer: dict[str, Any], prefix: str = "") -> str:
-    """Render nested counters as ``area.name  value`` lines."""
-    lines = []
+    """Render nested counters as ``area.name  value`` lines, values in one column."""
+    flat = _flatten(answer, prefix)
+    width = max((len(name) for name, _ in flat), default=0)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in flat)
+
+
+def _flatten(answer: dict[str, Any], prefix: str) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
     for key, value in answer.items():
         if isinstance(value, dict):
-            lines.append(format_counters(value, f"{prefix}{key}."))
+            out.extend(_flatten(value, f"{prefix}{key}."))
         else:
-            lines.append(f"{prefix}{key:<28} {value}")
-    return "\n".join(line for line in lines if line)
+            out.append((f"{prefix}{key}", value))
+    return out
 
 
 def format_engines(answer: dict[str, Any]) -> str:
@@ -424,18 +473,20 @@ def format_sessions(sessions: list[dict[str, Any]]) -> str:
 
 def format_ipsec_sas(sas: list[dict[str, Any]]) -> str:
     """Render SAs as an aligned table: spi, direction, engine, seqs, counters."""
-    header = ("spi", "dir", "engine", "next seq", "reserved", "packets", "bytes",
-              "drops")  # fmt: skip
+    header = ("spi", "dir", "engine", "next seq", "reserved", "cap", "packets",
+              "bytes", "drops")  # fmt: skip
     rows = [header]
     for sa in sas:
         c = sa["counters"]
         seq = sa["next_seq"] if sa["direction"] == "out" else sa["highest_seq"]
         drops = sum((c.get("drops") or {}).values())
         mark = sa["seq_reserved"]
+        # the last number an outbound SA may send, set by a move (else none)
+        cap = sa.get("seq_cap")
         rows.append(
             (sa["spi"], sa["direction"], sa["engine"], "-" if seq is None else str(seq),
-             "-" if mark is None else str(mark), str(c.get("packets", 0)),
-             str(c.get("bytes", 0)), str(drops))
+             "-" if mark is None else str(mark), "-" if cap is None else str(cap),
+             str(c.get("packets", 0)), str(c.get("bytes", 0)), str(drops))
         )  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [
@@ -443,6 +494,11 @@ def format_ipsec_sas(sas: list[dict[str, Any]]) -> str:
         for r in rows
     ]
     lines.append(f"{len(sas)} sa(s); inbound rows show the highest seq received")
+    capped = [sa for sa in sas if sa.get("seq_cap") is not None]
+    for sa in capped:
+        held = (sa["counters"].get("drops") or {}).get("seq_cap", 0)
+        lines.append(f"sa {sa['spi']}: capped at seq {sa['seq_cap']} by a move, "
+                     f"{held} packet(s) held back")  # fmt: skip
     return "\n".join(lines)
 
 

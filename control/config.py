@@ -1017,7 +1017,7 @@ class _Reader:
             natt_port=natt_port,
             control_socket=control_socket,
             log_level=self.choice(data, (*p, "log_level"), LOG_LEVELS, d.log_level),
-            state_dir=self.get(data, (*p, "state_dir"), str, d.state_dir),
+            state_dir=self.path(self.get(data, (*p, "state_dir"), str, d.state_dir)),
             cookie_threshold=self.count(
                 data, (*p, "cookie_threshold"), d.cookie_threshold
             ),
@@ -1408,7 +1408,7 @@ class _Reader:
 
     def path(self, text: str) -> str:
         """Resolve a file name against the config file's directory."""
-        if Path(text).is_absolute() or self.source.startswith("<"):
+        if not text or Path(text).is_absolute() or self.source.startswith("<"):
             return text
         return str(Path(self.source).parent / text)
 

@@ -1388,6 +1388,8 @@ class Headend:
             return {"moved": False, "engine": to, "spi_in": f"{spi_in:08x}"}
         if len(session.children) != 1:
             raise RuntimeError("session is rekeying, try again when it has one SA")
+        # preconditions before anything is touched: a refused move changes nothing
+        self._kernel()
         sa_in = session.params[(spi_in, True)]
         sa_out = session.params[(spi_out, False)]
         margin = self._margin()
@@ -1444,55 +1446,136 @@ class Headend:
     ) -> dict[str, Any]:
         from fastpath._engine import ReplayWindow
 
-        # inbound first: the connected encap socket takes the peer's ESP from
-        # here on, with the engine's window (RFC 4303 section 3.4.3)
-        size = sa_in.replay_window
-        window = self.engine.replay_window(sa_in.spi)
-        n = int(self.engine.sa_counters(sa_out.spi, False)["next_seq"])
-        # RFC 4303 section 3.3.3: the engine may not reach the kernel's range; the
-        # cap is for good (the process dataplane's ticker never lifts it)
-        self.engine.set_seq_limit(sa_out.spi, n + margin - 1)
-        self._kernel_install(
-            session,
-            sa_in,
-            sa_out,
-            next_out=n + margin,
-            dirs=("out",),
-            replay=self._state_of(window, size, size),
-        )
-
-        # the out policy is the switch: the engine's out SA goes at once, since
-        # what it sent from here on would reach the peer behind the kernel's
-        # higher numbers and die in its replay window (packets still queued in
-        # the TUN are dropped instead)
-        last = int(self.engine.sa_counters(sa_out.spi, False)["next_seq"])
-        self.engine.remove_sa(sa_out.spi, False)
-
-        # inbound ESP now reaches the kernel; what port 4500 still holds goes
-        # through the engine before its SA goes, and what it accepted meanwhile
-        # is merged into the kernel's window
-        self._drain_engine(sa_in.spi)
-        late = self.engine.replay_window(sa_in.spi)
-        self.engine.remove_sa(sa_in.spi, True)
         kernel = self._kernel()
-        state = kernel.sa_state(sa_in.spi, True)
-        merged = ReplayWindow(size, sa_in.esn)
-        merged.merge(*self._window_of(state, size))
-        merged.merge(*late)
-        if merged.state() != self._window_of(state, size):
-            carried = self._state_of(merged.state(), size, size)
-            kernel.set_sa_state(sa_in.spi, True, carried)
-        if last > n + margin:
-            log.error("move overran the sequence margin: %d > %d", last, n + margin)
+        size = sa_in.replay_window
+        undo = _Rollback(f"move of {sa_in.spi:08x} to the kernel")
+        try:
+            # inbound first: the connected encap socket takes the peer's ESP from
+            # here on, with the engine's window (RFC 4303 section 3.4.3)
+            window = self.engine.replay_window(sa_in.spi)
+            before = self.engine.sa_counters(sa_out.spi, False)
+            n = int(before["next_seq"])
+            # RFC 4303 section 3.3.3: the engine may not reach the kernel's range;
+            # the cap is for good once the move succeeds, lifted if it fails
+            old_cap = self._seq_cap(sa_out.spi)
+            undo.push(self._lift_cap, sa_out.spi, old_cap, before.get("seq_limit"))
+            self.engine.set_seq_limit(sa_out.spi, n + margin - 1)
+            undo.push(self._kernel_unwind, session, sa_in.spi, sa_out.spi)
+            self._kernel_install(
+                session,
+                sa_in,
+                sa_out,
+                next_out=n + margin,
+                dirs=("out",),
+                replay=self._state_of(window, size, size),
+            )
 
-        # in and fwd last: they drop what the userspace engine decrypted before
-        self._kernel_policies(session, sa_in, ("in", "fwd"))
+            # the out policy is the switch: the engine's out SA goes at once,
+            # since what it sent from here on would reach the peer behind the
+            # kernel's higher numbers and die in its replay window (packets still
+            # queued in the TUN are dropped instead)
+            last = int(self.engine.sa_counters(sa_out.spi, False)["next_seq"])
+            self.engine.remove_sa(sa_out.spi, False)
+            undo.push(self._engine_out_back, sa_out, max(last, n + margin))
+
+            # inbound ESP now reaches the kernel; what port 4500 still holds goes
+            # through the engine before its SA goes, and what it accepted
+            # meanwhile is merged into the kernel's window
+            self._drain_engine(sa_in.spi)
+            late = self.engine.replay_window(sa_in.spi)
+            self.engine.remove_sa(sa_in.spi, True)
+            undo.push(self._engine_in_back, sa_in, late)
+            state = kernel.sa_state(sa_in.spi, True)
+            merged = ReplayWindow(size, sa_in.esn)
+            merged.merge(*self._window_of(state, size))
+            merged.merge(*late)
+            if merged.state() != self._window_of(state, size):
+                carried = self._state_of(merged.state(), size, size)
+                kernel.set_sa_state(sa_in.spi, True, carried)
+            if last > n + margin:
+                log.error("move overran the sequence margin: %d > %d", last, n + margin)
+
+            # in and fwd last: they drop what the userspace engine decrypted before
+            self._kernel_policies(session, sa_in, ("in", "fwd"))
+        except BaseException:
+            undo.run()
+            raise
         return {
             "source_next_seq": last,
             "dest_next_seq": n + margin,
             "top_in": window[0],
             "late_top_in": late[0],
         }
+
+    # -- undoing a failed move (each step's inverse) ---------------------------
+
+    def _seq_cap(self, spi: int) -> int | None:
+        seq_cap = getattr(self.engine, "seq_cap", None)
+        return None if seq_cap is None else seq_cap(spi)
+
+    def _lift_cap(self, spi: int, cap: int | None, limit: Any) -> None:
+        # the process dataplane keeps caps itself; the inline engine gets its
+        # limit from before the move back
+        lift = getattr(self.engine, "lift_seq_cap", None)
+        if lift is not None:
+            lift(spi, cap)
+            return
+        with contextlib.suppress(KeyError):
+            self.engine.set_seq_limit(spi, int(limit) if limit is not None else 0)
+
+    def _kernel_unwind(self, session: Session, spi_in: int, spi_out: int) -> None:
+        # policies, SAs and the encap socket a move to the kernel installed
+        self._kernel_release(session)
+        self._kernel_remove_pair(session, spi_in, spi_out)
+
+    def _engine_out_back(self, sa_out: SAParams, floor: int) -> None:
+        # RFC 4303 section 3.3.3: the engine resumes above anything the kernel
+        # may have sent under the same SPI
+        start = floor
+        if self.kernel is not None:
+            with contextlib.suppress(KeyError, OSError):
+                sent = self.kernel.sa_counters(sa_out.spi, False)["next_seq"]
+                start = max(start, int(sent))
+        self.engine.install_sa(dataclasses.replace(sa_out, next_seq=start))
+
+    def _engine_in_back(self, sa_in: SAParams, late: tuple[int, int]) -> None:
+        # the engine's window again, with what the kernel accepted merged in
+        from fastpath._engine import ReplayWindow
+
+        size = sa_in.replay_window
+        merged = ReplayWindow(size, sa_in.esn)
+        merged.merge(*late)
+        if self.kernel is not None:
+            with contextlib.suppress(KeyError, OSError):
+                merged.merge(*self._window_of(self.kernel.sa_state(sa_in.spi, True),
+                                              size))  # fmt: skip
+        self.engine.install_sa(sa_in, merged.state())
+
+    def _engine_drop(self, spi: int, inbound: bool) -> None:
+        with contextlib.suppress(KeyError):
+            self.engine.remove_sa(spi, inbound)
+
+    def _kernel_back(
+        self, session: Session, sa_in: SAParams, sa_out: SAParams, dirs: tuple[str, ...]
+    ) -> None:
+        # a move to userspace that failed: the kernel's out counter above what
+        # the engine sent meanwhile, its encap socket, then its policies
+        kernel = self._kernel()
+        with contextlib.suppress(KeyError):
+            sent = int(self.engine.sa_counters(sa_out.spi, False)["next_seq"])
+            state = kernel.sa_state(sa_out.spi, False)
+            if sent - 1 > state.oseq:
+                kernel.set_sa_state(
+                    sa_out.spi, False, dataclasses.replace(state, oseq=sent - 1)
+                )
+        if "in" in dirs:
+            # re-adding the inbound SA reopens the peer's connected encap socket
+            kernel.install_sa(
+                sa_in, replay=kernel.sa_state(sa_in.spi, True), replace=True
+            )
+            self._sync_encap_readers()
+        kernel.remove_policies(session.index, dirs)
+        self._kernel_policies(session, sa_in, dirs)
 
     def _drain_engine(self, spi_in: int) -> None:
         """Wait (at most DRAIN_MAX s) until the engine's inbound SA stops counting."""
@@ -1515,28 +1598,42 @@ class Headend:
     ) -> dict[str, Any]:
         kernel = self._kernel()
         size = sa_in.replay_window
+        undo = _Rollback(f"move of {sa_in.spi:08x} to userspace")
+        try:
+            # both engine SAs first: the inbound one with the kernel's window
+            # (GETAE), the outbound one above the kernel's last number plus the
+            # margin, reserved in the seq store before its first packet
+            n = int(kernel.sa_counters(sa_out.spi, False)["next_seq"])
+            window = self._window_of(kernel.sa_state(sa_in.spi, True), size)
+            undo.push(self._engine_drop, sa_in.spi, True)
+            self.engine.install_sa(sa_in, window)
+            undo.push(self._engine_drop, sa_out.spi, False)
+            self.engine.install_sa(dataclasses.replace(sa_out, next_seq=n + margin))
+            reserved = self.engine.sa_counters(sa_out.spi, False).get("seq_reserved")
 
-        # both engine SAs first: the inbound one with the kernel's window
-        # (GETAE), the outbound one above the kernel's last number plus the
-        # margin, reserved in the seq store before its first packet
-        n = int(kernel.sa_counters(sa_out.spi, False)["next_seq"])
-        window = self._window_of(kernel.sa_state(sa_in.spi, True), size)
-        self.engine.install_sa(sa_in, window)
-        self.engine.install_sa(dataclasses.replace(sa_out, next_seq=n + margin))
-        reserved = self.engine.sa_counters(sa_out.spi, False).get("seq_reserved")
+            # outbound: the engine's SA sends once the out policy goes
+            undo.push(self._kernel_back, session, sa_in, sa_out, ("out",))
+            kernel.remove_policies(session.index, ("out",))
+            last = int(kernel.sa_counters(sa_out.spi, False)["next_seq"])
+            if last > n + margin:
+                log.error("move overran the sequence margin: %d > %d", last, n + margin)
 
-        # outbound: the engine's SA sends once the out policy goes
-        kernel.remove_policies(session.index, ("out",))
-        last = int(kernel.sa_counters(sa_out.spi, False)["next_seq"])
-        if last > n + margin:
-            log.error("move overran the sequence margin: %d > %d", last, n + margin)
+            # inbound: closing the connected encap socket hands ESP back to port
+            # 4500; what the kernel accepted since the first read is merged in
+            undo.push(self._kernel_back, session, sa_in, sa_out, ("in", "fwd"))
+            self._kernel_release(session)
+            late = self._window_of(kernel.sa_state(sa_in.spi, True), size)
+            self.engine.set_replay_window(sa_in.spi, *late)
+        except BaseException:
+            undo.run()
+            raise
 
-        # inbound: closing the connected encap socket hands ESP back to port
-        # 4500; what the kernel accepted since the first read is merged in
-        self._kernel_release(session)
-        late = self._window_of(kernel.sa_state(sa_in.spi, True), size)
-        self.engine.set_replay_window(sa_in.spi, *late)
-        self._kernel_remove_pair(session, sa_in.spi, sa_out.spi)
+        # committed: the kernel's pair is only state left behind now
+        try:
+            self._kernel_remove_pair(session, sa_in.spi, sa_out.spi)
+        except OSError as exc:
+            log.error("kernel sas %08x/%08x stay after the move: %s",
+                      sa_in.spi, sa_out.spi, exc)  # fmt: skip
         return {
             "source_next_seq": last,
             "dest_next_seq": n + margin,
@@ -1599,7 +1696,10 @@ class Headend:
             request = request or {}
             try:
                 return self.move_sa(str(request.get("spi", "")), str(request.get("to")))
-            except (KeyError, ValueError, RuntimeError, OSError) as exc:
+            except OSError as exc:
+                # a move that failed half way was rolled back: nothing changed
+                return {"error": exc.strerror or str(exc)}
+            except (KeyError, ValueError, RuntimeError) as exc:
                 # str() of a KeyError is its repr: the message alone
                 return {"error": str(exc.args[0]) if exc.args else str(exc)}
         if cmd == "show-engines":
@@ -1640,10 +1740,15 @@ class Headend:
 
     def _delete_session(self, session_id: str) -> dict[str, Any]:
         # RFC 7296 1.4.1: an INFORMATIONAL Delete of the IKE SA; the session
-        # goes when the client answers or the retransmissions give up
+        # goes when the client answers or the retransmissions give up.  IDs
+        # are shown in lower case; an upper-case copy names the same session
         now = time.monotonic()
-        if not self._guard(self.responder.delete_ike_sa, session_id, now):
-            return {"error": f"no session {session_id!r}"}
+        asked = session_id.strip()
+        for session_id in dict.fromkeys((asked, asked.lower())):
+            if self._guard(self.responder.delete_ike_sa, session_id, now):
+                break
+        else:
+            return {"error": f"no session {asked!r}"}
         self._after_step()
         log.info("session %s: delete requested on the control socket", session_id)
         return {"deleting": session_id}
@@ -1675,6 +1780,7 @@ class Headend:
                             "next_seq": c.pop("next_seq", None),
                             "highest_seq": c.pop("highest_seq", None),
                             "seq_reserved": c.pop("seq_reserved", None),
+                            "seq_cap": c.pop("seq_cap", None),
                             "counters": c,
                         }
                     )
@@ -1719,6 +1825,32 @@ class Headend:
                 for p in session.accepted_routes
             ],
         }
+
+
+class _Rollback:
+    """Inverses of a move's steps, run newest first when a later step fails.
+
+    Each step pushes its inverse before it acts, so a step that fails half way
+    is undone as well; an inverse that fails is logged and the rest still run.
+    """
+
+    def __init__(self, what: str):
+        self.what = what
+        self.steps: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
+
+    def push(self, step: Callable[..., object], *args: Any) -> None:
+        """Record the inverse of the step about to run."""
+        self.steps.append((step, args))
+
+    def run(self) -> None:
+        """Run every recorded inverse, newest first."""
+        log.warning("%s failed, rolling back %d step(s)", self.what, len(self.steps))
+        while self.steps:
+            step, args = self.steps.pop()
+            try:
+                step(*args)
+            except Exception:
+                log.exception("%s: undoing %s failed", self.what, step.__name__)
 
 
 def _reason(exc: OSError) -> str:

@@ -35,7 +35,10 @@ copy of the socket.
 Live moves (control/daemon.py ``move_sa``): ``set_seq_limit`` from the daemon is
 a *cap*, the end of what the engine may send before the kernel takes over; the
 proxy keeps it and every later raise (the ticker's, a restart's) stays below it,
-so a moved-out SA never reaches the kernel's numbers.  An outbound SA installed
+so a moved-out SA never reaches the kernel's numbers.  A move that fails puts the
+cap back with ``lift_seq_cap``; while a cap stands, ``sa_counters`` shows it as
+``seq_cap`` and counts what it held back under the drop reason ``seq_cap``.  An
+outbound SA installed
 with ``next_seq > 1`` (a move back in) has ``next_seq`` reserved in the store
 before the engine gets it, so reload-safety holds across the move; an inbound
 one installed with ``replay`` starts with the source engine's window.
@@ -192,6 +195,9 @@ class DataplaneProxy:
         # outbound caps set by a move out (never lifted) and the last known
         # replay window of every inbound SA (what a restart reinstalls)
         self._caps: dict[int, int] = {}
+        # seq_blocked of a capped SA when its cap came: what it held back since
+        # is counted as the drop reason "seq_cap"
+        self._cap_blocked: dict[int, int] = {}
         self._windows: dict[int, tuple[int, int]] = {}
         self._lock = threading.RLock()
         self._child: _Child | None = None
@@ -572,6 +578,7 @@ class DataplaneProxy:
             self._windows.pop(key[0], None)
         else:
             self._caps.pop(key[0], None)
+            self._cap_blocked.pop(key[0], None)
         store = self.reserver.store if self.reserver else None
         if isinstance(store, SeqStore):
             kind = INBOUND_KIND if key[1] else OUTBOUND_KIND
@@ -595,8 +602,29 @@ class DataplaneProxy:
         with self._lock:
             if (spi, False) not in self._sas:
                 raise KeyError(f"No SA 0x{spi:08x} inbound=False")
+            if spi not in self._caps:
+                blocked = self._last.get((spi, False), {}).get("seq_blocked", 0)
+                with contextlib.suppress(DataplaneDown):
+                    blocked = self.sa_counters(spi, False).get("seq_blocked", 0)
+                self._cap_blocked[spi] = int(blocked)
             self._caps[spi] = min(limit, self._caps.get(spi, limit))
             self._try("set_seq_limit", spi, self._limit(spi))
+
+    def lift_seq_cap(self, spi: int, cap: int | None = None) -> None:
+        """Put an outbound SA's cap back to ``cap`` (None: no cap), as before a move.
+
+        A move that fails undoes its cap with this; the limit goes back to the
+        durably reserved end and the ticker raises it again.  An SA that is gone
+        (the move removed it) is left alone.
+        """
+        with self._lock:
+            if cap is None:
+                self._caps.pop(spi, None)
+                self._cap_blocked.pop(spi, None)
+            else:
+                self._caps[spi] = cap
+            if (spi, False) in self._sas:
+                self._try("set_seq_limit", spi, self._limit(spi))
 
     def seq_cap(self, spi: int) -> int | None:
         """Return an outbound SA's cap from a move, None when it has none."""
@@ -655,6 +683,13 @@ class DataplaneProxy:
             self._last[key] = out
         if not inbound and self.reserver is not None:
             out["seq_reserved"] = self.reserver.reserved_end(spi)
+        if not inbound and spi in self._caps:
+            # a packet the cap held back is a drop, and the cap is shown (not in
+            # _last: a restart carries seq_blocked, this is derived from it)
+            out = dict(out)
+            out["seq_cap"] = self._caps[spi]
+            held = int(out.get("seq_blocked", 0)) - self._cap_blocked.get(spi, 0)
+            out["drops"] = {**(out.get("drops") or {}), "seq_cap": max(0, held)}
         return out
 
     def counters(self) -> dict[str, int]:

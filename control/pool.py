@@ -12,7 +12,12 @@ is written through, so leases survive a daemon restart: the leases found at
 start are held for their identity, which gets the same address back when it
 reconnects; an address held for an identity that has not come back is
 reclaimed only when the pool has nothing else free. A session's lease is
-released when the session ends. An identity that comes back while it still
+released when the session ends, but the pool (and the store, as a row with
+no session) remembers its last holder: an identity that comes back while that
+address is still free gets it again. Only the last address of each identity
+is remembered, and only while no one else took it: round-robin allocation
+hands a remembered free address to another identity like any free one, which
+ends the memory. An identity that comes back while it still
 holds an address in a live session gets a fresh one; INITIAL_CONTACT
 handling, which frees the old lease first, lives above this. The lease file
 maps identities to addresses, so it (and SQLite's -wal and -shm beside it)
@@ -90,6 +95,10 @@ class LeaseStore:
         )
         self.db.commit()
 
+    def free(self, pool: str, address: str, identity: str) -> None:
+        """Mark a lease released, keeping its last holder's identity."""
+        self.put(pool, address, "", identity)
+
     def delete(self, pool: str, address: str) -> None:
         self.db.execute(
             "DELETE FROM leases WHERE pool = ? AND address = ?", (pool, address)
@@ -130,14 +139,22 @@ class AddressPool:
         self.client_prefix = config.client_prefix
         self.store = store
         self._leases: dict[int, str] = {}
+        self._identity: dict[int, str] = {}
         # leases found in the store at start: address -> identity
         self._held: dict[int, str] = {}
+        # free addresses and their last holder, both ways (sticky addresses)
+        self._last: dict[int, str] = {}
+        self._last_of: dict[str, int] = {}
         self._next = self.first
         if store is not None:
-            for text, _session, identity in store.load(self.name):
+            for text, session, identity in store.load(self.name):
                 address = int(ipaddress.ip_address(text))
-                if self.first <= address <= self.last:
+                if not self.first <= address <= self.last:
+                    continue
+                if session:
                     self._held[address] = identity
+                elif identity:
+                    self._remember(address, identity)
             if self._held:
                 log.info("pool %s: %d lease(s) kept from before", self.name,
                          len(self._held))  # fmt: skip
@@ -157,6 +174,10 @@ class AddressPool:
             if identity and holder == identity:
                 del self._held[address]
                 return self._lease(address, session_id, identity)
+        # its last address, released since and still free
+        last = self._last_of.get(identity) if identity else None
+        if last is not None and last not in self._leases and last not in self._held:
+            return self._lease(last, session_id, identity)
         if len(self._leases) + len(self._held) >= self.size:
             if not self._held:
                 log.warning("pool %s exhausted (%d addresses)", self.name, self.size)
@@ -173,8 +194,22 @@ class AddressPool:
         self._next = self.first if candidate >= self.last else candidate + self.step
         return self._lease(candidate, session_id, identity)
 
+    def _remember(self, value: int, identity: str) -> None:
+        old = self._last_of.pop(identity, None)
+        if old is not None:
+            self._last.pop(old, None)
+        self._last[value] = identity
+        self._last_of[identity] = value
+
+    def _forget_last(self, value: int) -> None:
+        who = self._last.pop(value, None)
+        if who is not None and self._last_of.get(who) == value:
+            del self._last_of[who]
+
     def _lease(self, value: int, session_id: str, identity: str) -> Address:
+        self._forget_last(value)
         self._leases[value] = session_id
+        self._identity[value] = identity
         address = ipaddress.ip_address(value)
         if self.store is not None:
             self.store.put(self.name, str(address), session_id, identity)
@@ -201,8 +236,14 @@ class AddressPool:
         holder = self._leases.pop(int(address), None)
         if holder is None:
             return False
+        identity = self._identity.pop(int(address), "")
+        if identity:
+            self._remember(int(address), identity)
         if self.store is not None:
-            self.store.delete(self.name, str(address))
+            if identity:
+                self.store.free(self.name, str(address), identity)
+            else:
+                self.store.delete(self.name, str(address))
         log.debug("pool %s: %s released by %s", self.name, address, holder)
         return True
 

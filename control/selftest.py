@@ -99,6 +99,7 @@ class HeadendLab:
         extra_config: Callable[[HeadendLab], str] | None = None,
         profile_keys: dict[str, Any] | None = None,
         server_keys: dict[str, Any] | None = None,
+        start_daemon: bool = True,
     ):
         """Set up a lab; ``embedded`` runs the daemon on its built-in default.
 
@@ -107,6 +108,7 @@ class HeadendLab:
         headend starts; ``auth`` is the profile's local and remote auth,
         ``match`` its identity patterns. ``extra_config`` returns TOML (more
         pools and profiles) appended to the generated configuration.
+        ``start_daemon`` False leaves the headend to the case (it starts its own).
         """
         self.workdir = workdir
         # unique per process, so concurrent runs never share namespace names
@@ -128,13 +130,14 @@ class HeadendLab:
         self.profile_keys = profile_keys or {}
         # more keys of [server], likewise
         self.server_keys = server_keys or {}
+        self.start_daemon = start_daemon
         self.socket = str(workdir / "espgate.sock")
         self.topo: Topology | None = None
         self.procs: ProcessSet | None = None
         self.clients: list[StrongSwanClient] = []
 
     def __enter__(self) -> HeadendLab:
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.workdir)
         self.topo = Topology(
             self.prefix, self.workdir, reuse_stale=True, clients=self.nclients
         )
@@ -144,7 +147,8 @@ class HeadendLab:
             self.procs.__enter__()
             if self.pki_args is not None:
                 self.pki = LabPki.create(self.workdir, **self.pki_args)
-            self._start_headend()
+            if self.start_daemon:
+                self._start_headend()
         except BaseException:
             self.__exit__(*sys.exc_info())
             raise
@@ -522,6 +526,42 @@ from control.selftest_ike import IKE_CASES  # noqa: E402
 CASES.update({name: Case(*spec) for name, spec in IKE_CASES.items()})
 
 
+# an `ip xfrm state` key line: algorithm kept, key replaced by its length
+_XFRM_KEY = re.compile(
+    r"\b(aead|enc|auth|auth-trunc|comp)(\s+\S+\s+)0x([0-9a-fA-F]+)"
+)
+
+
+def redact(value: Any) -> Any:
+    """Return value (nested lists, dicts, strings) with xfrm key material masked.
+
+    ``aead rfc4106(gcm(aes)) 0x<hex> 128`` becomes ``aead rfc4106(gcm(aes))
+    <160-bit key> 128``: the algorithm and the key's length stay, its bytes go.
+    """
+    if isinstance(value, str):
+        return _XFRM_KEY.sub(
+            lambda m: f"{m.group(1)}{m.group(2)}<{len(m.group(3)) * 4}-bit key>", value
+        )
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    return value
+
+
+def _private_dir(path: Path) -> None:
+    # verdicts and logs name peers and carry configs: owner only
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
 def _run_case(name: str, workdir: Path) -> dict[str, Any]:
     case = CASES[name]
     started = time.monotonic()
@@ -529,6 +569,12 @@ def _run_case(name: str, workdir: Path) -> dict[str, Any]:
     try:
         if case.remote is not None:
             detail, failures = case.remote()
+            # the guest's daemon and charon logs come back with its verdict
+            logs = detail.pop("guest_logs", None) or {}
+            if logs:
+                _private_dir(workdir)
+                for file, text in logs.items():
+                    _write_private(workdir / Path(file).name, redact(text))
         else:
             with HeadendLab(workdir, **case.lab) as lab:
                 detail, failures = case.func(lab)
@@ -568,6 +614,7 @@ def run(
     base = (
         Path(keep_logs) if keep_logs else Path(tempfile.mkdtemp(prefix="espgate-st-"))
     )
+    _private_dir(base)
     interrupted: str | None = None
     with interrupt_once():
         try:
@@ -589,7 +636,9 @@ def run(
                 }
             )
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        # no key material in a verdict, and the file is the owner's alone
+        text = json.dumps(redact(results), indent=2, default=str) + "\n"
+        _write_private(json_path, text)
         if interrupted is not None:
             print(
                 f"interrupted during {interrupted}: {len(results) - 1} case(s) "

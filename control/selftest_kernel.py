@@ -26,6 +26,7 @@ both ends run ESP in a kernel::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -60,6 +61,8 @@ GUEST_CASES = (
 )
 GUEST_TIMEOUT = 900.0
 RESULT_MARKER = "SELFTEST-RESULTS "
+# bytes of each guest log brought back to the host
+GUEST_LOG_MAX = 256 * 1024
 ROOT = Path(__file__).resolve().parents[1]
 # the client runs ESP in its kernel: kernel-netlink alone, no kernel-libipsec
 NETLINK_PLUGINS = " ".join(p for p in PLUGINS.split() if p != "kernel-libipsec")
@@ -715,6 +718,18 @@ def _kernel_nat_rebind(lab: HeadendLab) -> Verdict:
     return detail, failures
 
 
+def _guest_logs(workdir: Path) -> dict[str, str]:
+    # every *.log of a case (each one's last GUEST_LOG_MAX bytes, keys redacted),
+    # named by its path below the case's directory with "/" as "__"
+    logs: dict[str, str] = {}
+    for path in sorted(workdir.rglob("*.log")):
+        with contextlib.suppress(OSError):
+            data = path.read_bytes()[-GUEST_LOG_MAX:]
+            name = "__".join(path.relative_to(workdir).parts)
+            logs[name] = selftest.redact(data.decode("utf-8", "replace"))
+    return logs
+
+
 def run_inner(names: list[str]) -> list[dict[str, Any]]:
     """Run guest case bodies here (in the guest); print and return the verdicts."""
     import shutil
@@ -734,6 +749,8 @@ def run_inner(names: list[str]) -> list[dict[str, Any]]:
             detail, failures = {"traceback": traceback.format_exc()}, [repr(exc)]
         detail["failures"] = failures
         detail["seconds"] = round(time.monotonic() - started, 1)
+        # the daemon's and charon's logs go back to the host's --keep-logs
+        detail["guest_logs"] = _guest_logs(base / name)
         results.append({"case": name, "passed": not failures, "detail": detail})
         print(f"{'PASS' if not failures else 'FAIL'} {name}", file=sys.stderr)
     shutil.rmtree(base, ignore_errors=True)

@@ -165,3 +165,51 @@ def test_reload_dataplane_prints_pid_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "request", lambda *a, **k: {"dataplane_pid": 4242})
     assert main(["reload", "dataplane", "--socket", str(tmp_path / "s")]) == 0
     assert capsys.readouterr().out == "dataplane restarted: pid 4242\n"
+
+
+# -- state_dir, --socket, show counters ------------------------------------------
+
+
+def _config_with_state_dir(tmp_path: Path, state_dir: str) -> Path:
+    from control.config import default_text
+
+    line = f'[server]\nstate_dir = "{state_dir}"\n'
+    text = default_text().replace("[server]\n", line, 1)
+    path = tmp_path / "conf" / "espgate.toml"
+    path.parent.mkdir()
+    path.write_text(text)
+    return path
+
+
+def test_load_relative_state_dir_from_config_directory(tmp_path, monkeypatch):
+    from control.config import load
+
+    path = _config_with_state_dir(tmp_path, "state-rel")
+    monkeypatch.chdir(tmp_path)
+    assert load(str(path)).server.state_dir == str(path.parent / "state-rel")
+
+
+def test_check_config_state_dir_error_names_line(tmp_path, capsys):
+    path = _config_with_state_dir(tmp_path, "state-rel")
+    (path.parent / "state-rel").write_text("a file, not a directory")
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:5: server.state_dir:" in err
+
+
+def test_socket_at_regular_file_says_not_a_socket(tmp_path, capsys):
+    victim = tmp_path / "file"
+    victim.write_text("x")
+    assert main(["show", "counters", "--socket", str(victim)]) == 1
+    assert "not a socket" in capsys.readouterr().err
+    assert main(["show", "counters", "--socket", str(tmp_path)]) == 1
+    assert "a directory, not a socket" in capsys.readouterr().err
+
+
+def test_format_counters_values_in_one_column():
+    from control.cli import format_counters
+
+    answer = {"daemon": {"ike_rx_500": 1}, "pools": {"v4": {"in_use": 2}}}
+    text = format_counters(answer)
+    lines = text.splitlines()
+    assert lines == ["daemon.ike_rx_500  1", "pools.v4.in_use    2"]

@@ -206,3 +206,36 @@ def test_find_pool_bounds_the_names_it_counts(no_misses):
         find_pool({}, f"n{i}", 4)
     assert len(no_misses.UNKNOWN_POOLS) == no_misses.UNKNOWN_NAMES + 1
     assert no_misses.UNKNOWN_POOLS[no_misses.OTHER_NAME] == 5
+
+
+def test_allocate_returning_identity_gets_its_free_address_back(tmp_path):
+    # the new-user report: one client reconnecting five times got .10 ... .14
+    config = PoolConfig("p", ipaddress.IPv4Address("198.18.128.10"),
+                        ipaddress.IPv4Address("198.18.128.250"))  # fmt: skip
+    pool = AddressPool(config, LeaseStore(tmp_path / "leases.sqlite"))
+    got = []
+    for i in range(5):
+        got.append(pool.allocate(f"s{i}", "alice@espgate.example"))
+        pool.release(got[-1])
+    assert [str(a) for a in got] == ["198.18.128.10"] * 5
+    # and after a restart: the store kept the last holder of the free address
+    assert pool.store is not None
+    pool.store.close()
+    pool = AddressPool(config, LeaseStore(tmp_path / "leases.sqlite"))
+    assert pool.in_use == 0
+    assert str(pool.allocate("s9", "alice@espgate.example")) == "198.18.128.10"
+
+
+def test_allocate_returning_identity_address_taken_gets_another():
+    # the twin: round-robin gave the free address to someone else meanwhile
+    pool = make("198.18.128.1", "198.18.128.2")
+    a = pool.allocate("s1", "alice")
+    pool.release(a)
+    b = pool.allocate("s2", "bob")
+    assert b != a
+    assert pool.allocate("s3", "carol") == a
+    pool.release(b)
+    # alice's address went to carol: she gets bob's, bob's memory ends
+    assert pool.allocate("s4", "alice") == b
+    pool.release(a)
+    assert pool.allocate("s5", "bob") == a

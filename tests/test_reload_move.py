@@ -218,3 +218,148 @@ def test_install_sa_with_window_rejects_seen(rig: _Rig) -> None:
     rig.send_esp(3)
     assert rig.inbound(1, replay=1)
     assert rig.proxy.replay_window(SPI_IN) == (5, 0b11111)
+
+
+# ---------------------------------------------------------------- failed moves
+
+MARGIN = 256
+
+
+class _Kernel:
+    """A KernelEngine stand-in that fails at the step named by ``fail``."""
+
+    def __init__(self, fail: str):
+        from fastpath.xfrm import ReplayState
+
+        self.fail = fail
+        self.sas: dict[tuple[int, bool], Any] = {}
+        self.policies: set[str] = set()
+        self.state = ReplayState
+
+    def install_sa(self, params: SAParams, *, replay: Any = None, **kw: Any) -> None:
+        if self.fail == "install_sa" and not params.inbound:
+            raise OSError(22, "Invalid argument")
+        state = replay or self.state(params.next_seq - 1, 0, params.replay_window,
+                                     [0] * (params.replay_window // 32))  # fmt: skip
+        self.sas[(params.spi, bool(params.inbound))] = state
+
+    def install_policies(self, session: int, *, dirs: tuple[str, ...], **kw: Any):
+        if self.fail == "policies" and "in" in dirs:
+            raise OSError(17, "File exists")
+        self.policies |= set(dirs)
+
+    def remove_policies(self, session: int, dirs: Any = None) -> int:
+        self.policies -= set(dirs or ("out", "in", "fwd"))
+        return 0
+
+    def remove_sa(self, spi: int, inbound: bool) -> None:
+        del self.sas[(spi, bool(inbound))]
+
+    def sa_counters(self, spi: int, inbound: bool) -> dict[str, Any]:
+        state = self.sas[(spi, bool(inbound))]
+        return {"packets": 0, "bytes": 0, "next_seq": state.oseq + 1,
+                "highest_seq": state.seq}  # fmt: skip
+
+    def sa_state(self, spi: int, inbound: bool) -> Any:
+        return self.sas[(spi, bool(inbound))]
+
+    def set_sa_state(self, spi: int, inbound: bool, state: Any) -> None:
+        self.sas[(spi, bool(inbound))] = state
+
+    def encap_sockets(self) -> dict[Any, int]:
+        return {}
+
+    def close_encap(self, local: Any, peer: Any) -> None:
+        pass
+
+
+def _headend(rig: _Rig, tmp: Path, kernel: _Kernel | None) -> Any:
+    from control import config as configmod
+    from control.daemon import Headend, Session
+
+    config = configmod.replace_server(configmod.load(None), listen="127.0.0.1",
+                                      state_dir=str(tmp / "hs"))  # fmt: skip
+    headend = Headend(config)
+    headend.engine = rig.proxy
+    headend.kernel = kernel
+    headend.kernel_ok = kernel is not None
+    headend.kernel_reason = "rfc4106(gcm(aes)) not available"
+    local = ("127.0.0.1", 4500)
+    session = Session("s1", 1, "a@espgate.example", rig.peer.getsockname())
+    session.children = [(SPI_IN, SPI_OUT)]
+    session.params = {
+        (SPI_IN, True): rig.params(SPI_IN, True, local=local),
+        (SPI_OUT, False): rig.params(SPI_OUT, False, local=local),
+    }
+    for params in session.params.values():
+        rig.proxy.install_sa(params)
+    headend.sessions["s1"] = session
+    return headend
+
+
+def _traffic_after_reload(rig: _Rig, counted: int, replay: int = 0) -> None:
+    # `espgate reload dataplane`, then both directions still carry packets
+    rig.proxy.reload()
+    assert rig.proxy.seq_cap(SPI_OUT) is None
+    rig.send_inner(4)
+    assert len(rig.received_seqs()) == 4
+    rig.send_esp(4)
+    assert rig.inbound(counted + 1, replay=replay)
+
+
+def _traffic_before(rig: _Rig) -> None:
+    rig.send_inner(3)
+    assert len(rig.received_seqs()) == 3
+    for seq in (1, 2, 3):
+        rig.send_esp(seq)
+    assert rig.inbound(3, replay=0)
+
+
+def test_move_refused_kernel_unavailable_reload_keeps_traffic(rig, tmp_path):
+    headend = _headend(rig, tmp_path, None)
+    _traffic_before(rig)
+    answer = headend.control("sa-move", {"spi": f"{SPI_OUT:08x}", "to": "kernel"})
+    assert answer == {"error": "kernel engine unavailable: "
+                      "rfc4106(gcm(aes)) not available"}  # fmt: skip
+    assert rig.out("seq_limit") > 4 and "seq_cap" not in rig.proxy.sa_counters(
+        SPI_OUT, False
+    )
+    _traffic_after_reload(rig, 3)
+
+
+def test_move_kernel_install_fails_rolls_back(rig, tmp_path):
+    kernel = _Kernel("install_sa")
+    headend = _headend(rig, tmp_path, kernel)
+    _traffic_before(rig)
+    answer = headend.control("sa-move", {"spi": f"{SPI_IN:08x}", "to": "kernel"})
+    assert answer == {"error": "Invalid argument"}
+    assert kernel.sas == {} and kernel.policies == set()
+    assert headend.sessions["s1"].engine == "userspace"
+    _traffic_after_reload(rig, 3)
+
+
+def test_move_last_step_fails_rolls_back_above_kernel_numbers(rig, tmp_path):
+    kernel = _Kernel("policies")
+    headend = _headend(rig, tmp_path, kernel)
+    _traffic_before(rig)
+    answer = headend.control("sa-move", {"spi": f"{SPI_OUT:08x}", "to": "kernel"})
+    assert "File exists" in answer["error"]
+    assert kernel.sas == {} and kernel.policies == set()
+    # the engine's SAs are back: out above the kernel's range, in with its window
+    assert rig.out("next_seq") >= 4 + MARGIN
+    # (a reinstalled SA counts from zero)
+    rig.send_esp(2)
+    assert rig.inbound(0, replay=1)
+    _traffic_after_reload(rig, 0, replay=1)
+
+
+def test_move_capped_sa_counts_held_back_packets(rig, tmp_path):
+    # the twin of a rollback: a cap that stands is shown and its drops counted
+    rig.proxy.install_sa(rig.params(SPI_OUT, False))
+    rig.proxy.set_seq_limit(SPI_OUT, 2)
+    rig.send_inner(5)
+    assert _wait_for(lambda: rig.proxy.sa_counters(SPI_OUT, False)["drops"].get(
+        "seq_cap") == 3)  # fmt: skip
+    assert rig.proxy.sa_counters(SPI_OUT, False)["seq_cap"] == 2
+    rig.proxy.lift_seq_cap(SPI_OUT)
+    assert "seq_cap" not in rig.proxy.sa_counters(SPI_OUT, False)

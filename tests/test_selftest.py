@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -218,3 +219,41 @@ def _interrupt_selftest(prefix: str, tmp: Path, out: Path) -> None:
     assert not list(tmp.iterdir()), "temporary directory with the PSK left behind"
     assert not {ns for ns in _netns() - before if ns.startswith(prefix)}
     assert not _processes_mentioning(str(tmp))
+
+
+# -- what a verdict and kept logs may hold --------------------------------------
+
+# an `ip xfrm state` line as iproute2 prints it (key made up for this test)
+XFRM_AEAD = "\taead rfc4106(gcm(aes)) 0xfc317e42000102030405060708090a0b0c0d0e0f 128"
+
+
+def test_run_json_redacts_xfrm_key_owner_only(stub_cases, tmp_path) -> None:
+    stub_cases({"k": _remote(({"xfrm": f"src 198.18.0.1\n{XFRM_AEAD}\n"}, []))})
+    out = tmp_path / "st.json"
+    selftest.run(None, out)
+    text = out.read_text()
+    assert "fc317e42" not in text
+    assert "aead rfc4106(gcm(aes)) <160-bit key> 128" in text
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+def test_redact_keeps_hex_that_is_no_key() -> None:
+    # the twin: SPIs and marks in hex are not key material
+    line = "proto esp spi 0xc0de0001 reqid 7 mode tunnel\n\tmark 0x10/0xff"
+    assert selftest.redact({"x": [line]}) == {"x": [line]}
+    assert selftest.redact("enc cbc(aes) 0x00ff") == "enc cbc(aes) <16-bit key>"
+
+
+def test_run_remote_case_guest_logs_kept_private(stub_cases, tmp_path) -> None:
+    stub_cases({})
+    logs = {"espgate.stderr.log": f"up\n{XFRM_AEAD}\n", "charon.log": "IKE_SA up\n"}
+    selftest.CASES["g"] = _remote(({"guest_logs": logs}, []))
+    keep = tmp_path / "keep"
+    out = tmp_path / "st.json"
+    selftest.run(None, out, keep_logs=str(keep))
+    assert "guest_logs" not in out.read_text()
+    assert stat.S_IMODE(keep.stat().st_mode) == 0o700
+    kept = keep / "g" / "espgate.stderr.log"
+    assert "fc317e42" not in kept.read_text() and "<160-bit key>" in kept.read_text()
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert (keep / "g" / "charon.log").read_text() == "IKE_SA up\n"
