@@ -967,8 +967,10 @@ class Headend:
             top = self.engine.inbound_top(ev.spi_in)
             if top is None:
                 raise UntrustedState(f"No stored window for SPI 0x{ev.spi_in:08x}")
-            # FIXME: a replay of a packet received after the last store of
-            # the window top (at most about a second's worth) is accepted once
+            # FIXME: everything up to the stored top counts as seen (below),
+            # but a replay of a packet received after that store (about a
+            # second's worth) is accepted once; storing a mark ahead of the top
+            # refused that much fresh traffic and made clients rekey here
             first_in = top + 1
         local = (self._local_address(ev.remote[0]), self.config.server.natt_port)
         # RFC 3948: ESP in UDP only when NAT was detected, raw ESP otherwise
@@ -1021,7 +1023,13 @@ class Headend:
                 self._kernel_release(session)
                 session.engine = "userspace"
         if session.engine != "kernel":
-            self.engine.install_sa(sa_in)
+            if resume:
+                # RFC 4303 3.4.3: every number up to the stored mark counts as
+                # received, not only those below the window
+                seen = (1 << self.config.engine.replay_window) - 1
+                self.engine.install_sa(sa_in, (first_in - 1, seen))
+            else:
+                self.engine.install_sa(sa_in)
             if replaces is not None:
                 pass  # the outbound SA waits below
             elif resume:

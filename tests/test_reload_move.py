@@ -363,3 +363,28 @@ def test_move_capped_sa_counts_held_back_packets(rig, tmp_path):
     assert rig.proxy.sa_counters(SPI_OUT, False)["seq_cap"] == 2
     rig.proxy.lift_seq_cap(SPI_OUT)
     assert "seq_cap" not in rig.proxy.sa_counters(SPI_OUT, False)
+
+
+# ---------------------------------------------------------------- whole-daemon restart
+
+
+@pytest.mark.parametrize("whole_window", [True, False])
+def test_resume_counts_everything_to_the_stored_top_as_seen(
+    rig: _Rig, whole_window: bool
+) -> None:
+    # after a whole-daemon restart only the stored top is known: which of the
+    # numbers below it arrived is lost, so the daemon marks them all as seen
+    top = 30
+    replay = (top, (1 << 64) - 1) if whole_window else None
+    rig.proxy.install_sa(rig.params(SPI_IN, True, next_seq=top + 1), replay)
+
+    def counters() -> dict[str, Any]:
+        return dict(rig.proxy.sa_counters(SPI_IN, True))
+
+    rig.send_esp(20)  # below the top: maybe a replay of one seen before the crash
+    if whole_window:
+        assert _wait_for(lambda: counters()["drops"].get("replay", 0) == 1)
+    else:  # the twin: a window that starts empty takes it
+        assert _wait_for(lambda: counters()["packets"] == 1)
+    rig.send_esp(top + 1)  # the peer's next fresh packet
+    assert _wait_for(lambda: counters()["highest_seq"] == top + 1)

@@ -119,15 +119,17 @@ class FakeResponder:
 class FakeEngine:
     def __init__(self) -> None:
         self.sessions: dict[int, int] = {}
+        # (params, replay, resume) of every install
+        self.installed: list[tuple[Any, Any, bool]] = []
 
     def add_session(self, index: int, fd: int) -> None:
         self.sessions[index] = fd
 
-    def install_sa(self, sa: Any, resume: bool = False) -> None:
-        pass
+    def install_sa(self, sa: Any, replay: Any = None, *, resume: bool = False) -> None:
+        self.installed.append((sa, replay, resume))
 
     def inbound_top(self, spi: int) -> int:
-        return 0
+        return 41
 
 
 class FakeStore:
@@ -277,6 +279,26 @@ def test_persisted_session_resumes_with_its_accepted_routes(
     resumed = again.sessions["s1"]
     assert resumed.accepted_routes == ["10.77.0.0/16"]
     assert (resumed.route_tag, resumed.route_metric) == (7, 20)
+
+
+def test_resumed_inbound_sa_counts_everything_to_the_stored_mark_as_seen(
+    tmp_path: Path, tuns: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import control.ike.persist as persist
+
+    h = headend(tmp_path, None)
+    h._apply(child_up())
+    h._store = FakeStore()
+    monkeypatch.setattr(persist, "export_ike", lambda ike: {})
+    h._persist()
+    (body,) = h._store.records.values()
+    again = headend(tmp_path, None)
+    again._rebuild(again.responder.sa, persist.loads(body)["daemon"])
+    (inbound,) = [i for i in again.engine.installed if i[0].inbound]
+    params, replay, _ = inbound
+    # RFC 4303 3.4.3: no number up to the mark (41) may be accepted again
+    window = again.config.engine.replay_window
+    assert params.next_seq == 42 and replay == (41, (1 << window) - 1)
 
 
 def test_parse_session_timeout_sets_session_lifetime() -> None:
