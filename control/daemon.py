@@ -1170,8 +1170,8 @@ class Headend:
         new = session.remote
         for key, sa in list(session.params.items()):
             session.params[key] = dataclasses.replace(sa, peer=new)
-        for key, sa in list(session.deferred_out.items()):
-            session.deferred_out[key] = dataclasses.replace(sa, peer=new)
+        for spi, held in list(session.deferred_out.items()):
+            session.deferred_out[spi] = dataclasses.replace(held, peer=new)
         try:
             moved = self._kernel().migrate_peer(session.index, old, new)
         except (OSError, KeyError) as exc:

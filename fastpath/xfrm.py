@@ -208,10 +208,10 @@ def parse_ts(text: str) -> tuple[list[Network], int, tuple[int, int]]:
     addr = m["addr"]
     if "-" in addr:
         first, last = (ipaddress.ip_address(a) for a in addr.split("-", 1))
-        if first.version != last.version or first > last:
+        if first.version != last.version or int(first) > int(last):
             raise ValueError(f"Bad address range in selector {text!r}")
         nets: list[Network] = list(
-            ipaddress.summarize_address_range(first, last)  # type: ignore[arg-type]
+            ipaddress.summarize_address_range(first, last)
         )
     else:
         nets = [ipaddress.ip_network(addr)]
