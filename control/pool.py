@@ -7,21 +7,27 @@ bits, of which the client gets the first address; with /128 clients the
 prefix's all-zero address (the subnet-router anycast address) is left out,
 so a /126 pool handing out /128s serves 3 clients.
 
+Allocation order, for a session of identity I:
+
+1. I's own lease found in the store at start (a crash left its session row);
+2. I's last address, released since and still free;
+3. a free address no identity remembers (never used, or forgotten), lowest
+   first after a restart, round-robin from the last one within a run;
+4. a free address another identity remembers, least recently released first
+   (that identity's memory of it ends);
+5. a lease held from before a restart for an identity that has not come
+   back, oldest first.
+
 With a `LeaseStore` (SQLite under the daemon's state directory) every lease
-is written through, so leases survive a daemon restart: the leases found at
-start are held for their identity, which gets the same address back when it
-reconnects; an address held for an identity that has not come back is
-reclaimed only when the pool has nothing else free. A session's lease is
-released when the session ends, but the pool (and the store, as a row with
-no session) remembers its last holder: an identity that comes back while that
-address is still free gets it again. Only the last address of each identity
-is remembered, and only while no one else took it: round-robin allocation
-hands a remembered free address to another identity like any free one, which
-ends the memory. An identity that comes back while it still
-holds an address in a live session gets a fresh one; INITIAL_CONTACT
-handling, which frees the old lease first, lives above this. The lease file
-maps identities to addresses, so it (and SQLite's -wal and -shm beside it)
-is readable by its owner only.
+and every release is written through, and the order above is rebuilt from it
+at start (rows in write order), so it holds across SIGTERM and kill -9
+restarts alike: a released lease stays as a row with no session, naming its
+last holder; a release with no identity deletes the row (the address is
+forgotten). Only the last address of each identity is remembered. An identity
+that comes back while it still holds an address in a live session gets a
+fresh one; INITIAL_CONTACT handling, which frees the old lease first, lives
+above this. The lease file maps identities to addresses, so it (and SQLite's
+-wal and -shm beside it) is readable by its owner only.
 
 Config checking makes sure every pool a profile or local policy names
 exists with the right IP version; a pool named by RADIUS authorization
@@ -80,10 +86,10 @@ class LeaseStore:
                 os.chmod(companion, 0o600)
 
     def load(self, pool: str) -> list[tuple[str, str, str]]:
-        """Return (address, session, identity) of the leases of `pool`."""
+        """Return (address, session, identity) of the leases of `pool`, oldest first."""
         rows = self.db.execute(
             "SELECT address, session, identity FROM leases WHERE pool = ? "
-            "ORDER BY updated",
+            "ORDER BY updated, rowid",
             (pool,),
         )
         return [(str(a), str(s), str(i)) for a, s, i in rows]
@@ -176,23 +182,34 @@ class AddressPool:
                 return self._lease(address, session_id, identity)
         # its last address, released since and still free
         last = self._last_of.get(identity) if identity else None
-        if last is not None and last not in self._leases and last not in self._held:
+        if last is not None:
             return self._lease(last, session_id, identity)
-        if len(self._leases) + len(self._held) >= self.size:
-            if not self._held:
-                log.warning("pool %s exhausted (%d addresses)", self.name, self.size)
-                return None
-            # reclaim the oldest lease kept for an identity that did not return
+        # an address nobody remembers; round-robin from the last one handed
+        # out, so a forgotten address is not handed straight to the next client
+        unremembered = self.size - len(self._leases) - len(self._held) - len(self._last)
+        if unremembered > 0:
+            candidate = self._next
+            while (
+                candidate in self._leases
+                or candidate in self._held
+                or candidate in self._last
+            ):
+                candidate = self._after(candidate)
+            self._next = self._after(candidate)
+            return self._lease(candidate, session_id, identity)
+        # someone else's free address, least recently released first
+        if self._last:
+            return self._lease(next(iter(self._last)), session_id, identity)
+        # reclaim the oldest lease kept for an identity that did not return
+        if self._held:
             address = next(iter(self._held))
             del self._held[address]
             return self._lease(address, session_id, identity)
-        # round-robin from the last allocation, so a just-released address is
-        # not handed straight to the next client
-        candidate = self._next
-        while candidate in self._leases or candidate in self._held:
-            candidate = self.first if candidate >= self.last else candidate + self.step
-        self._next = self.first if candidate >= self.last else candidate + self.step
-        return self._lease(candidate, session_id, identity)
+        log.warning("pool %s exhausted (%d addresses)", self.name, self.size)
+        return None
+
+    def _after(self, value: int) -> int:
+        return self.first if value >= self.last else value + self.step
 
     def _remember(self, value: int, identity: str) -> None:
         old = self._last_of.pop(identity, None)

@@ -239,3 +239,85 @@ def test_allocate_returning_identity_address_taken_gets_another():
     assert pool.allocate("s4", "alice") == b
     pool.release(a)
     assert pool.allocate("s5", "bob") == a
+
+
+TEN_TO_TWENTY = PoolConfig("p", ipaddress.IPv4Address("198.18.128.10"),
+                           ipaddress.IPv4Address("198.18.128.20"))  # fmt: skip
+
+
+def _reopen(pool: AddressPool, path) -> AddressPool:
+    assert pool.store is not None
+    pool.store.close()
+    return AddressPool(TEN_TO_TWENTY, LeaseStore(path))
+
+
+def _ip(last_octet: int) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(f"198.18.128.{last_octet}")
+
+
+def test_allocate_after_sigterm_restart_new_identity_gets_never_used_address(
+    tmp_path,
+):
+    # the third new-user report, item 3: pool .10-.20; within one run alice
+    # and bob reconnect; SIGTERM ends every session (leases released) and
+    # after the restart dave connects first
+    path = tmp_path / "leases.sqlite"
+    pool = AddressPool(TEN_TO_TWENTY, LeaseStore(path))
+    alice = pool.allocate("s1", "alice")
+    bob = pool.allocate("s2", "bob")
+    pool.release(bob)
+    assert pool.allocate("s3", "bob") == bob
+    pool.release(alice)
+    pool.release(bob)
+    pool = _reopen(pool, path)
+    assert pool.in_use == 0
+    assert pool.allocate("s4", "dave") == _ip(12)
+    assert pool.allocate("s5", "alice") == alice == _ip(10)
+    assert pool.allocate("s6", "bob") == bob == _ip(11)
+
+
+def test_allocate_after_kill9_restart_returning_identities_keep_addresses(tmp_path):
+    # kill -9: nothing was released, the store still names the sessions
+    path = tmp_path / "leases.sqlite"
+    pool = AddressPool(TEN_TO_TWENTY, LeaseStore(path))
+    alice = pool.allocate("s1", "alice")
+    bob = pool.allocate("s2", "bob")
+    pool = _reopen(pool, path)
+    assert pool.in_use == 2
+    assert pool.allocate("s3", "dave") == _ip(12)
+    assert pool.allocate("s4", "bob") == bob
+    assert pool.allocate("s5", "alice") == alice
+
+
+def test_allocate_after_restart_prefers_forgotten_over_remembered(tmp_path):
+    # an address released without an identity is forgotten: reused before
+    # any address an identity remembers
+    path = tmp_path / "leases.sqlite"
+    pool = AddressPool(TEN_TO_TWENTY, LeaseStore(path))
+    alice = pool.allocate("s1", "alice")
+    anonymous = pool.allocate("s2")
+    pool.release(alice)
+    pool.release(anonymous)
+    pool = _reopen(pool, path)
+    assert pool.allocate("s3", "dave") == anonymous == _ip(11)
+    assert pool.allocate("s4", "alice") == alice
+
+
+def test_allocate_remembered_only_when_nothing_else_free_oldest_release_first(
+    tmp_path,
+):
+    path = tmp_path / "leases.sqlite"
+    pool = AddressPool(TEN_TO_TWENTY, LeaseStore(path))
+    names = [f"id{i}" for i in range(11)]
+    got = [pool.allocate(f"s{i}", name) for i, name in enumerate(names)]
+    assert got == [_ip(i) for i in range(10, 21)]
+    # released in the order .15, .12, .18: remembered by id5, id2, id8
+    for i in (5, 2, 8):
+        pool.release(got[i])
+    pool = _reopen(pool, path)
+    # the others' leases are held for them; the free ones are all remembered
+    assert pool.allocate("n1", "newcomer1") == _ip(15)
+    assert pool.allocate("n2", "id8") == _ip(18)
+    assert pool.allocate("n3", "newcomer2") == _ip(12)
+    # full but for held leases: the oldest (id0's .10) is reclaimed
+    assert pool.allocate("n4", "newcomer3") == _ip(10)
