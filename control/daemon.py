@@ -49,9 +49,11 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import stat
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -176,6 +178,8 @@ class Headend:
         self._ctl_inode = -1
         self._seq_timer: asyncio.TimerHandle | None = None
         self._store: Any = None
+        # the private state directory used when server.state_dir is empty
+        self._scratch: str | None = None
         self._stored: dict[str, bytes] = {}
         # two daemons may share a state dir (labs): each only sees its records
         srv = config.server
@@ -280,7 +284,14 @@ class Headend:
             from control.dataplane import DataplaneProxy
             from control.seqstore import SeqStore
 
-            store: Any = SeqStore.in_dir(srv.state_dir)
+            # no state directory: the reservations go to a private directory
+            # removed at exit (never the working directory), and nothing is
+            # resumed at the next start
+            state_dir = srv.state_dir
+            if not state_dir:
+                self._scratch = tempfile.mkdtemp(prefix="espgate-state-")
+                state_dir = self._scratch
+            store: Any = SeqStore.in_dir(state_dir)
             self._store = store
             kwargs: dict[str, Any] = {}
             if os.environ.get(POWER_CUT_ENV) == "1":
@@ -380,6 +391,9 @@ class Headend:
             with contextlib.suppress(OSError):
                 if path.lstat().st_ino == self._ctl_inode:
                     path.unlink()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
         if started:
             log.info("stopped")
 
