@@ -196,12 +196,14 @@ class PoolConfig:
     For IPv6, first and last are the first addresses of the first and last
     client prefix of `client_prefix` bits; with /128 clients the first is
     one above the prefix's all-zero (subnet-router anycast) address.
+    `network` is the prefix the pool was given as (None for an IPv4 range).
     """
 
     name: str
     first: ipaddress.IPv4Address | ipaddress.IPv6Address
     last: ipaddress.IPv4Address | ipaddress.IPv6Address
     client_prefix: int = 32
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
 
     @property
     def size(self) -> int:
@@ -815,6 +817,24 @@ class _Reader:
                     span = f"{pool.first} - {pool.last}"
                     problem = f"{text} is inside pool {pool.name!r} ({span})"
                     raise self.error(("server", key), problem)
+                net = pool.network
+                if net is None or net.version != address.version:
+                    continue
+                # RFC 919 7 / RFC 922 7: a prefix's all-ones address is its
+                # broadcast; RFC 4291 2.6.1: an IPv6 prefix's all-zero address
+                # is its subnet-router anycast address
+                edges: dict[Any, str] = {}
+                if net.version == 6:
+                    edges = {net.network_address: "subnet-router anycast"}
+                elif net.prefixlen < 31:
+                    edges = {
+                        net.network_address: "network",
+                        net.broadcast_address: "broadcast",
+                    }
+                if address in edges:
+                    problem = (f"{text} is the {edges[address]} address of pool "
+                               f"{pool.name!r} ({net})")  # fmt: skip
+                    raise self.error(("server", key), problem)
 
     def at(self, path: PathKey) -> str:
         """Return "(line N) " for a table or key of the file, or nothing."""
@@ -1039,6 +1059,18 @@ class _Reader:
             raise self.error(path, f"not an IP address: {value!r}") from None
         if address.version != version:
             raise self.error(path, f"not an IPv{version} address: {value!r}")
+        # RFC 1122 3.2.1.3 and RFC 4291 2.5.2, 2.5.3, 2.5.6, 2.7: none of these
+        # names one host's interface on the inside network
+        kinds = (
+            ("the unspecified", address.is_unspecified),
+            ("a loopback", address.is_loopback),
+            ("a multicast", address.is_multicast),
+            ("the limited broadcast", address == LIMITED_BROADCAST),
+            ("a link-local", address.is_link_local),
+        )
+        for kind, matches in kinds:
+            if matches:
+                raise self.error(path, f"{value} is {kind} address")
         return str(address)
 
     def engine(self, data: dict[str, Any]) -> EngineConfig:
@@ -1073,6 +1105,7 @@ class _Reader:
         if "client_prefix" in data:
             raise self.error((*p, "client_prefix"), "only for IPv6 pools")
         try:
+            net: ipaddress.IPv4Network | None = None
             if "/" in text:
                 net = ipaddress.IPv4Network(text)
                 # a /31 or /32 is all usable; otherwise skip network and broadcast
@@ -1097,7 +1130,7 @@ class _Reader:
                 raise self.error(
                     (*p, "range"), f"overlaps {bad}, which clients cannot use"
                 )
-        return PoolConfig(name, first, last)
+        return PoolConfig(name, first, last, network=net)
 
     def pool6(self, name: str, data: dict[str, Any], text: str) -> PoolConfig:
         """Read an IPv6 pool: a prefix and the prefix length each client gets."""
@@ -1123,7 +1156,7 @@ class _Reader:
         if first > last:
             problem = f"{net} leaves no address beside its subnet-router anycast"
             raise self.error((*p, "range"), problem)
-        return PoolConfig(name, first, last, client)
+        return PoolConfig(name, first, last, client, net)
 
     def profile(
         self, index: int, data: dict[str, Any], pools: dict[str, PoolConfig]
@@ -1456,6 +1489,7 @@ class _Reader:
 
 _REQUIRED = object()
 MAX_POOL_SIZE = 1 << 20
+LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 _UNUSABLE = [
     ipaddress.IPv4Network(n)
     for n in (

@@ -343,6 +343,63 @@ def test_parse_inside_addresses_next_to_pools_accepted():
     )  # fmt: skip
 
 
+# -- third report, item 7: an inside address names one host on the inside ------------
+
+
+@pytest.mark.parametrize(
+    ("server", "problem"),
+    [
+        ('inside_address = "0.0.0.0"', "0.0.0.0 is the unspecified address"),
+        ('inside_address = "127.0.0.1"', "127.0.0.1 is a loopback address"),
+        ('inside_address = "224.0.0.9"', "224.0.0.9 is a multicast address"),
+        (
+            'inside_address = "255.255.255.255"',
+            "255.255.255.255 is the limited broadcast address",
+        ),
+        ('inside_address = "169.254.1.1"', "169.254.1.1 is a link-local address"),
+        ('inside_address6 = "::"', ":: is the unspecified address"),
+        ('inside_address6 = "::1"', "::1 is a loopback address"),
+        ('inside_address6 = "ff02::1"', "ff02::1 is a multicast address"),
+        ('inside_address6 = "fe80::1"', "fe80::1 is a link-local address"),
+    ],
+)
+def test_parse_inside_address_not_a_host_address_refused_at_its_line(server, problem):
+    err = refused(f"[server]\n{server}\n\n" + BASE)
+    assert (err.line, err.fieldname) == (2, f"server.{server.split()[0]}")
+    assert err.problem == problem
+
+
+@pytest.mark.parametrize(
+    ("server", "what"),
+    [
+        ('inside_address = "198.18.128.0"', "network address of pool 'net'"),
+        ('inside_address = "198.18.128.255"', "broadcast address of pool 'net'"),
+        (
+            'inside_address6 = "2001:db8:18:1::"',
+            "subnet-router anycast address of pool 'staff6'",
+        ),
+    ],
+)
+def test_parse_inside_address_pool_edge_refused_at_its_line(server, what):
+    # the tester's pool 198.18.128.0/24 hands out .1-.254; /120 of /128s ::1-::ff
+    text = f"[server]\n{server}\n\n" + BASE
+    text = text.replace("[pools.staff6]", '[pools.net]\nrange = "198.18.128.0/24"\n\n'
+                        "[pools.staff6]").replace(  # fmt: skip
+        '[pools.staff]\nrange = "198.18.128.10-198.18.128.20"',
+        '[pools.staff]\nrange = "198.18.129.10-198.18.129.20"',
+    )
+    err = refused(text)
+    assert (err.line, err.fieldname) == (2, f"server.{server.split()[0]}")
+    assert what in err.problem
+
+
+def test_parse_inside_address_next_to_pool_prefix_accepted():
+    text = '[server]\ninside_address = "198.18.129.1"\n\n' + BASE.replace(
+        '"198.18.128.10-198.18.128.20"', '"198.18.128.0/24"'
+    )
+    assert config.parse(text, "t.toml").server.inside_address == "198.18.129.1"
+
+
 # -- second report, item 8: a mangler's identity type must be admitted ---------------
 
 
