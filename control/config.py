@@ -403,16 +403,6 @@ def _policy_value_problem(key: str, values: list[Any]) -> str | None:
             return "0.0.0.0 is not a netmask a client can use"
         if inverse & (inverse + 1):
             return f"not a contiguous netmask: {values[0]!r}"
-    if key == "route_accept":
-        words = str(values[0]).split()
-        numbers = words[2::2] if words[:1] == ["any"] else words[1::2]
-        if any(not word.isdigit() for word in numbers):
-            return f"expected 'any [tag N] [distance N]', got {values[0]!r}"
-        # each keyword once: a second one would silently win or lose
-        keys = words[1::2] if words[:1] == ["any"] else words[::2]
-        for key in keys:
-            if keys.count(key) > 1:
-                return f"{key!r} given more than once in {values[0]!r}"
     return None
 
 

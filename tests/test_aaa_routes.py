@@ -154,6 +154,52 @@ def test_parse_route_accept_out_of_range_is_error(value: str) -> None:
         parse(config_text(policy=f"route_accept = {value}"), "t.toml")
 
 
+# third new-user report, item 8: one grammar for config and RADIUS, `any`
+# required, keywords in any case
+ROUTE_ACCEPT_GOOD = [
+    ("any", (None, 2)),
+    ("ANY TAG 5", (5, 2)),
+    ("Any Distance 9 tag 3", (3, 9)),
+    ("  any  tag 497777  distance 255 ", (497777, 255)),
+]
+ROUTE_ACCEPT_BAD = [
+    "tag 10",
+    "distance 5",
+    "any tag",
+    "any tag 5 any",
+    "any tag -1",
+    "any tag 0x10",
+    "any metric 5",
+    "any tag 5 TAG 6",
+    "",
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), ROUTE_ACCEPT_GOOD)
+def test_parse_route_accept_grammar_accepted_in_config_and_radius(
+    value: str, expected: tuple[int | None, int]
+) -> None:
+    config = register(config_text(policy=f'route_accept = "{value}"'))
+    assert config.policies["staff"].policy().route_accept == expected
+    stats: collections.Counter[str] = collections.Counter()
+    pair = f"ipsec:route-accept={value}"
+    auth = parse_authorization({"Cisco-AVPair": [pair]}, stats)
+    assert stats["avpair_malformed"] == 0
+    assert auth.policy().route_accept == expected
+
+
+@pytest.mark.parametrize("value", ROUTE_ACCEPT_BAD)
+def test_parse_route_accept_grammar_refused_in_config_and_radius(value: str) -> None:
+    with pytest.raises(ConfigError, match="policies.staff.route_accept"):
+        parse(config_text(policy=f'route_accept = "{value}"'), "t.toml")
+    register()
+    stats: collections.Counter[str] = collections.Counter()
+    pair = f"ipsec:route-accept={value}"
+    auth = parse_authorization({"Cisco-AVPair": [pair]}, stats)
+    assert stats["avpair_malformed"] == 1
+    assert auth.route_accept is None
+
+
 def register(text: str = "") -> Any:
     config = parse(text or config_text(), "t.toml")
     configure_routes(

@@ -472,7 +472,7 @@ def test_parse_used_access_list_that_permits_something_no_warning(caplog):
     [
         ("any tag 10 tag 11", "tag"),
         ("any distance 5 tag 1 distance 5", "distance"),
-        ("tag 10 tag 10", "tag"),
+        ("ANY Tag 10 tag 10", "tag"),
     ],
 )
 def test_parse_route_accept_repeated_keyword_refused(value, word):

@@ -215,11 +215,25 @@ def configure_routes(
 
 
 def route_accept_values(value: str) -> tuple[int | None, int]:
-    """Return (tag or None, distance) of a checked route-accept value."""
-    words = value.split()
-    if words[:1] == ["any"]:
-        words = words[1:]
-    given = dict(zip(words[::2], (int(w) for w in words[1::2]), strict=True))
+    """Return (tag or None, distance) of a route-accept value; ValueError if bad.
+
+    The one grammar of RADIUS ``ipsec:route-accept`` and of a local policy's
+    ``route_accept``: ``any [tag N] [distance N]``, keywords in any case and
+    in either order, each at most once; ``any`` is required.
+    """
+    expected = f"expected 'any [tag N] [distance N]', got {value!r}"
+    words = value.lower().split()
+    if words[:1] != ["any"] or len(words) % 2 == 0:
+        raise ValueError(expected)
+    limits = {"tag": ROUTE_TAG, "distance": ROUTE_DISTANCE}
+    given: dict[str, int] = {}
+    for key, number in zip(words[1::2], words[2::2], strict=True):
+        if key not in limits or not number.isdigit():
+            raise ValueError(expected)
+        if key in given:
+            # a second one would silently win or lose
+            raise ValueError(f"{key!r} given more than once in {value!r}")
+        given[key] = _int_in(*limits[key])(number)
     return given.get("tag"), given.get("distance", ROUTE_DISTANCE_DEFAULT)
 
 
@@ -278,18 +292,9 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
 
 
 def _route_accept(value: str) -> str:
-    # "any [tag 1..497777] [distance 1..255]"
-    words = value.split()
-    if words[:1] == ["any"]:
-        words = words[1:]
-    limits = {"tag": ROUTE_TAG, "distance": ROUTE_DISTANCE}
-    if len(words) % 2:
-        raise ValueError(f"expected 'tag N distance N', got {value!r}")
-    for key, number in zip(words[::2], words[1::2], strict=True):
-        if key not in limits:
-            raise ValueError(f"unknown route-accept word {key!r}")
-        _int_in(*limits[key])(number)
-    return value.strip()
+    # checked, and kept in one spelling: lowercase, single spaces
+    route_accept_values(value)
+    return " ".join(value.lower().split())
 
 
 def _name(value: str) -> str:
