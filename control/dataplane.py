@@ -22,8 +22,10 @@ restarted the supervisor re-adds every session and SA; outbound SAs resume at
 the stored end (strictly above anything sent), inbound ones with the replay
 window the ticker last polled (``replay_window``, every tick).  While the child
 is down mutators are recorded and replayed, queries return the last known
-counters; packet and byte counters carry their totals across a restart (the
-new child counts from zero, the proxy adds what the old one last reported).
+counters; packet and byte counters, per SA and engine-wide (``udp_rx``,
+``rx_esp``, ...), carry their totals across a restart: the new child counts
+from zero and the proxy adds what the old one last reported, polled every tick
+and once more just before a ``reload`` (a crash loses at most one tick).
 
 Stopping: the child ignores SIGTERM and SIGINT (blocked from before its exec,
 so none is lost to the start-up window): a signal to the whole process group,
@@ -245,6 +247,8 @@ class DataplaneProxy:
         with self._lock:
             child = self._child
             if child is not None:
+                # the old child's last counts, so a planned restart loses none
+                self._poll_totals()
                 self._end(child)
                 self._child = None
             self._respawn("reload")
@@ -722,11 +726,25 @@ class DataplaneProxy:
             # RFC 3948 section 2.2: the non-ESP marker before the IKE header
             sock.sendto(bytes(4) + data, addr)
 
+    def _poll_totals(self) -> None:
+        # refresh the last known engine and SA counters a restart carries on
+        with contextlib.suppress(DataplaneDown):
+            self.counters()
+        with self._lock:
+            keys = list(self._sas)
+        for spi, inbound in keys:
+            with contextlib.suppress(KeyError, DataplaneDown):
+                self.sa_counters(spi, inbound)
+
     # -- reservation -------------------------------------------------------
 
     def _ticker(self) -> None:
         ticks = 0
         while not self._stopping.wait(self.tick):
+            # engine-wide totals each tick, as the SAs' below: a crash loses at
+            # most one tick of counts
+            with contextlib.suppress(DataplaneDown):
+                self.counters()
             if self.reserver is None:
                 continue
             with self._lock:
