@@ -1407,7 +1407,15 @@ class Headend:
         else:
             raise KeyError(f"no CHILD SA with SPI {spi:08x}")
         if session.engine == to:
-            return {"moved": False, "engine": to, "spi_in": f"{spi_in:08x}"}
+            # "spi" is the one asked for (either direction), so the answer
+            # names what the user typed; both SPIs of the pair beside it
+            return {
+                "moved": False,
+                "engine": to,
+                "spi": f"{spi:08x}",
+                "spi_in": f"{spi_in:08x}",
+                "spi_out": f"{spi_out:08x}",
+            }
         if len(session.children) != 1:
             raise RuntimeError("session is rekeying, try again when it has one SA")
         # preconditions before anything is touched: a refused move changes nothing

@@ -126,6 +126,25 @@ def test_control_sa_move_unknown_spi_error_without_quotes(tmp_path):
     assert answer == {"error": "no CHILD SA with SPI deadbeef"}
 
 
+@pytest.mark.parametrize("asked", ["d6f7d064", "6d97c98e"])
+def test_control_sa_move_same_engine_names_the_spi_asked(tmp_path, asked):
+    # third new-user report, item 10: the outbound SPI was answered with the
+    # inbound one
+    from types import SimpleNamespace
+
+    headend = _headend(tmp_path)
+    session = SimpleNamespace(children=[(0x6D97C98E, 0xD6F7D064)], engine="userspace")
+    headend.sessions["s1"] = session  # type: ignore[assignment]
+    answer = headend.control("sa-move", {"spi": asked, "to": "userspace"})
+    assert answer == {
+        "moved": False,
+        "engine": "userspace",
+        "spi": asked,
+        "spi_in": "6d97c98e",
+        "spi_out": "d6f7d064",
+    }
+
+
 def test_control_client_json_array_is_a_clear_error(tmp_path):
     import asyncio
     import json
