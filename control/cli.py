@@ -368,7 +368,8 @@ def _cmd_sa_move(args: argparse.Namespace) -> int:
         print(f"espgate: sa move failed: {answer['error']}", file=sys.stderr)
         return 1
     if not answer.get("moved"):
-        print(f"sa {answer.get('spi', answer['spi_in'])} already in the {answer['engine']} engine")
+        spi = answer.get("spi", answer["spi_in"])
+        print(f"sa {spi} already in the {answer['engine']} engine")
         return 0
     print(
         f"sa {answer['spi_in']}/{answer['spi_out']} moved to the {answer['engine']} "
