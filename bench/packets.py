@@ -1,7 +1,7 @@
 """`espgate bench packets`: the same iperf3 traffic through each tunnel mode.
 
 Theory of operation: one run builds the lab topology (``control.lab.Topology``,
-namespaces ``egt-b<pid>-cli``, ``-hub`` and ``-srv``)::
+namespaces ``egt-b-<pid>-<tag>-cli``, ``-hub`` and ``-srv``)::
 
     cli  198.18.1.2 --veth-- 198.18.1.1  hub  198.19.1.1 --veth-- 198.19.1.2  srv
     iperf3 client            tunnel endpoint, forwards            iperf3 server
@@ -771,9 +771,9 @@ def _run_packets(cfg: PacketsConfig, progress: bool) -> dict[str, Any]:
         if progress
         else None
     )
-    prefix = f"egt-b{os.getpid() % 100000}"
     try:
-        with Topology(prefix, workdir / "topo") as topo:
+        # the Topology adds the PID and a random tag to the namespace names
+        with Topology("egt-b", workdir / "topo") as topo:
             lab = Lab(topo, workdir)
             if cfg.workers is not None:
                 lab.peer_options["workers"] = cfg.workers

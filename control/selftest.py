@@ -111,10 +111,9 @@ class HeadendLab:
         ``start_daemon`` False leaves the headend to the case (it starts its own).
         """
         self.workdir = workdir
-        # unique per process, so concurrent runs never share namespace names
-        self.prefix = prefix or os.environ.get(
-            "ESPGATE_LAB_PREFIX", f"egst{os.getpid() % 100000}"
-        )
+        # the Topology makes names unique per run ({prefix}-{pid}-{random}-hub),
+        # so concurrent runs never share a namespace, with the variable too
+        self.prefix = prefix or os.environ.get("ESPGATE_LAB_PREFIX", "egst")
         self.embedded = embedded
         self.psk = PSK
         self.server_id = SERVER_ID
