@@ -3,8 +3,9 @@
 Theory of operation: ``control.cli`` hands everything after ``bench`` to
 :func:`main`, which parses the subcommand and calls the benchmark module's
 ``command``; each writes JSON, Markdown and a PNG (see ``bench.common``).
-Bad numbers are argparse errors (exit 2); Ctrl-C prints one line and exits
-130 with no output file half written.
+Bad numbers and refused output paths are usage errors (exit 2, checked before
+measuring); Ctrl-C prints one line and exits 130 with no output file half
+written, also when it comes just after the files were written.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def main(argv: list[str]) -> int:
         level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s"
     )
     module = crypto if args.bench == "crypto" else packets
+    # the last step before exit: a Ctrl-C after the files are written is 130 too
     return interruptible(
-        f"espgate bench {args.bench}", lambda: module.command(args, argv[1:])
+        f"espgate bench {args.bench}",
+        lambda: module.command(args, argv[1:]),
+        final=True,
     )

@@ -9,15 +9,22 @@ Figures are never hard-coded anywhere else: the README shows what a run wrote.
 
 Every numeric option goes through :func:`int_range` or :func:`float_range`, so a
 bad value is an argparse error (usage, one line, exit 2), never an assertion;
-``--json`` goes through :func:`json_path`, which refuses a directory or a
-directory that does not exist (none is created).  Without ``--json`` a full
-run writes the committed ``bench/results/`` of this package (what the README
-shows) and a ``--quick`` smoke run a new scratch directory, see
-:func:`default_output`.
+``--json`` goes through :func:`json_path`, which refuses an empty name, a
+directory or a directory that does not exist (none is created).  Without
+``--json`` a full run writes the committed ``bench/results/`` of this package
+(what the README shows) and a ``--quick`` smoke run a new scratch directory,
+see :func:`default_output`.
+
+Before measuring anything, a command calls :func:`check_outputs` on the three
+paths (.json, .md, .png): none may be a directory, their directory must exist,
+a ``--quick`` run may not write anywhere that resolves into the committed
+results, and no run replaces a .json holding another benchmark's document.
+A refusal is an :class:`OutputError`, reported as a usage error (exit 2) with
+nothing written; :func:`write_outputs` checks again just before writing.
 The three files are rendered to temporary names first and renamed with SIGINT
 and SIGTERM held back, so an interrupted run leaves the previous set or the
 new one, never a mix; :func:`interruptible` turns Ctrl-C into one line and
-exit status 130.
+exit status 130, also when it comes after the files were written (``final``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -40,19 +48,26 @@ from typing import Any
 __all__ = [
     "INTERRUPTED_STATUS",
     "RESULTS_DIR",
+    "USAGE_STATUS",
+    "OutputError",
     "Progress",
+    "check_outputs",
     "default_output",
     "float_range",
     "int_range",
     "interruptible",
     "json_path",
     "machine_info",
+    "output_set",
     "summarize",
+    "usage_error",
     "write_outputs",
 ]
 
 # what a shell reports for a command ended by SIGINT (128 + 2)
 INTERRUPTED_STATUS = 130
+# what argparse exits with for a usage error
+USAGE_STATUS = 2
 
 CPU_FLAGS = ("aes", "avx2", "avx512f", "vaes", "vpclmulqdq")
 # the committed results (the README's figures): where full runs write by default
@@ -169,9 +184,16 @@ def float_range(lo: float, *, inclusive: bool = True) -> Callable[[str], float]:
 
 def json_path(text: str) -> Path:
     """Argparse type: a ``.json`` file name in a directory that exists."""
+    if not text:
+        raise argparse.ArgumentTypeError("'' is empty, not a .json file name")
     path = Path(text)
-    if text.endswith("/") or path.is_dir():
+    if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a .json file")
+    if text.endswith("/"):
+        # Path() drops the slash: say why the name cannot be a file
+        raise argparse.ArgumentTypeError(
+            f"{text!r} ends in '/', not a .json file name"
+        )
     if path.suffix != ".json":
         # the Markdown and the plot take the same stem, .md and .png
         raise argparse.ArgumentTypeError(f"{text!r} does not end in .json")
@@ -179,6 +201,74 @@ def json_path(text: str) -> Path:
         parent = str(path.parent)
         raise argparse.ArgumentTypeError(f"no directory {parent!r} for {text!r}")
     return path
+
+
+class OutputError(ValueError):
+    """An output path a run must not write: a usage error, nothing written."""
+
+
+def output_set(json_file: Path) -> list[Path]:
+    """Return the three files a run writes: the .json, the .md and the .png."""
+    json_file = Path(json_file)
+    return [json_file, json_file.with_suffix(".md"), json_file.with_suffix(".png")]
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    real = Path(os.path.realpath(path))
+    return real.is_relative_to(Path(os.path.realpath(directory)))
+
+
+def _benchmark_of(path: Path) -> str | None:
+    """Return the "benchmark" field of an existing non-empty .json, "" if none."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OutputError(f"cannot read {str(path)!r}: {exc}") from None
+    if not text.strip():
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return ""
+    if not isinstance(doc, dict) or not isinstance(doc.get("benchmark"), str):
+        return ""
+    return str(doc["benchmark"])
+
+
+def check_outputs(
+    json_file: Path, benchmark: str | None, *, quick: bool = False
+) -> None:
+    """Refuse (OutputError) output paths a run must not write.
+
+    Each of the three files must be a regular file or missing, in a directory
+    that exists; a quick run never writes into the committed results (after
+    resolving symlinks and ``..``), and the .json may only be replaced by a
+    document of the same ``benchmark``.
+    """
+    for path in output_set(json_file):
+        name = str(path)
+        if not path.parent.is_dir():
+            raise OutputError(f"no directory {str(path.parent)!r} for {name!r}")
+        if path.is_dir():
+            raise OutputError(f"{name!r} is a directory, not a file")
+        if path.exists() and not path.is_file():
+            raise OutputError(f"{name!r} exists and is not a regular file")
+        if quick and _inside(path, RESULTS_DIR):
+            raise OutputError(
+                f"--quick does not write {name!r}: it is in the committed "
+                f"results {str(RESULTS_DIR)!r} (full runs only)"
+            )
+    if benchmark is None:
+        return
+    held = _benchmark_of(Path(json_file))
+    if held is None or held == benchmark:
+        return
+    what = f"the {held!r} benchmark's results" if held else "no benchmark results"
+    raise OutputError(
+        f"{str(json_file)!r} holds {what}; not replacing it with {benchmark!r}"
+    )
 
 
 def default_output(stem: str, quick: bool) -> Path:
@@ -205,20 +295,27 @@ def _signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+# the files the last write_outputs put in place (what interruptible reports)
+_written: list[Path] = []
+
+
 def write_outputs(
     json_path: Path,
     doc: dict[str, Any],
     markdown: str,
     plot: Callable[[Path], None],
+    *,
+    quick: bool = False,
 ) -> list[Path]:
     """Write the JSON document, the Markdown next to it and the PNG plot.
 
-    All three or none: each is written to a temporary file in the same
+    All three or none: the paths are checked first (:func:`check_outputs`,
+    OutputError), then each is written to a temporary file in the same
     directory and the three are renamed into place together at the end.
     The directory must exist; none is created.
     """
-    json_path = Path(json_path)
-    finals = [json_path, json_path.with_suffix(".md"), json_path.with_suffix(".png")]
+    finals = output_set(json_path)
+    check_outputs(finals[0], doc.get("benchmark"), quick=quick)
     temps: list[Path] = []
     try:
         for final in finals:
@@ -231,25 +328,55 @@ def write_outputs(
         temps[1].write_text(markdown)
         plot(temps[2])
         with _signals_held():
-            for temp, final in zip(temps, finals, strict=True):
+            for temp in temps:
                 temp.chmod(0o644)
+            for temp, final in zip(temps, finals, strict=True):
                 os.replace(temp, final)
+            _written[:] = finals
     finally:
         for temp in temps:
             temp.unlink(missing_ok=True)
     return finals
 
 
-def interruptible(prog: str, run: Callable[[], int]) -> int:
-    """Return run()'s status; a Ctrl-C becomes one line and INTERRUPTED_STATUS."""
+def usage_error(prog: str, exc: OutputError) -> int:
+    """Print an output refusal as argparse would; return USAGE_STATUS."""
+    sys.stderr.write(f"{prog}: error: {exc}\n")
+    sys.stderr.flush()
+    return USAGE_STATUS
+
+
+def _interrupted(prog: str) -> int:
+    # the progress bar may still own the line on a terminal
+    end = "\n" if sys.stderr.isatty() else ""
+    if _written:
+        said = f"interrupted; already wrote {', '.join(str(p) for p in _written)}"
+    else:
+        said = "interrupted, no results written"
+    sys.stderr.write(f"{end}{prog}: {said}\n")
+    sys.stderr.flush()
+    return INTERRUPTED_STATUS
+
+
+def interruptible(prog: str, run: Callable[[], int], *, final: bool = False) -> int:
+    """Return run()'s status; a Ctrl-C becomes one line and INTERRUPTED_STATUS.
+
+    With ``final`` (the command's last step before the process exits), a
+    Ctrl-C after run() returned also ends the process with that status
+    instead of a signal death: SIGINT then raises SystemExit.
+    """
+    _written.clear()
     try:
-        return run()
+        status = run()
     except KeyboardInterrupt:
-        # the progress bar may still own the line on a terminal
-        end = "\n" if sys.stderr.isatty() else ""
-        sys.stderr.write(f"{end}{prog}: interrupted, no results written\n")
-        sys.stderr.flush()
-        return INTERRUPTED_STATUS
+        return _interrupted(prog)
+    if final and threading.current_thread() is threading.main_thread():
+
+        def late(signum: int, frame: object) -> None:
+            raise SystemExit(_interrupted(prog))
+
+        signal.signal(signal.SIGINT, late)
+    return status
 
 
 def fmt(value: float | None, digits: int = 1) -> str:

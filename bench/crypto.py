@@ -42,7 +42,9 @@ import numpy as np
 
 from bench import _rawloops
 from bench.common import (
+    OutputError,
     Progress,
+    check_outputs,
     default_output,
     float_range,
     fmt,
@@ -51,10 +53,13 @@ from bench.common import (
     json_path,
     machine_info,
     summarize,
+    usage_error,
     write_outputs,
 )
 
 log = logging.getLogger("espgate.bench")
+
+PROG = "espgate bench crypto"
 
 __all__ = [
     "BACKENDS",
@@ -533,6 +538,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def command(args: argparse.Namespace, argv: list[str]) -> int:
     """Run `bench crypto` with parsed arguments; write the output files."""
+    # refuse a bad output path before measuring (a quick run's scratch is new)
+    try:
+        if args.json or not args.quick:
+            planned = args.json or default_output("crypto", quick=False)
+            check_outputs(planned, "crypto", quick=args.quick)
+    except OutputError as exc:
+        return usage_error(PROG, exc)
     if args.quick:
         cfg = CryptoConfig.quick(repeat=args.repeat or 1)
     else:
@@ -564,7 +576,12 @@ def command(args: argparse.Namespace, argv: list[str]) -> int:
     }
     # the scratch directory of a quick run is made only now, results in hand
     path = args.json or default_output("crypto", args.quick)
-    paths = write_outputs(path, doc, markdown(doc), lambda p: plot(doc, p))
+    try:
+        paths = write_outputs(
+            path, doc, markdown(doc), lambda p: plot(doc, p), quick=args.quick
+        )
+    except OutputError as exc:
+        return usage_error(PROG, exc)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -611,8 +628,10 @@ def main(argv: list[str] | None = None) -> int:
             profile(args.backend, args.size, args.key_bits, args.op, args.duration)
             return 0
 
-        return interruptible("python -m bench.crypto", loop)
-    return interruptible("python -m bench.crypto", lambda: command(args, argv))
+        return interruptible("python -m bench.crypto", loop, final=True)
+    return interruptible(
+        "python -m bench.crypto", lambda: command(args, argv), final=True
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """`espgate bench packets`: the same iperf3 traffic through each tunnel mode.
 
 Theory of operation: one run builds the lab topology (``control.lab.Topology``,
-namespaces ``egt-b<pid>-cli``, ``-hub`` and ``-srv``)::
+namespaces ``egt-b-<pid>-<tag>-cli``, ``-hub`` and ``-srv``)::
 
     cli  198.18.1.2 --veth-- 198.18.1.1  hub  198.19.1.1 --veth-- 198.19.1.2  srv
     iperf3 client            tunnel endpoint, forwards            iperf3 server
@@ -77,7 +77,9 @@ from typing import Any
 
 from bench.common import (
     RESULTS_DIR,
+    OutputError,
     Progress,
+    check_outputs,
     default_output,
     float_range,
     fmt,
@@ -86,6 +88,7 @@ from bench.common import (
     json_path,
     machine_info,
     summarize,
+    usage_error,
     write_outputs,
 )
 from bench.kernelpeer import kernel_tunnel, sa_pair
@@ -99,6 +102,8 @@ from control.lab import (
 from control.lab.procs import interrupt_once, netns_argv, wait_for
 
 log = logging.getLogger("espgate.bench")
+
+PROG = "espgate bench packets"
 
 __all__ = [
     "MODES",
@@ -766,9 +771,9 @@ def _run_packets(cfg: PacketsConfig, progress: bool) -> dict[str, Any]:
         if progress
         else None
     )
-    prefix = f"egt-b{os.getpid() % 100000}"
     try:
-        with Topology(prefix, workdir / "topo") as topo:
+        # the Topology adds the PID and a random tag to the namespace names
+        with Topology("egt-b", workdir / "topo") as topo:
             lab = Lab(topo, workdir)
             if cfg.workers is not None:
                 lab.peer_options["workers"] = cfg.workers
@@ -1165,8 +1170,13 @@ def _document(cfg: PacketsConfig, result: dict[str, Any], argv: list[str]) -> di
     return doc
 
 
-def _write(path: Path, doc: dict[str, Any]) -> int:
-    paths = write_outputs(path, doc, markdown(doc), lambda p: plot(doc, p))
+def _write(path: Path, doc: dict[str, Any], quick: bool) -> int:
+    try:
+        paths = write_outputs(
+            path, doc, markdown(doc), lambda p: plot(doc, p), quick=quick
+        )
+    except OutputError as exc:
+        return usage_error(PROG, exc)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -1208,6 +1218,13 @@ def command(args: argparse.Namespace, argv: list[str]) -> int:
     if os.geteuid() != 0:
         print("bench packets needs root (network namespaces)", file=sys.stderr)
         return 2
+    # refuse a bad output path before measuring (a quick run's scratch is new)
+    try:
+        if not args.guest_inner and (args.json or not args.quick):
+            planned = args.json or (GUEST_JSON if args.guest else NATIVE_JSON)
+            check_outputs(planned, "packets", quick=args.quick)
+    except OutputError as exc:
+        return usage_error(PROG, exc)
     cfg = config_from_args(args)
     if args.guest and not args.guest_inner:
         from control.guest import GuestError
@@ -1220,13 +1237,13 @@ def command(args: argparse.Namespace, argv: list[str]) -> int:
         doc["command"] = "espgate bench packets " + " ".join(argv)
         doc["host_machine"] = machine_info()
         print(f"guest run took {seconds:.0f} s (figures emulated, not speed)")
-        return _write(output_path(args), doc)
+        return _write(output_path(args), doc, args.quick)
     result = run_packets(cfg, progress=not args.no_progress)
     doc = _document(cfg, result, argv)
     if args.guest_inner:
         print(RESULT_MARKER + json.dumps(doc, default=str), flush=True)
         return 0
-    return _write(output_path(args), doc)
+    return _write(output_path(args), doc, args.quick)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1236,7 +1253,9 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    return interruptible("python -m bench.packets", lambda: command(args, argv))
+    return interruptible(
+        "python -m bench.packets", lambda: command(args, argv), final=True
+    )
 
 
 if __name__ == "__main__":

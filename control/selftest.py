@@ -15,7 +15,10 @@ A case with ``remote`` set (the kernel cases, run in a qemu guest) builds no
 lab here and reports the time it took over there.  Ctrl-C ends the run
 cleanly: the current lab comes down, the JSON lists what ran and an
 ``interrupted`` entry, and the temporary directory (configs with the PSK)
-is removed.
+is removed.  A directory that is kept (``--keep-logs``, or a failed case's
+logs) is sealed by :func:`control.lab.keep.seal_kept`: files 0600,
+directories 0700, private keys and RADIUS users files removed, secrets in
+configs and logs replaced by ``<redacted>``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from control.lab import (
     ping,
     tcp_transfer,
 )
+from control.lab.keep import seal_kept
 from control.lab.procs import interrupt_once
 
 log = logging.getLogger("espgate.selftest")
@@ -111,10 +115,9 @@ class HeadendLab:
         ``start_daemon`` False leaves the headend to the case (it starts its own).
         """
         self.workdir = workdir
-        # unique per process, so concurrent runs never share namespace names
-        self.prefix = prefix or os.environ.get(
-            "ESPGATE_LAB_PREFIX", f"egst{os.getpid() % 100000}"
-        )
+        # the Topology makes names unique per run ({prefix}-{pid}-{random}-hub),
+        # so concurrent runs never share a namespace, with the variable too
+        self.prefix = prefix or os.environ.get("ESPGATE_LAB_PREFIX", "egst")
         self.embedded = embedded
         self.psk = PSK
         self.server_id = SERVER_ID
@@ -549,6 +552,17 @@ def redact(value: Any) -> Any:
     return value
 
 
+def lab_secrets() -> list[str]:
+    """Return the fixed secrets the lab cases use (PSK, RADIUS secret, passwords)."""
+    from control import selftest_aaa
+
+    return [
+        PSK,
+        selftest_aaa.RADIUS_SECRET,
+        *(user.password for user in selftest_aaa.USERS),
+    ]
+
+
 def _private_dir(path: Path) -> None:
     # verdicts and logs name peers and carry configs: owner only
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -651,6 +665,9 @@ def run(
             or not any("logs" in r["detail"] for r in results)
         ):
             shutil.rmtree(base, ignore_errors=True)
+        else:
+            # kept for a reader: owner-only, keys and passwords gone
+            seal_kept(base, lab_secrets())
     if interrupted is not None:
         raise KeyboardInterrupt
     return results

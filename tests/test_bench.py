@@ -13,7 +13,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,6 +27,8 @@ from bench.cli import main
 from bench.common import (
     INTERRUPTED_STATUS,
     RESULTS_DIR,
+    OutputError,
+    check_outputs,
     interruptible,
     json_path,
     write_outputs,
@@ -357,3 +362,165 @@ def test_bench_crypto_quick_without_json_writes_scratch_honouring_numbers(
     assert doc["command"] == "espgate bench crypto " + " ".join(argv[1:])
     assert not list((cwd / "bench" / "results").iterdir())
     assert _committed() == before
+
+
+@pytest.fixture(autouse=True)
+def sigint_restored():
+    # main() installs a SIGINT handler for the process' end: not for pytest's
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def _refused(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "crypto.json",
+        "packets.json",
+        "../results/crypto.json",
+        "./packets-guest.json",
+    ],
+)
+def test_bench_crypto_quick_into_committed_results_refused(
+    name: str, capsys, sigint_restored
+) -> None:
+    before = _committed()
+    err = _refused(
+        ["crypto", "--quick", "--no-progress", "--json", f"{RESULTS_DIR}/{name}"],
+        capsys,
+    )
+    assert "--quick does not write" in err and "committed results" in err
+    assert _committed() == before
+
+
+def test_bench_crypto_quick_relative_name_inside_results_refused(
+    monkeypatch, capsys, sigint_restored
+) -> None:
+    before = _committed()
+    monkeypatch.chdir(RESULTS_DIR)
+    err = _refused(["crypto", "--quick", "--json", "crypto.json"], capsys)
+    assert "--quick does not write 'crypto.json'" in err
+    assert _committed() == before
+
+
+def test_bench_crypto_quick_symlink_into_results_refused(
+    tmp_path: Path, capsys, sigint_restored
+) -> None:
+    (tmp_path / "link").symlink_to(RESULTS_DIR)
+    before = _committed()
+    _refused(["crypto", "--quick", "--json", f"{tmp_path}/link/x.json"], capsys)
+    assert _committed() == before
+
+
+def test_bench_crypto_over_packets_document_refused(
+    tmp_path: Path, capsys, sigint_restored
+) -> None:
+    # not --quick: the benchmark field alone decides, before any measuring
+    out = tmp_path / "packets.json"
+    out.write_text('{"benchmark": "packets", "points": []}\n')
+    err = _refused(["crypto", "--json", str(out)], capsys)
+    assert "holds the 'packets' benchmark's results" in err
+    assert out.read_text() == '{"benchmark": "packets", "points": []}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["packets.json"]
+
+
+@needs_root
+def test_bench_packets_over_crypto_document_refused(
+    tmp_path: Path, capsys, sigint_restored
+) -> None:
+    out = tmp_path / "r.json"
+    out.write_text('{"benchmark": "crypto"}')
+    err = _refused(["packets", "--quick", "--json", str(out)], capsys)
+    assert "holds the 'crypto' benchmark's results" in err
+
+
+def test_check_outputs_same_benchmark_or_new_file_accepted(tmp_path: Path) -> None:
+    # the twin of the refusals: replacing crypto with crypto, or a new name
+    out = tmp_path / "r.json"
+    check_outputs(out, "crypto", quick=True)
+    out.write_text('{"benchmark": "crypto"}')
+    check_outputs(out, "crypto", quick=True)
+    check_outputs(RESULTS_DIR / "crypto.json", "crypto", quick=False)
+    with pytest.raises(OutputError, match="no benchmark results"):
+        out.write_text("my notes")
+        check_outputs(out, "crypto")
+
+
+def test_bench_sibling_md_directory_refused_up_front(
+    tmp_path: Path, capsys, sigint_restored
+) -> None:
+    (tmp_path / "dd.md").mkdir()
+    out = tmp_path / "dd.json"
+    out.write_text('{"benchmark": "crypto", "run": 1}')
+    err = _refused(["crypto", "--quick", "--json", str(out)], capsys)
+    assert f"'{tmp_path}/dd.md' is a directory, not a file" in err
+    assert out.read_text() == '{"benchmark": "crypto", "run": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dd.json", "dd.md"]
+
+
+def test_write_outputs_sibling_png_directory_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "r.png").mkdir()
+    with pytest.raises(OutputError, match="r.png' is a directory"):
+        write_outputs(tmp_path / "r.json", {"benchmark": "x"}, "", _plot_ok)
+    assert [p.name for p in tmp_path.iterdir()] == ["r.png"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "'' is empty, not a .json file name"),
+        ("{tmp}/x.json/", "'{tmp}/x.json/' ends in '/', not a .json file name"),
+        ("{tmp}/sub/", "'{tmp}/sub/' is a directory, not a .json file"),
+        ("{tmp}/sub", "'{tmp}/sub' is a directory, not a .json file"),
+    ],
+)
+def test_json_path_empty_or_trailing_slash_accurate_message(
+    text: str, message: str, tmp_path: Path
+) -> None:
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(argparse.ArgumentTypeError) as exc:
+        json_path(text.format(tmp=tmp_path))
+    assert str(exc.value) == message.format(tmp=tmp_path)
+
+
+def test_interruptible_ctrl_c_after_write_says_written(tmp_path: Path, capsys) -> None:
+    def run() -> int:
+        write_outputs(tmp_path / "r.json", {"a": 1}, "", _plot_ok)
+        raise KeyboardInterrupt  # as if during the "wrote" line
+
+    assert interruptible("espgate bench crypto", run) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; already wrote {tmp_path}/r.json" in err
+    assert "no results written" not in err
+
+
+def test_interruptible_final_sigint_after_return_exits_130() -> None:
+    # a real process: SIGINT after the command returned, before exit
+    script = (
+        "import os, signal, sys\n"
+        "from bench.common import interruptible\n"
+        "status = interruptible('x', lambda: 0, final=True)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.exit(status)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 130, done.stderr
+    assert "x: interrupted, no results written" in done.stderr
+
+
+def test_interruptible_not_final_leaves_sigint_alone(sigint_restored) -> None:
+    before = signal.getsignal(signal.SIGINT)
+    assert interruptible("x", lambda: 0) == 0
+    assert signal.getsignal(signal.SIGINT) is before

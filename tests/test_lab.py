@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import struct
@@ -26,6 +27,7 @@ from control.lab import (
 )
 from control.lab.capture import summarize_pcap
 from control.lab.strongswan import parse_raw, render_settings
+from control.lab.topology import owner_alive
 from control.lab.transfer import MARK_STRIDE, MARKER, generate, receive, send
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -247,10 +249,12 @@ def _gone(pid: int) -> bool:
 @needs_root
 @pytest.mark.interop
 def test_topology_up_down_leaves_nothing(tmp_path: Path) -> None:
-    names = {"egt-lab-hub", "egt-lab-cli", "egt-lab-srv"}
-    assert not names & set(list_netns())
-    with Topology("egt-lab", tmp_path) as topo:
+    marks = tmp_path / "marks"
+    with Topology("egt-lab", tmp_path, marker_dir=marks) as topo:
+        names = set(topo.namespaces)
         assert names <= set(list_netns())
+        # each namespace carries the marker that proves it ours
+        assert {p.name for p in marks.iterdir()} == names
         assert ping(topo.cli, topo.hub_outer_ip, count=3)["loss_pct"] == 0.0
         assert ping(topo.srv, topo.hub_inside_ip, count=3)["received"] == 3
         fwd = topo.run(topo.hub, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout
@@ -260,6 +264,7 @@ def test_topology_up_down_leaves_nothing(tmp_path: Path) -> None:
         links = topo.run(topo.hub, ["ip", "-o", "link"]).stdout
         assert "egt-labo0" in links and "egt-labi0" in links
     assert not names & set(list_netns())
+    assert not list(marks.iterdir())
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert "egt-lab" not in links
 
@@ -283,20 +288,98 @@ def test_topology_ipv6_enabled_later_addresses_not_tentative(tmp_path: Path) -> 
     assert dad.strip() == "0" and rs.strip() == "0"
 
 
+def test_topology_names_unique_per_run_with_same_prefix() -> None:
+    # what two selftests with the same ESPGATE_LAB_PREFIX would build
+    one, two = Topology("egt-fxf"), Topology("egt-fxf", clients=2)
+    assert one.hub.startswith(f"egt-fxf-{os.getpid()}-") and one.hub.endswith("-hub")
+    assert not set(one.namespaces) & set(two.namespaces)
+    # interface names keep the bare prefix: they exist only inside the run's own
+    assert one.hub_outer_if == two.hub_outer_if == "egt-fxfo0"
+
+
+def test_owner_alive_own_process_reused_pid_and_ended_child() -> None:
+    me = os.getpid()
+    with open(f"/proc/{me}/stat") as fh:
+        start = int(fh.read().rpartition(")")[2].split()[19])
+    assert owner_alive({"owner": me, "start": start})
+    # the same PID started at another time: a reused PID, the owner is gone
+    assert not owner_alive({"owner": me, "start": start + 1})
+    child = subprocess.Popen(["true"])
+    child.wait()
+    assert not owner_alive({"owner": child.pid, "start": None})
+    assert not owner_alive({})
+
+
+def _netns_add(ns: str) -> None:
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+
+
+def _netns_del(*names: str) -> None:
+    for ns in names:
+        if ns in list_netns():
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def _mark(marks: Path, ns: str, owner: int, start: int | None) -> None:
+    marks.mkdir(exist_ok=True)
+    doc = {"owner": owner, "start": start, "ns": ns}
+    (marks / ns).write_text(json.dumps(doc))
+
+
 @needs_root
-@pytest.mark.interop
-def test_topology_stale_namespace_refused_unless_reuse(tmp_path: Path) -> None:
-    subprocess.run(["ip", "netns", "add", "egt-lab2-hub"], check=True)
+@pytest.mark.parametrize("reuse", [False, True])
+def test_topology_same_name_without_marker_refused_never_deleted(
+    reuse: bool, tmp_path: Path
+) -> None:
+    marks = tmp_path / "marks"
+    topo = Topology("egt-fxf", tag="t1", marker_dir=marks, reuse_stale=reuse)
+    _netns_add(topo.hub)
     try:
-        with pytest.raises(TopologyError, match="egt-lab2-hub"), Topology("egt-lab2"):
+        refused = pytest.raises(TopologyError, match=f"Namespace {topo.hub} already")
+        with refused, topo:
             pass
-        assert "egt-lab2-hub" in list_netns()
-        with Topology("egt-lab2", reuse_stale=True) as topo:
-            assert ping(topo.cli, topo.hub_outer_ip, count=2)["received"] == 2
-        assert "egt-lab2-hub" not in list_netns()
+        assert topo.hub in list_netns()
+        assert topo.cli not in list_netns() and topo.srv not in list_netns()
     finally:
-        if "egt-lab2-hub" in list_netns():
-            subprocess.run(["ip", "netns", "del", "egt-lab2-hub"], check=False)
+        _netns_del(*topo.namespaces)
+
+
+@needs_root
+def test_topology_marker_of_running_owner_refused(tmp_path: Path) -> None:
+    marks = tmp_path / "marks"
+    topo = Topology("egt-fxf", tag="t2", marker_dir=marks, reuse_stale=True)
+    _netns_add(topo.hub)
+    with open(f"/proc/{os.getpid()}/stat") as fh:
+        start = int(fh.read().rpartition(")")[2].split()[19])
+    _mark(marks, topo.hub, os.getpid(), start)
+    try:
+        with pytest.raises(TopologyError, match="still runs"), topo:
+            pass
+        assert topo.hub in list_netns()
+    finally:
+        _netns_del(*topo.namespaces)
+
+
+@needs_root
+def test_topology_stale_namespace_of_ended_owner_deleted(tmp_path: Path) -> None:
+    marks = tmp_path / "marks"
+    topo = Topology("egt-fxf", tag="t3", marker_dir=marks, reuse_stale=True)
+    # a leftover of this run's name and another of an earlier run, both marked
+    # with an owner that is gone, and one with the prefix but no marker
+    earlier, foreign = "egt-fxf-1-dead-hub", "egt-fxf-1-else-hub"
+    for ns in (topo.hub, earlier, foreign):
+        _netns_add(ns)
+    _mark(marks, topo.hub, os.getpid(), -1)
+    _mark(marks, earlier, os.getpid(), -1)
+    try:
+        with topo:
+            assert ping(topo.cli, topo.hub_outer_ip, count=2)["received"] == 2
+            assert earlier not in list_netns() and not (marks / earlier).exists()
+            assert foreign in list_netns()
+        assert topo.hub not in list_netns()
+        assert foreign in list_netns()
+    finally:
+        _netns_del(*topo.namespaces, earlier, foreign)
 
 
 @needs_root

@@ -257,3 +257,70 @@ def test_run_remote_case_guest_logs_kept_private(stub_cases, tmp_path) -> None:
     assert "fc317e42" not in kept.read_text() and "<160-bit key>" in kept.read_text()
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
     assert (keep / "g" / "charon.log").read_text() == "IKE_SA up\n"
+
+
+def _lab_files(case_dir: Path) -> None:
+    # what a real case leaves: rendered by the lab's own writers
+    from control.lab import LabPki, StrongSwanClient, Topology
+    from control.lab.radius import FreeRadius
+    from control.selftest_aaa import RADIUS_SECRET, USERS
+
+    case_dir.mkdir(parents=True, exist_ok=True)
+    radius = FreeRadius(case_dir / "radius", "egt-fxf-hub", USERS, secret=RADIUS_SECRET)
+    radius.write_config()
+    client = StrongSwanClient(
+        Topology("egt-fxf"), case_dir / "cli", psk=selftest.PSK.encode()
+    )
+    client.write_config()
+    LabPki.create(case_dir / "pki", kind="rsa")
+    (case_dir / "espgate.toml").write_text(
+        f'[[profiles]]\npsk = "{selftest.PSK}"\neap_secret = "{RADIUS_SECRET}"\n'
+    )
+    log = case_dir / "espgate.stderr.log"
+    log.write_text(f"debug: odd line quoting {selftest.PSK} and {USERS[0].password}\n")
+    os.chmod(log, 0o644)
+    (case_dir / "outer.pcap").write_bytes(b"\xd4\xc3\xb2\xa1" + bytes(range(256)))
+
+
+def test_run_keep_logs_private_and_free_of_lab_secrets(stub_cases, tmp_path) -> None:
+    keep = tmp_path / "keep"
+    stub_cases({})
+
+    def remote() -> Verdict:
+        _lab_files(keep / "aaa")
+        return {}, []
+
+    selftest.CASES["aaa"] = Case("stub", lambda lab: ({}, []), {}, remote)
+    (verdict,) = selftest.run(None, tmp_path / "st.json", keep_logs=str(keep))
+    assert verdict["passed"], verdict
+    files = [p for p in keep.rglob("*") if p.is_file()]
+    assert len(files) >= 5
+    for path in keep.rglob("*"):
+        want = 0o700 if path.is_dir() else 0o600
+        assert stat.S_IMODE(path.stat().st_mode) == want, path
+    secrets = selftest.lab_secrets()
+    assert len(secrets) >= 4
+    for path in files:
+        data = path.read_bytes()
+        for secret in secrets:
+            for spelling in (secret.encode(), secret.encode().hex().encode()):
+                assert spelling not in data, (path, secret)
+        assert b"PRIVATE KEY" not in data, path
+    # configs stay readable with the values masked; keys and users files go
+    assert 'psk = "<redacted>"' in (keep / "aaa" / "espgate.toml").read_text()
+    assert not list(keep.rglob("*.key")) and not list(keep.rglob("users"))
+    assert "private key" in (keep / "REDACTED.txt").read_text()
+    assert (keep / "aaa" / "outer.pcap").read_bytes()[:4] == b"\xd4\xc3\xb2\xa1"
+
+
+def test_redact_text_masks_assignments_keeps_other_lines() -> None:
+    from control.lab.keep import redact_text
+
+    text = 'secret = s3cr3t\n"x" Cleartext-Password := "pw"\nport = 1812\n'
+    assert redact_text(text) == (
+        'secret = "<redacted>"\n"x" Cleartext-Password := "<redacted>"\n'
+        "port = 1812\n"
+    )
+    # the twin: nothing secret, nothing changed
+    plain = "listen = 198.18.1.1\nsecrets {\n}\n"
+    assert redact_text(plain, ["unused-secret"]) == plain

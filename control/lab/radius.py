@@ -17,6 +17,7 @@ The users file and the secret exist only in one case's work directory.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -201,8 +202,11 @@ class FreeRadius:
             port=self.port,
             default_eap=self.default_eap,
         )
-        (self.workdir / "radiusd.conf").write_text(conf)
-        (self.workdir / "users").write_text("".join(u.entry() for u in self.users))
+        # the shared secret and the cleartext passwords: owner only
+        _write_private(self.workdir / "radiusd.conf", conf)
+        _write_private(
+            self.workdir / "users", "".join(u.entry() for u in self.users)
+        )
         (self.workdir / "dictionary").write_text(
             "$INCLUDE /usr/share/freeradius/dictionary\n"
         )
@@ -236,3 +240,10 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)

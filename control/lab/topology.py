@@ -24,9 +24,19 @@ permanent neighbour entries, so a capture on the outer link sees only the
 IPv4 packets the peers send (no ND, MLD or ARP chatter). Where a case turns
 IPv6 on, duplicate address detection and router solicitation are off, so the
 addresses are usable at once (no neighbour solicitation waits out DAD).
-Entering the context refuses to touch namespaces that already exist unless
-`reuse_stale=True`; leaving it deletes the namespaces, which also deletes
-their veths, whatever happened inside the block.
+Namespace names are unique per run: ``{prefix}-{tag}-hub`` and so on, where
+the tag is the owner's PID and a short random part, so two runs with the
+same prefix (``ESPGATE_LAB_PREFIX``) never share a namespace. Interface names
+keep the bare prefix: they only ever exist inside the run's own namespaces.
+Before a namespace is added, a marker ``/run/espgate-lab/<name>`` records
+the owner's PID and start time; leaving the context deletes the namespaces
+(which also deletes their veths) and their markers, whatever happened inside
+the block. A namespace counts as stale, ours to delete, only if its marker
+names an owner that is gone (no such PID, or one started later) and no
+process runs in it; anything else with a name we want is refused with a
+TopologyError, and nothing we cannot prove ours is ever deleted. With
+`reuse_stale=True` entering also deletes the stale namespaces of earlier
+runs with the same prefix; without it any existing name is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import secrets
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +56,18 @@ from control.lab.procs import netns_argv
 
 log = logging.getLogger("espgate.lab")
 
-__all__ = ["ClientLink", "CommandError", "Topology", "TopologyError", "list_netns"]
+__all__ = [
+    "MARKER_DIR",
+    "ClientLink",
+    "CommandError",
+    "Topology",
+    "TopologyError",
+    "list_netns",
+    "owner_alive",
+]
+
+# one file per lab namespace: who made it (PID and start time, JSON)
+MARKER_DIR = Path("/run/espgate-lab")
 
 MAX_CLIENTS = 9
 # set in every namespace before any veth exists, so each one inherits them
@@ -87,6 +110,50 @@ def _netns_pids(ns: str) -> list[int]:
     return [int(tok) for tok in out.split()]
 
 
+def _start_time(pid: int) -> int | None:
+    # field 22 of /proc/PID/stat (after the parenthesised command name)
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def owner_alive(marker: dict[str, object]) -> bool:
+    """Return whether the process a namespace marker names still runs.
+
+    A PID that now belongs to a process started at another time (reused)
+    counts as gone.
+    """
+    pid, start = marker.get("owner"), marker.get("start")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    now = _start_time(pid)
+    return now is not None and now == start
+
+
+def _read_marker(ns: str, marker_dir: Path) -> dict[str, object] | None:
+    try:
+        doc = json.loads((marker_dir / ns).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _write_marker(ns: str, marker_dir: Path) -> None:
+    marker_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    pid = os.getpid()
+    doc = {"owner": pid, "start": _start_time(pid), "ns": ns}
+    path = marker_dir / ns
+    tmp = path.with_name(f".{ns}.tmp")
+    tmp.write_text(json.dumps(doc) + "\n")
+    os.replace(tmp, path)
+
+
 @dataclass(frozen=True)
 class ClientLink:
     """One client namespace and its outer link to the hub."""
@@ -117,16 +184,23 @@ class Topology:
         *,
         reuse_stale: bool = False,
         clients: int = 1,
+        tag: str | None = None,
+        marker_dir: Path = MARKER_DIR,
     ) -> None:
         # interface names are {prefix}o0 etc.; Linux allows 15 characters
         assert 1 <= len(prefix) <= 12, f"Prefix too long for interface names: {prefix}"
         assert 1 <= clients <= MAX_CLIENTS, f"Clients out of range 1..9: {clients}"
         self.prefix = prefix
+        # unique per run: the owner's PID and a random part (two per process)
+        self.tag = tag or f"{os.getpid()}-{secrets.token_hex(2)}"
+        assert "/" not in self.tag and "-" not in self.tag[:1], f"Bad tag {self.tag}"
+        self.marker_dir = Path(marker_dir)
         self.workdir = Path(workdir) if workdir is not None else None
         self.reuse_stale = reuse_stale
-        self.hub = f"{prefix}-hub"
-        self.cli = f"{prefix}-cli"
-        self.srv = f"{prefix}-srv"
+        base = f"{prefix}-{self.tag}"
+        self.hub = f"{base}-hub"
+        self.cli = f"{base}-cli"
+        self.srv = f"{base}-srv"
         self.hub_outer_if = f"{prefix}o0"
         self.cli_outer_if = f"{prefix}o1"
         self.hub_inside_if = f"{prefix}i0"
@@ -145,7 +219,7 @@ class Topology:
             self.client_links.append(
                 ClientLink(
                     n,
-                    f"{prefix}-cli{n}",
+                    f"{base}-cli{n}",
                     f"{prefix}c{n}",
                     f"198.18.{n}.2",
                     f"{prefix}h{n}",
@@ -195,7 +269,7 @@ class Topology:
         return _run(netns_argv(ns, argv), check=check, timeout=timeout, input=input)
 
     def close(self) -> None:
-        """Delete every namespace this topology created."""
+        """Delete every namespace this topology created, and its marker."""
         for ns in reversed(self._created):
             pids = _netns_pids(ns)
             if pids:
@@ -203,25 +277,52 @@ class Topology:
             res = _run(["ip", "netns", "del", ns], check=False)
             if res.returncode != 0:
                 log.error("could not delete namespace %s: %s", ns, res.stderr.strip())
+            elif ns not in list_netns():
+                (self.marker_dir / ns).unlink(missing_ok=True)
         self._created.clear()
 
+    def stale_reason(self, ns: str) -> str | None:
+        """Return why existing namespace `ns` is not ours to delete, or None.
+
+        None means its marker proves an earlier lab run made it, that run's
+        process is gone and nothing runs in it any more.
+        """
+        marker = _read_marker(ns, self.marker_dir)
+        if marker is None or marker.get("ns") != ns:
+            return f"no marker {self.marker_dir / ns} says an espgate lab made it"
+        if owner_alive(marker):
+            return f"its owner, PID {marker['owner']}, still runs"
+        pids = _netns_pids(ns)
+        if pids:
+            return f"processes {pids} still run in it; stop them first"
+        return None
+
+    def _delete_stale(self, ns: str) -> None:
+        log.info("deleting stale namespace %s of an ended lab run", ns)
+        _run(["ip", "netns", "del", ns])
+        (self.marker_dir / ns).unlink(missing_ok=True)
+
     def _clear_stale(self) -> None:
-        stale = [ns for ns in self.namespaces if ns in list_netns()]
-        if not stale:
-            return
-        if not self.reuse_stale:
-            raise TopologyError(
-                f"Namespaces already exist: {', '.join(stale)} "
-                "(left by an earlier run? pass reuse_stale=True to delete them)"
-            )
-        for ns in stale:
-            pids = _netns_pids(ns)
-            if pids:
+        existing = set(list_netns())
+        # leftovers of earlier runs with this prefix: delete what is provably
+        # ours and abandoned, leave (and mention) everything else
+        if self.reuse_stale:
+            for ns in sorted(existing - set(self.namespaces)):
+                if not ns.startswith(f"{self.prefix}-"):
+                    continue
+                if (self.marker_dir / ns).exists() and self.stale_reason(ns) is None:
+                    self._delete_stale(ns)
+                    existing.discard(ns)
+        for ns in self.namespaces:
+            if ns not in existing:
+                continue
+            why = self.stale_reason(ns) if self.reuse_stale else "reuse_stale is off"
+            if why is not None:
                 raise TopologyError(
-                    f"Stale namespace {ns} still runs processes {pids}; stop them first"
+                    f"Namespace {ns} already exists and is not a stale lab "
+                    f"namespace of ours ({why}); not touching it"
                 )
-            log.info("deleting stale namespace %s", ns)
-            _run(["ip", "netns", "del", ns])
+            self._delete_stale(ns)
 
     def _build(self) -> None:
         # namespaces, loopback, no IPv6 (keeps ND and MLD off the captures);
@@ -230,7 +331,13 @@ class Topology:
         # two so neighbour solicitations wait and the first pings queue behind
         # them, and no router solicitations (no router here)
         for ns in self.namespaces:
-            _run(["ip", "netns", "add", ns])
+            # the marker first: a crash right after the add still leaves proof
+            _write_marker(ns, self.marker_dir)
+            res = _run(["ip", "netns", "add", ns], check=False)
+            if res.returncode != 0:
+                # someone else's namespace appeared meanwhile: not ours to delete
+                (self.marker_dir / ns).unlink(missing_ok=True)
+                raise CommandError(res.returncode, res.args, res.stdout, res.stderr)
             self._created.append(ns)
             self.run(ns, ["ip", "link", "set", "lo", "up"])
             self.run(ns, ["sysctl", "-q", "-w", *IPV6_SYSCTLS])
@@ -294,6 +401,7 @@ class Topology:
     def describe(self) -> dict[str, object]:
         """Return names and addresses of the topology as a flat dict."""
         return {
+            "tag": self.tag,
             "clients": [dataclasses.asdict(link) for link in self.client_links],
             "hub": self.hub,
             "cli": self.cli,
