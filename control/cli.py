@@ -271,22 +271,30 @@ def _cmd_dataplane(args: argparse.Namespace) -> int:
     return dataplane_main([args.fd])
 
 
-def _ask(args: argparse.Namespace, cmd: str, **fields: Any) -> dict[str, Any] | None:
-    # one request; None (said on stderr) when the daemon cannot be reached
+def _ask(
+    args: argparse.Namespace, cmd: str, action: str, **fields: Any
+) -> dict[str, Any] | None:
+    # one request; None (said on stderr) when the daemon cannot be reached or
+    # answers with an error
     problem = _not_a_socket(args.socket)
     if problem:
         print(f"espgate: cannot reach the daemon at {args.socket}: {problem}",
               file=sys.stderr)  # fmt: skip
         return None
     try:
-        return request(args.socket, cmd, **fields)
+        answer = request(args.socket, cmd, **fields)
     except OSError as exc:
         print(
             f"espgate: cannot reach the daemon at {args.socket}: {exc}", file=sys.stderr
         )
+        return None
     except ValueError:
         print(f"espgate: no answer from the daemon at {args.socket}", file=sys.stderr)
-    return None
+        return None
+    if "error" in answer:
+        print(f"espgate: {action} failed: {answer['error']}", file=sys.stderr)
+        return None
+    return answer
 
 
 def _not_a_socket(path: str) -> str:
@@ -302,11 +310,8 @@ def _not_a_socket(path: str) -> str:
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:
-    answer = _ask(args, f"reload-{args.what}")
+    answer = _ask(args, f"reload-{args.what}", f"reload {args.what}")
     if answer is None:
-        return 1
-    if "error" in answer:
-        print(f"espgate: reload {args.what} failed: {answer['error']}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(answer, indent=2))
@@ -316,11 +321,8 @@ def _cmd_reload(args: argparse.Namespace) -> int:
 
 
 def _cmd_clear(args: argparse.Namespace) -> int:
-    answer = _ask(args, "delete-session", session=args.id)
+    answer = _ask(args, "delete-session", "clear session", session=args.id)
     if answer is None:
-        return 1
-    if "error" in answer:
-        print(f"espgate: clear session failed: {answer['error']}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(answer, indent=2))
@@ -336,11 +338,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if args.what != "ipsec" and args.sub is not None:
         args.parser.error(f"show {args.what} takes no {args.sub!r}")
     what = "ipsec-sa" if args.what == "ipsec" else args.what
-    answer = _ask(args, f"show-{what}")
+    answer = _ask(args, f"show-{what}", f"show {args.what}")
     if answer is None:
-        return 1
-    if "error" in answer:
-        print(f"espgate: show {args.what} failed: {answer['error']}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(answer, indent=2))
@@ -361,15 +360,11 @@ def _cmd_sa_move(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"espgate: not a hex SPI: {args.spi!r}", file=sys.stderr)
         return 2
-    answer = _ask(args, "sa-move", timeout=30, spi=args.spi, to=args.to)
+    answer = _ask(args, "sa-move", "sa move", timeout=30, spi=args.spi, to=args.to)
     if answer is None:
         return 1
-    if "error" in answer:
-        print(f"espgate: sa move failed: {answer['error']}", file=sys.stderr)
-        return 1
     if not answer.get("moved"):
-        spi = answer.get("spi", answer["spi_in"])
-        print(f"sa {spi} already in the {answer['engine']} engine")
+        print(f"sa {answer['spi']} already in the {answer['engine']} engine")
         return 0
     print(
         f"sa {answer['spi_in']}/{answer['spi_out']} moved to the {answer['engine']} "
